@@ -1,0 +1,3 @@
+"""kdscale: distributed knowledge distillation for image classifiers."""
+
+__version__ = "0.1.0"

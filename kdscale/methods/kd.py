@@ -1,0 +1,40 @@
+"""``kd``: Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
+
+``L = ce_weight * CE(z_S, y) + kd_weight * T^2 * KL(p_T^T || p_S^T)``
+
+The frozen teacher's logits come from outside (online teacher or, later, stored
+teacher outputs); they carry no gradient. Defaults are the RepDistiller CIFAR-100
+protocol (T=4, ce_weight=0.1, kd_weight=0.9). The ``T^2`` factor is on by default as in
+the paper; ``t_squared: false`` turns it off for comparisons with code that omits it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.losses import cross_entropy, soft_kl
+
+
+@register_method
+class KD(Distiller):
+    name = "kd"
+    description = "Hinton KD: CE plus temperature-scaled KL to a frozen teacher's logits."
+    requires_teacher = True
+    teacher_outputs = ("logits",)
+
+    @dataclass
+    class Params:
+        temperature: float = 4.0
+        ce_weight: float = 0.1
+        kd_weight: float = 0.9
+        t_squared: bool = True
+
+    def forward_train(self, images, targets, teacher_output):
+        p = self.params
+        logits = self.student(images)
+        teacher_logits = teacher_output.logits.detach()
+        return logits, {
+            "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
+            "kd": p.kd_weight * soft_kl(teacher_logits, logits, p.temperature, p.t_squared),
+        }
