@@ -1,0 +1,1 @@
+"""Data: webdataset shards, streaming loaders, the synthetic generator."""
