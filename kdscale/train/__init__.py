@@ -1,0 +1,1 @@
+"""Training: ``python -m kdscale.train`` / ``accelerate launch -m kdscale.train``."""

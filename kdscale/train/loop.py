@@ -1,0 +1,223 @@
+"""The training loop: one engine (DDP via accelerate) owns the Distiller, frozen teachers
+run beside it, rank 0 tracks and checkpoints.
+
+Resuming picks the newest complete checkpoint in the run directory and continues the
+same schedule, data stream (skipping the batches already seen) and wandb run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+
+import torch
+
+from kdscale.config import config_to_dict, format_config
+from kdscale.config.schema import ExperimentConfig
+from kdscale.data.loader import TrainStream, ValStream, make_loader
+from kdscale.errors import KdscaleError
+from kdscale.train import checkpoint as ckpt
+from kdscale.train.evaluate import evaluate
+from kdscale.train.optim import build_optimizer, lr_at, set_lr
+from kdscale.train.progress import ProgressBar
+from kdscale.train.setup import Runtime, build_distiller, plan_data
+from kdscale.train.tracking import Tracker
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, accelerator=None):
+        self.cfg = cfg
+        self.acc = accelerator or make_accelerator()
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+        self.resolved = config_to_dict(cfg)
+        if self.is_main:
+            print(f"kdscale: resolved config ({self.world} process(es), device {self.acc.device}):\n"
+                  f"{format_config(cfg)}", flush=True)
+        torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
+        self.runtime = Runtime.from_config(cfg, self.acc.device)
+        self.plan = plan_data(cfg, self.world)
+        self.distiller, self.teacher = build_distiller(cfg, self.runtime)
+        self.optimizer = build_optimizer(self.distiller.parameters(), cfg.optim)
+        self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
+        self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
+        self.last_metrics: dict[str, float] = {}
+        resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
+        if resumed is not None:
+            run_id = self._restore(*resumed)
+        self.model = self.acc.prepare_model(self.distiller)
+        self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
+
+    # -- checkpoints ----------------------------------------------------------------
+    def _restore(self, path: str, state: dict) -> str | None:
+        try:
+            self.distiller.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
+                               f"({str(err).splitlines()[0]}); use another train dir or train.resume=false") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.last_metrics = dict(state.get("metrics", {}))
+        if state.get("world_size") != self.world:
+            print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the data "
+                  f"stream restarts its epoch split (no sample is lost, the order differs)", flush=True)
+            self.batches_done = 0
+        ckpt.restore_rng_state(state["rng"])
+        if self.is_main:
+            print(f"kdscale: resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                  f"batch {self.batches_done})", flush=True)
+        return state.get("wandb_run_id")
+
+    def save(self) -> None:
+        if self.is_main:
+            state = {"model": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
+                     "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id,
+                     "config": self.resolved, "world_size": self.world, "metrics": self.last_metrics}
+            ckpt.save_checkpoint(self.cfg.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    # -- the loop -------------------------------------------------------------------
+    def _train_loader(self):
+        stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
+                             epoch=self.epoch, rank=self.rank, world_size=self.world,
+                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done)
+        return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
+
+    def _val_loader(self):
+        stream = ValStream(self.plan.val_shards, self.cfg.data, rank=self.rank, world_size=self.world)
+        return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
+
+    def _to_device(self, images, targets):
+        images = images.to(self.runtime.device, non_blocking=True)
+        if self.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(self.runtime.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.runtime.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
+
+    def train(self) -> dict:
+        cfg, accum = self.cfg.train, self.cfg.train.grad_accum_steps
+        stop_at = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
+        bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
+        window = {"start": time.perf_counter(), "wait": 0.0, "images": 0, "losses": {}, "count": 0}
+        stopped_early = False
+        while self.epoch < cfg.epochs and self.step < stop_at:
+            loader = iter(self._train_loader())
+            while True:
+                fetch_start = time.perf_counter()
+                batch = next(loader, None)
+                window["wait"] += time.perf_counter() - fetch_start
+                if batch is None:
+                    break
+                images, targets = self._to_device(batch[0], batch[1])
+                teacher_output = self.teacher(images) if self.teacher is not None else None
+                sync = (self.batches_done + 1) % accum == 0
+                no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext
+                with no_sync(), self._autocast():
+                    _logits, losses = self.model(images, targets, teacher_output)
+                    loss = sum(losses.values())
+                (loss / accum).backward()
+                self.batches_done += 1
+                window["images"] += images.shape[0] * self.world
+                window["count"] += 1
+                for name, value in losses.items():
+                    window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
+                if not sync:
+                    continue
+                lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
+                set_lr(self.optimizer, lr)
+                if cfg.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), cfg.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
+                    self._log_window(window, lr, bar)
+                bar.update(self.step)
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                    self.save()
+                if self.step >= stop_at:
+                    break
+            if self.batches_done >= self.plan.micro_batches_per_epoch:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+                last = self.epoch == cfg.epochs
+                if last or self.epoch % cfg.eval_every_epochs == 0:
+                    self.last_metrics = self.validate()
+                    self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
+                    bar.write(self._format_metrics(self.last_metrics))
+                self.save()
+            elif self.step >= stop_at:
+                stopped_early = True
+                self.save()
+        bar.close()
+        return self._finish(stopped_early)
+
+    def _log_window(self, window: dict, lr: float, bar: ProgressBar) -> None:
+        elapsed = max(1e-9, time.perf_counter() - window["start"])
+        names = sorted(window["losses"])
+        values = torch.stack([window["losses"][n] / window["count"] for n in names]) if names else None
+        if values is not None and self.world > 1:
+            values = self.acc.reduce(values.float(), reduction="mean")
+        metrics = {f"train/loss_{n}": v for n, v in zip(names, values.tolist())} if names else {}
+        metrics["train/loss"] = sum(metrics.values())
+        metrics.update({"train/lr": lr, "train/epoch": self.epoch, "perf/images_per_s": window["images"] / elapsed,
+                        "perf/data_wait_frac": window["wait"] / elapsed,
+                        "mem/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        if self.runtime.device.type == "cuda":
+            metrics["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.tracker.log(metrics, self.step)
+        bar.set_postfix(loss=metrics["train/loss"], img_s=metrics["perf/images_per_s"])
+        self.throughput = metrics["perf/images_per_s"]
+        window.update(start=time.perf_counter(), wait=0.0, images=0, losses={}, count=0)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.distiller.evaluated_networks(), self.teacher, self._val_loader(), self.acc,
+                        self.runtime.autocast_dtype, self.runtime.channels_last)
+
+    @staticmethod
+    def _format_metrics(metrics: dict[str, float]) -> str:
+        shown = {k: v for k, v in metrics.items() if k.endswith("_top1")}
+        return "kdscale: " + ", ".join(f"{k}={v:.2f}" for k, v in shown.items())
+
+    def _finish(self, stopped_early: bool) -> dict:
+        summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,
+                   "method": self.cfg.method.name, "step": self.step, "total_steps": self.total_steps,
+                   "epoch": self.epoch, "completed": not stopped_early and self.step >= self.total_steps,
+                   "images_per_s": getattr(self, "throughput", None), "metrics": self.last_metrics,
+                   "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
+                   "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
+                   "world_size": self.world}
+        if self.is_main:
+            if summary["completed"]:
+                summary["export"] = self._export()
+            path = os.path.join(self.cfg.run_dir, "summary.json")
+            with open(path + ".tmp", "w") as fh:
+                json.dump(summary, fh, indent=2)
+            os.replace(path + ".tmp", path)
+        self.tracker.finish()
+        self.acc.wait_for_everyone()
+        return summary
+
+    def _export(self) -> str:
+        """The student alone, as safetensors, loadable into the plain model."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.cfg.run_dir, "export", "student.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.distiller.student.state_dict().items()}
+        save_file(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return path

@@ -1,0 +1,36 @@
+"""A rank-0 progress bar: steps, loss, images/s and ETA. Quiet on other ranks.
+
+When output is not a terminal (CI logs, Slurm files) it prints a line at most every
+30 seconds instead of redrawing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class ProgressBar:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if interactive else 30.0, desc="train")
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def set_postfix(self, loss: float, img_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss={loss:.4f} img/s={img_s:.0f}", refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

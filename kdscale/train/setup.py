@@ -1,0 +1,113 @@
+"""Build everything a run needs from its config, failing early with clear errors.
+
+All checks that can fail on user input (shards, models, weights, teacher/student class
+counts, batch arithmetic) run here, before any training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from kdscale.config.schema import ExperimentConfig, ModelSpec
+from kdscale.data.loader import check_shard_count
+from kdscale.data.shards import expand_shards, samples_from_index
+from kdscale.errors import KdscaleError
+from kdscale.methods import Distiller, get_method_class
+from kdscale.models import build_model
+from kdscale.train.teachers import FrozenTeacher
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Device-dependent choices, resolved once."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, device: torch.device) -> "Runtime":
+        on_gpu = device.type == "cuda"
+        precision = cfg.train.precision
+        if precision == "bf16" and not on_gpu:
+            warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
+        use_bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+        channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else on_gpu
+        return cls(device, torch.bfloat16 if use_bf16 else None, channels_last)
+
+
+@dataclasses.dataclass
+class DataPlan:
+    train_shards: list[str]
+    val_shards: list[str]
+    train_samples: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+
+
+def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
+    data = cfg.data
+    train = expand_shards(data.train_shards, "data.train_shards")
+    val = expand_shards(data.val_shards, "data.val_shards")
+    check_shard_count(train, "data.train_shards", world_size, data.num_workers)
+    samples = data.train_samples or samples_from_index(train, "train")
+    if not samples:
+        raise KdscaleError("data.train_samples is not set and no index.json beside the training shards records "
+                           "their sample count; set data.train_samples to the number of training images")
+    accum = cfg.train.grad_accum_steps
+    global_batch = data.batch_size * world_size * accum
+    steps = samples // global_batch
+    if steps < 1:
+        raise KdscaleError(f"data.train_samples={samples} is smaller than one global batch "
+                           f"(data.batch_size={data.batch_size} x {world_size} processes x "
+                           f"train.grad_accum_steps={accum} = {global_batch}); lower data.batch_size")
+    return DataPlan(train, val, samples, steps * accum, steps)
+
+
+def _build(spec: ModelSpec, num_classes: int, where: str) -> nn.Module:
+    return build_model(spec.name, spec.num_classes or num_classes, spec.weights, where=where)
+
+
+def _output_classes(model: nn.Module, image_size: int) -> int:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, image_size, image_size))
+    model.train(was_training)
+    return out.shape[-1]
+
+
+def build_distiller(cfg: ExperimentConfig, runtime: Runtime) -> tuple[Distiller, FrozenTeacher | None]:
+    method_cls = get_method_class(cfg.method.name)
+    student = _build(cfg.student, cfg.data.num_classes, "student")
+    teacher_model = None
+    if method_cls.requires_teacher:
+        if cfg.teacher is None or not cfg.teacher.name:
+            raise KdscaleError(f"method {method_cls.name!r} needs a frozen teacher: set teacher.name and "
+                               f"teacher.weights (e.g. a checkpoint of a vanilla run)")
+        if not cfg.teacher.weights:
+            warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher",
+                          stacklevel=2)
+        teacher_model = _build(cfg.teacher, cfg.data.num_classes, "teacher")
+        student_classes = _output_classes(student, cfg.data.image_size)
+        teacher_classes = _output_classes(teacher_model, cfg.data.image_size)
+        if student_classes != teacher_classes:
+            raise KdscaleError(f"teacher {cfg.teacher.name} predicts {teacher_classes} classes but student "
+                               f"{cfg.student.name} predicts {student_classes}; they must match "
+                               f"(check teacher.num_classes, student.num_classes and data.num_classes)")
+    elif cfg.teacher is not None:
+        warnings.warn(f"method {method_cls.name!r} uses no frozen teacher; the teacher section is ignored",
+                      stacklevel=2)
+    distiller = method_cls(student, cfg.method.params, teacher=teacher_model,
+                           label_smoothing=cfg.train.label_smoothing)
+    frozen = None
+    if teacher_model is not None:
+        frozen = FrozenTeacher(teacher_model, distiller.teacher_feature_layers(), runtime.device,
+                               runtime.autocast_dtype, runtime.channels_last)
+    memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+    distiller.to(runtime.device, memory_format=memory_format)
+    return distiller, frozen

@@ -1,0 +1,103 @@
+"""Run tracking: wandb on rank 0, plus a local ``metrics.jsonl`` that survives anything.
+
+wandb mode: ``wandb.mode`` from the config; under ``auto``, ``WANDB_MODE`` if set, else
+online when an API key is configured (``WANDB_API_KEY`` or a netrc entry), else offline.
+An online run that cannot start falls back to offline with a warning: training never
+blocks on wandb. The run id is kept in checkpoints so a resumed job continues the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import netrc
+import os
+import warnings
+
+from kdscale.config.schema import ExperimentConfig
+
+
+def has_wandb_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_wandb_api_key() else "offline"
+
+
+def run_tags(cfg: ExperimentConfig) -> list[str]:
+    tags = [f"method:{cfg.method.name}", f"dataset:{cfg.experiment.dataset}", f"student:{cfg.student.name}"]
+    if cfg.teacher is not None:
+        tags.append(f"teacher:{cfg.teacher.name}")
+    return tags + list(cfg.wandb.tags)
+
+
+class Tracker:
+    """Logs on the main process only; other ranks get a no-op tracker."""
+
+    def __init__(self, cfg: ExperimentConfig, resolved_config: dict, run_id: str | None, is_main: bool,
+                 job_type: str = "train"):
+        self.is_main = is_main
+        self.run = None
+        self.mode = resolve_wandb_mode(cfg.wandb.mode)
+        self.run_dir = cfg.run_dir
+        self.run_id = run_id
+        if not is_main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        self.run_id = run_id or wandb.util.generate_id()
+        kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment.name,
+                      job_type=job_type, name=cfg.experiment.name, tags=run_tags(cfg), config=resolved_config,
+                      dir=self.run_dir, id=self.run_id, resume="allow")
+        try:
+            self.run = wandb.init(mode=self.mode, **kwargs)
+        except Exception as err:  # noqa: BLE001 - bad key, unreachable server, ...
+            if self.mode != "online":
+                raise
+            warnings.warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead",
+                          stacklevel=2)
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def offline_run_dirs(self) -> list[str]:
+        if self.run_id is None:
+            return []
+        return sorted(glob.glob(os.path.join(self.run_dir, "wandb", f"offline-run-*-{self.run_id}")))
+
+    def sync_hint(self) -> str | None:
+        if self.mode != "offline" or self.run_id is None:
+            return None
+        return f"wandb sync {os.path.join(self.run_dir, 'wandb', f'offline-run-*-{self.run_id}')}"
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        self._jsonl.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
