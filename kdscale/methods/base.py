@@ -47,6 +47,8 @@ class Distiller(nn.Module):
     requires_teacher: ClassVar[bool] = False
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     """What the method reads from the frozen teacher: ``logits`` and/or ``features``."""
+    trainable_networks: ClassVar[tuple[str, ...]] = ("student",)
+    """Names of the child networks the method trains (for ``kdscale methods``)."""
 
     def __init__(self, student: nn.Module, params, teacher=None, label_smoothing: float = 0.0):
         super().__init__()

@@ -183,7 +183,15 @@ class Trainer:
         self.throughput = metrics["perf/images_per_s"]
         window.update(start=time.perf_counter(), wait=0.0, images=0, losses={}, count=0)
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's BN statistics. DDP broadcasts buffers at the start of a
+        forward, so after the last training step each rank holds stats of its own batch."""
+        if self.world > 1:
+            for buffer in self.distiller.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def validate(self) -> dict[str, float]:
+        self.sync_buffers()
         return evaluate(self.distiller.evaluated_networks(), self.teacher, self._val_loader(), self.acc,
                         self.runtime.autocast_dtype, self.runtime.channels_last)
 

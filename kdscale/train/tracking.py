@@ -12,6 +12,7 @@ import glob
 import json
 import netrc
 import os
+import secrets
 import warnings
 
 from kdscale.config.schema import ExperimentConfig
@@ -62,7 +63,7 @@ class Tracker:
             return
         import wandb
 
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or secrets.token_hex(4)
         kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment.name,
                       job_type=job_type, name=cfg.experiment.name, tags=run_tags(cfg), config=resolved_config,
                       dir=self.run_dir, id=self.run_id, resume="allow")
