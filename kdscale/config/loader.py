@@ -88,7 +88,7 @@ class _Source:
 
 def build_dataclass(cls: type, raw: Any, prefix: str, source: _Source) -> Any:
     if not isinstance(raw, dict):
-        raise KdscaleError(f"{source.where(prefix)}: expected a mapping (section), got {raw!r}")
+        raise KdscaleError(f"{source.where(prefix.rstrip('.'))}: expected a mapping (section), got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs: dict[str, Any] = {}
