@@ -1,0 +1,75 @@
+"""Single-process training through the Trainer: learning, frozen teachers, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_config
+from kdscale.models import build_model
+from kdscale.train.checkpoint import list_checkpoints
+from kdscale.train.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(synth_data, tmp_path_factory):
+    """A resnet8 trained alone for 3 epochs; returns its summary."""
+    out = str(tmp_path_factory.mktemp("runs"))
+    cfg = make_config(synth_data, out, "student.name=resnet8", "train.epochs=3", name="teacher")
+    return Trainer(cfg).train()
+
+
+def test_training_learns_well_above_chance(trained_teacher):
+    assert trained_teacher["completed"] and trained_teacher["step"] == 3 * (1600 // 32)
+    top1 = trained_teacher["metrics"]["val/student_top1"]
+    assert top1 > 50.0, f"10 classes (chance 10%), got {top1:.1f}%"
+    assert trained_teacher["metrics"]["val/samples"] == 400
+    lines = [json.loads(line) for line in open(os.path.join(trained_teacher["run_dir"], "metrics.jsonl"))]
+    train_lines = [entry for entry in lines if "train/loss" in entry]
+    assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]
+    assert {"train/loss_ce", "train/lr", "perf/images_per_s", "perf/data_wait_frac"} <= set(train_lines[0])
+
+
+def test_kd_keeps_frozen_teacher_bit_identical(trained_teacher, synth_data, tmp_path):
+    export = trained_teacher["export"]
+    reference = build_model("resnet8", 10, export).state_dict()
+    cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8",
+                      "teacher.name=resnet8", f"teacher.weights={export}", "train.epochs=1", name="kd")
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    after = trainer.teacher.model.state_dict()
+    assert after.keys() == reference.keys()
+    assert all(torch.equal(after[k], reference[k]) for k in reference)  # parameters and BN buffers
+    assert all(not p.requires_grad for p in trainer.teacher.model.parameters())
+    assert not any(p is q for p in trainer.teacher.model.parameters() for q in trainer.optimizer.param_groups[0]["params"])
+    metrics = summary["metrics"]
+    assert metrics["val/teacher_top1"] == pytest.approx(trained_teacher["metrics"]["val/student_top1"])
+    assert {"val/student_top1", "val/student_top5", "val/teacher_top5", "val/agreement_top1"} <= set(metrics)
+    logged = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    assert any("train/loss_kd" in entry and "train/loss_ce" in entry for entry in logged)
+
+
+def _final_state(run_dir):
+    return torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
+
+
+def test_resume_matches_uninterrupted_run(synth_data, tmp_path):
+    common = ["student.name=resnet8", "train.epochs=2", "optim.milestones=[1.5]", "optim.schedule=multistep",
+              "optim.warmup_epochs=0.3"]
+    straight = Trainer(make_config(synth_data, str(tmp_path), *common, name="straight")).train()
+    first = Trainer(make_config(synth_data, str(tmp_path), *common, "train.stop_after_steps=70",
+                                name="stopped")).train()
+    assert first["step"] == 70 and not first["completed"]
+    resumed = Trainer(make_config(synth_data, str(tmp_path), *common, name="stopped")).train()
+    assert resumed["completed"] and resumed["step"] == straight["step"] == 100
+    a, b = _final_state(straight["run_dir"]), _final_state(resumed["run_dir"])
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # same lr (schedule position) and settings
+    for index, state in opt_a["state"].items():
+        assert torch.equal(state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"])
