@@ -70,3 +70,16 @@ def test_round_trip_through_plain_data():
     cfg = load_config(None, ["method.name=kd", "method.kd_weight=0.5", "teacher.name=resnet20"])
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg
+
+
+def test_every_shipped_config_is_valid():
+    import glob
+    import os
+
+    from conftest import ROOT
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.student.name, path

@@ -73,3 +73,15 @@ def test_resume_matches_uninterrupted_run(synth_data, tmp_path):
     assert opt_a["param_groups"] == opt_b["param_groups"]  # same lr (schedule position) and settings
     for index, state in opt_a["state"].items():
         assert torch.equal(state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"])
+
+
+def test_accumulation_clipping_adamw_label_smoothing(synth_data, tmp_path):
+    cfg = make_config(synth_data, str(tmp_path), "student.name=resnet8", "train.grad_accum_steps=2",
+                      "train.clip_grad_norm=1.0", "optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05",
+                      "train.label_smoothing=0.1", "train.checkpoint_every_steps=10", "train.keep_checkpoints=2",
+                      name="accum")
+    summary = Trainer(cfg).train()
+    assert summary["completed"] and summary["step"] == 1600 // (32 * 2)
+    assert [os.path.basename(p) for p in list_checkpoints(summary["run_dir"])] == ["step-00000020.pt",
+                                                                                  "step-00000025.pt"]
+    assert summary["metrics"]["val/student_top1"] > 20.0
