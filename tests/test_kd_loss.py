@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kdscale.methods import TeacherOutput, get_method_class
+from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.methods.losses import soft_kl
 
 
@@ -52,7 +52,7 @@ def test_kd_method_terms_match_reference(temperature):
     student = torch.nn.Linear(4, 5)
     images = torch.randn(6, 4, generator=gen)
     params = get_method_class("kd").Params(temperature=temperature, ce_weight=0.3, kd_weight=0.7)
-    method = get_method_class("kd")(student, params).train()
+    method = get_method_class("kd")(student, params, MethodContext(5, 32)).train()
     logits, losses = method(images, targets, TeacherOutput(teacher_logits))
     assert set(losses) == {"ce", "kd"}
     s_rows, t_rows = logits.tolist(), teacher_logits.tolist()
@@ -64,7 +64,7 @@ def test_kd_method_terms_match_reference(temperature):
 def test_kd_gradient_reaches_student_only():
     teacher_logits = torch.randn(4, 3, requires_grad=True)
     student = torch.nn.Linear(2, 3)
-    method = get_method_class("kd")(student, get_method_class("kd").Params()).train()
+    method = get_method_class("kd")(student, get_method_class("kd").Params(), MethodContext(3, 32)).train()
     _, losses = method(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), TeacherOutput(teacher_logits))
     sum(losses.values()).backward()
     assert teacher_logits.grad is None
@@ -74,7 +74,8 @@ def test_kd_gradient_reaches_student_only():
 def test_vanilla_is_plain_cross_entropy_with_label_smoothing():
     student = torch.nn.Linear(3, 4)
     images, targets = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])
-    method = get_method_class("vanilla")(student, get_method_class("vanilla").Params(), label_smoothing=0.1).train()
+    method = get_method_class("vanilla")(student, get_method_class("vanilla").Params(),
+                                         MethodContext(4, 32, label_smoothing=0.1)).train()
     logits, losses = method(images, targets, None)
     # Label smoothing eps: target distribution (1-eps) on y plus eps/K on every class.
     eps, k = 0.1, 4

@@ -5,14 +5,20 @@ its *trainable* networks as children (the student, and e.g. a scratch teacher or
 bridge module) and computes named loss terms. Frozen teachers live outside it (see
 :mod:`kdscale.train.teachers`), so no optimizer, DDP bucket or ZeRO partition ever holds
 their parameters; the method only receives their outputs.
+
+A method says how it uses the ``teacher`` section of the config (``teacher_role``):
+- ``frozen``: a pre-trained teacher run outside the method (KD, AT, CTKD's expert, SOKD);
+- ``trainable``: the method owns and trains the teacher network (ProKT, FFCL);
+- ``none``: no teacher (vanilla, DML).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -33,6 +39,22 @@ class NoParams:
     """A method without parameters of its own."""
 
 
+@dataclass
+class MethodContext:
+    """What a method may use to build itself."""
+
+    num_classes: int
+    image_size: int
+    student_name: str = ""
+    teacher_name: str = ""
+    label_smoothing: float = 0.0
+    teacher: nn.Module | None = None
+    """The frozen teacher (read-only, for shapes and architecture), or the trainable
+    teacher the method must own, by ``teacher_role``."""
+    build_model: Callable[[str], nn.Module] | None = None
+    """Builds another network by model name, with ``num_classes`` outputs (DML peers)."""
+
+
 class Distiller(nn.Module):
     """Base class of every method.
 
@@ -44,38 +66,52 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
-    requires_teacher: ClassVar[bool] = False
+    teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
-    """What the method reads from the frozen teacher: ``logits`` and/or ``features``."""
+    """What the method reads from a frozen teacher: ``logits`` and/or ``features``."""
     trainable_networks: ClassVar[tuple[str, ...]] = ("student",)
     """Names of the child networks the method trains (for ``kdscale methods``)."""
+    optimizer_phases: ClassVar[tuple[str, ...]] = ("all",)
+    """One optimizer step per phase and iteration, in this order. Only methods whose
+    paper updates networks one after the other (ProKT) have more than one."""
 
-    def __init__(self, student: nn.Module, params, teacher=None, label_smoothing: float = 0.0):
+    def __init__(self, student: nn.Module, params, ctx: MethodContext):
         super().__init__()
         self.student = student
         self.params = params
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = ctx.label_smoothing
 
     # -- the contract ---------------------------------------------------------------
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor,
                       teacher_output: TeacherOutput | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits and the loss terms of one step (of the only phase)."""
         raise NotImplementedError
+
+    def forward_phase(self, phase: str, images, targets, teacher_output):
+        """Loss terms of one optimizer phase; multi-phase methods override this."""
+        return self.forward_train(images, targets, teacher_output)
 
     def forward_test(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
 
-    def evaluated_networks(self) -> dict[str, nn.Module]:
-        """Every trainable network scored in evaluation, as ``val/<name>_top1``."""
-        return {"student": self.student}
+    def evaluation_logits(self, images: torch.Tensor,
+                          teacher_output: TeacherOutput | None = None) -> dict[str, torch.Tensor]:
+        """Logits of every trainable network scored in evaluation (``val/<name>_top1``).
+        Called in eval mode without gradients, with the frozen teacher's output if any."""
+        return {"student": self.forward_test(images)}
 
     def teacher_feature_layers(self) -> list[str]:
         """Module paths of the frozen teacher whose outputs the method needs."""
         return []
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; ``lr_scale`` multiplies the scheduled lr."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     # -- plumbing -------------------------------------------------------------------
-    def forward(self, images, targets=None, teacher_output=None):
+    def forward(self, images, targets=None, teacher_output=None, phase: str = "all"):
         if self.training:
-            return self.forward_train(images, targets, teacher_output)
+            return self.forward_phase(phase, images, targets, teacher_output)
         return self.forward_test(images)
 
 

@@ -20,7 +20,7 @@ from kdscale.methods.losses import cross_entropy, soft_kl
 class KD(Distiller):
     name = "kd"
     description = "Hinton KD: CE plus temperature-scaled KL to a frozen teacher's logits."
-    requires_teacher = True
+    teacher_role = "frozen"
     teacher_outputs = ("logits",)
 
     @dataclass

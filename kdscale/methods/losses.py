@@ -29,3 +29,41 @@ def soft_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature
     log_p_target = F.log_softmax(target_logits.float() / t, dim=1)
     kl = F.kl_div(log_p_input, log_p_target, reduction="batchmean", log_target=True)
     return kl * (t * t) if t_squared else kl
+
+
+def attention_map(feature: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017 attention: channel mean of squared activations, resized
+    to ``size`` if given (bilinear; maps have no channels, so no parameters are needed),
+    flattened and L2-normalised per sample. Shape (B, H*W)."""
+    q = feature.float().pow(2).mean(dim=1, keepdim=True)
+    if size is not None and tuple(q.shape[-2:]) != tuple(size):
+        q = F.interpolate(q, size=size, mode="bilinear", align_corners=False)
+    return F.normalize(q.flatten(1), dim=1)
+
+
+def attention_transfer(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
+                       beta: float, mode: str = "code") -> torch.Tensor:
+    """``beta/2 * sum_j mean_{batch, positions} (q_S^j - q_T^j)^2`` (``mode="code"``, the
+    authors' released code, which the published beta=1e3 goes with).
+
+    ``mode="paper"``: the sum over positions instead of the mean, i.e. the squared L2
+    distance of the normalised maps averaged over the batch (the code form times H*W).
+    Student maps are resized to the teacher's spatial size. Gradients reach both sides
+    unless the caller detaches one.
+    """
+    total = student_features[0].new_zeros((), dtype=torch.float32)
+    for fs, ft in zip(student_features, teacher_features, strict=True):
+        qt = attention_map(ft)
+        qs = attention_map(fs, size=tuple(ft.shape[-2:]))
+        squared = (qs - qt).pow(2)
+        total = total + (squared.sum(dim=1).mean() if mode == "paper" else squared.mean())
+    return beta / 2 * total
+
+
+def soft_kl_to_probs(target_probs: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0,
+                     t_squared: bool = True) -> torch.Tensor:
+    """Like :func:`soft_kl` for a target given as probabilities (an ensemble mean, a
+    virtual teacher): ``T^2 * KL(q || softmax(input/T))``, batch-averaged."""
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(input_logits.float() / t, dim=1), target_probs.float(), reduction="batchmean")
+    return kl * (t * t) if t_squared else kl

@@ -48,3 +48,36 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+STAGE_NAMING = (("layer1", "layer2", "layer3", "layer4"), ("block1", "block2", "block3", "block4"),
+                ("stages.0", "stages.1", "stages.2", "stages.3"))
+
+
+def residual_stages(model: nn.Module, where: str) -> list[str]:
+    """Module paths of a model's residual stages, in order: ``layer1..4`` (torchvision and
+    CIFAR ResNets), ``block1..3`` (WRNs) or ``stages.0..3`` (timm-style)."""
+    modules = dict(model.named_modules())
+    for naming in STAGE_NAMING:
+        found = [name for name in naming if name in modules]
+        if len(found) >= 2:
+            return found
+    top = [n for n in modules if n and n.count(".") == 0]
+    raise KdscaleError(f"{where}: cannot tell the residual stages of {type(model).__name__}; list the layers "
+                       f"explicitly (top-level layers: {', '.join(top)})")
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, paths: list[str], image_size: int, where: str) -> dict[str, torch.Size]:
+    """Shapes (without the batch) of the named features for one ``image_size`` image,
+    from a dry forward in eval mode (BN statistics untouched)."""
+    taps = FeatureTaps(model, paths, where=where)
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+        return {k: v.shape[1:] for k, v in taps.pop().items()}
+    finally:
+        model.train(was_training)
+        taps.remove()

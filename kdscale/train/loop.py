@@ -27,16 +27,22 @@ from kdscale.train.setup import Runtime, build_distiller, plan_data
 from kdscale.train.tracking import Tracker
 
 
-def make_accelerator():
-    from accelerate import Accelerator
+def make_accelerator(cfg: ExperimentConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from kdscale.methods import get_method_class
+
+    # A method with several optimizer phases runs a forward/backward per phase, each
+    # touching only some networks, so DDP must tolerate parameters without gradients.
+    multi_phase = len(get_method_class(cfg.method.name).optimizer_phases) > 1
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if multi_phase else []
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, accelerator=None):
         self.cfg = cfg
-        self.acc = accelerator or make_accelerator()
+        self.acc = accelerator or make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.resolved = config_to_dict(cfg)
@@ -47,7 +53,11 @@ class Trainer:
         self.runtime = Runtime.from_config(cfg, self.acc.device)
         self.plan = plan_data(cfg, self.world)
         self.distiller, self.teacher = build_distiller(cfg, self.runtime)
-        self.optimizer = build_optimizer(self.distiller.parameters(), cfg.optim)
+        self.phases = self.distiller.optimizer_phases
+        if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
+            raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
+                               f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
+        self.optimizer = build_optimizer(self.distiller.param_groups(), cfg.optim)
         self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}
@@ -125,24 +135,18 @@ class Trainer:
                 images, targets = self._to_device(batch[0], batch[1])
                 teacher_output = self.teacher(images) if self.teacher is not None else None
                 sync = (self.batches_done + 1) % accum == 0
-                no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext
-                with no_sync(), self._autocast():
-                    _logits, losses = self.model(images, targets, teacher_output)
-                    loss = sum(losses.values())
-                (loss / accum).backward()
+                lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
+                for phase in self.phases:
+                    losses = self._forward_backward(images, targets, teacher_output, phase, sync)
+                    for name, value in losses.items():
+                        window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
+                    if sync:
+                        self._optimizer_step(lr)
                 self.batches_done += 1
                 window["images"] += images.shape[0] * self.world
                 window["count"] += 1
-                for name, value in losses.items():
-                    window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
                 if not sync:
                     continue
-                lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
-                set_lr(self.optimizer, lr)
-                if cfg.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), cfg.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
                     self._log_window(window, lr, bar)
@@ -164,6 +168,23 @@ class Trainer:
                 self.save()
         bar.close()
         return self._finish(stopped_early)
+
+    def _forward_backward(self, images, targets, teacher_output, phase: str, sync: bool) -> dict:
+        accum = self.cfg.train.grad_accum_steps
+        no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext
+        with no_sync():
+            with self._autocast():
+                _logits, losses = self.model(images, targets, teacher_output, phase=phase)
+                loss = sum(losses.values())
+            (loss / accum).backward()
+        return losses
+
+    def _optimizer_step(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+        if self.cfg.train.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), self.cfg.train.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _log_window(self, window: dict, lr: float, bar: ProgressBar) -> None:
         elapsed = max(1e-9, time.perf_counter() - window["start"])
@@ -192,8 +213,8 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
-        return evaluate(self.distiller.evaluated_networks(), self.teacher, self._val_loader(), self.acc,
-                        self.runtime.autocast_dtype, self.runtime.channels_last)
+        return evaluate(self.distiller, self.teacher, self._val_loader(), self.acc, self.runtime.autocast_dtype,
+                        self.runtime.channels_last, self.cfg.data.image_size)
 
     @staticmethod
     def _format_metrics(metrics: dict[str, float]) -> str:

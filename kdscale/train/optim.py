@@ -16,7 +16,10 @@ from kdscale.config.schema import OptimSection
 
 
 def build_optimizer(params, optim: OptimSection) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """``params``: parameters, or parameter groups (dicts) that may carry an ``lr_scale``."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [{"params": [p for p in params if p.requires_grad], "lr_scale": 1.0}]
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
                                weight_decay=optim.weight_decay)
@@ -39,5 +42,6 @@ def lr_at(step: int, steps_per_epoch: int, total_steps: int, optim: OptimSection
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled lr on every group, times the group's ``lr_scale``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

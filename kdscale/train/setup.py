@@ -16,7 +16,7 @@ from kdscale.config.schema import ExperimentConfig, ModelSpec
 from kdscale.data.loader import check_shard_count
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
-from kdscale.methods import Distiller, get_method_class
+from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
 from kdscale.train.teachers import FrozenTeacher
 
@@ -83,16 +83,19 @@ def _output_classes(model: nn.Module, image_size: int) -> int:
 
 def build_distiller(cfg: ExperimentConfig, runtime: Runtime) -> tuple[Distiller, FrozenTeacher | None]:
     method_cls = get_method_class(cfg.method.name)
-    student = _build(cfg.student, cfg.data.num_classes, "student")
+    num_classes = cfg.data.num_classes
+    student = _build(cfg.student, num_classes, "student")
     teacher_model = None
-    if method_cls.requires_teacher:
+    role = method_cls.teacher_role
+    if role != "none":
         if cfg.teacher is None or not cfg.teacher.name:
-            raise KdscaleError(f"method {method_cls.name!r} needs a frozen teacher: set teacher.name and "
-                               f"teacher.weights (e.g. a checkpoint of a vanilla run)")
-        if not cfg.teacher.weights:
+            what = "a frozen teacher: set teacher.name and teacher.weights (e.g. a vanilla run's export)" \
+                if role == "frozen" else "a teacher network to train with the student: set teacher.name"
+            raise KdscaleError(f"method {method_cls.name!r} needs {what}")
+        if role == "frozen" and not cfg.teacher.weights:
             warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher",
                           stacklevel=2)
-        teacher_model = _build(cfg.teacher, cfg.data.num_classes, "teacher")
+        teacher_model = _build(cfg.teacher, num_classes, "teacher")
         student_classes = _output_classes(student, cfg.data.image_size)
         teacher_classes = _output_classes(teacher_model, cfg.data.image_size)
         if student_classes != teacher_classes:
@@ -100,12 +103,14 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime) -> tuple[Distiller,
                                f"{cfg.student.name} predicts {student_classes}; they must match "
                                f"(check teacher.num_classes, student.num_classes and data.num_classes)")
     elif cfg.teacher is not None:
-        warnings.warn(f"method {method_cls.name!r} uses no frozen teacher; the teacher section is ignored",
-                      stacklevel=2)
-    distiller = method_cls(student, cfg.method.params, teacher=teacher_model,
-                           label_smoothing=cfg.train.label_smoothing)
+        warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
+    ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, student_name=cfg.student.name,
+                        teacher_name=cfg.teacher.name if teacher_model is not None else "",
+                        label_smoothing=cfg.train.label_smoothing, teacher=teacher_model,
+                        build_model=lambda name: build_model(name, num_classes, where="method"))
+    distiller = method_cls(student, cfg.method.params, ctx)
     frozen = None
-    if teacher_model is not None:
+    if role == "frozen":
         frozen = FrozenTeacher(teacher_model, distiller.teacher_feature_layers(), runtime.device,
                                runtime.autocast_dtype, runtime.channels_last)
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format

@@ -1,0 +1,60 @@
+"""``dml``: deep mutual learning, Zhang, Xiang, Hospedales & Lu, CVPR 2018.
+
+K peers train from scratch together; for each peer k
+``L_k = ce_weight * CE(z_k, y) + kl_weight/(K-1) * sum_{j != k} T^2 KL(sg(p_j^T) || p_k^T)``.
+
+Choices:
+- All peers are updated in **one** optimizer step on the sum of their losses, with the
+  stop-gradients above, the common implementation. The paper's Algorithm 1 alternates the
+  peer updates (each peer recomputes its peers' predictions after the previous update);
+  that sequential form is not offered.
+- ``T = 1`` by default as in the paper; the ``T^2`` factor is then 1.
+- The student is peer 0; ``peers`` lists the other architectures (default: one peer of
+  the student's architecture). Every peer is evaluated as ``val/peer<k>_top1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.losses import cross_entropy, soft_kl
+
+
+@register_method
+class DML(Distiller):
+    name = "dml"
+    description = "Deep mutual learning: peers trained from scratch, each matching the others' predictions."
+    trainable_networks = ("student", "peer1..peerK")
+
+    @dataclass
+    class Params:
+        peers: list[str] = field(default_factory=list)
+        temperature: float = 1.0
+        ce_weight: float = 1.0
+        kl_weight: float = 1.0
+
+    def __init__(self, student, params, ctx):
+        super().__init__(student, params, ctx)
+        names = params.peers or [ctx.student_name]
+        self.peers = nn.ModuleList(ctx.build_model(name) for name in names)
+
+    def _networks(self):
+        return [("", self.student)] + [(f"peer{k}_", peer) for k, peer in enumerate(self.peers, start=1)]
+
+    def forward_train(self, images, targets, teacher_output):
+        p = self.params
+        networks = self._networks()
+        logits = [net(images) for _, net in networks]
+        others = len(logits) - 1
+        losses = {}
+        for k, (prefix, _) in enumerate(networks):
+            losses[f"{prefix}ce"] = p.ce_weight * cross_entropy(logits[k], targets, self.label_smoothing)
+            mutual = sum(soft_kl(logits[j].detach(), logits[k], p.temperature) for j in range(len(logits)) if j != k)
+            losses[f"{prefix}kl"] = p.kl_weight / others * mutual
+        return logits[0], losses
+
+    def evaluation_logits(self, images, teacher_output=None):
+        return {(prefix.rstrip("_") or "student"): net(images) for prefix, net in self._networks()}

@@ -1,0 +1,129 @@
+"""``ffcl``: feature fusion-based collaborative learning, Li, Sun, Gou, Du & Ou, Int. J.
+of Distributed Sensor Networks 17(11), 2021 (doi:10.1177/15501477211057037).
+
+Teacher and student train together from scratch and teach each other; their last-stage
+features are concatenated into a fused feature map whose classifier carries knowledge
+back to both. Only the abstract was available, so the losses follow FFL (Kim et al. 2019,
+"Feature Fusion for Online Mutual Knowledge Distillation"), as the project's method notes
+infer. With ``T = 3`` and every KL term scaled by ``T^2``:
+
+- CE for the teacher, the student and the fused head;
+- mutual: ``KL(sg(p_T) || p_S)`` and ``KL(sg(p_S) || p_T)``;
+- fused -> networks: ``KL(sg(p_F) || p_S)`` and ``KL(sg(p_F) || p_T)``;
+- ensemble -> fused: ``KL(sg((p_S + p_T) / 2) || p_F)``;
+- mid-layer mutual attention (AT code form, ``at_beta``) in both directions, each against
+  the other network's detached maps, over the residual stages but the last;
+- "positive knowledge": a teacher-free self-distillation term per network,
+  ``pk_weight * KL(q || p_X)`` at T=1 with a virtual teacher ``q`` that puts
+  ``pk_correct_prob`` on the label and spreads the rest evenly (after Yuan et al. 2020).
+
+Choices (all inferred, all configurable): the fusion module is depthwise 3x3 conv + BN +
+ReLU, 1x1 conv + BN + ReLU, global pooling and a linear head over the concatenated
+channels; a feature map larger than the other is average-pooled to the smaller size;
+fusion gradients flow back into both networks (``detach_fusion_inputs: false``); weights
+1, ``at_beta = 1000``, ``pk_weight = 0.5``, ``pk_correct_prob = 0.9``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.losses import attention_transfer, cross_entropy, soft_kl, soft_kl_to_probs
+from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
+
+
+class FusionModule(nn.Module):
+    """Concatenated feature maps -> fused logits."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.depthwise = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.pointwise = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                       nn.ReLU(inplace=True))
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        size = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+        a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+        fused = self.pointwise(self.depthwise(torch.cat([a, b], dim=1)))
+        return self.fc(fused.mean(dim=(2, 3)))
+
+
+def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
+    q = torch.full((targets.numel(), num_classes), (1 - correct_prob) / max(1, num_classes - 1),
+                   device=targets.device)
+    return q.scatter_(1, targets[:, None], correct_prob)
+
+
+@register_method
+class FFCL(Distiller):
+    name = "ffcl"
+    description = "Feature-fusion collaborative learning: teacher and student learn together through a fused head."
+    teacher_role = "trainable"
+    trainable_networks = ("student", "teacher", "fusion")
+
+    @dataclass
+    class Params:
+        temperature: float = 3.0
+        ce_weight: float = 1.0
+        mutual_weight: float = 1.0
+        fused_weight: float = 1.0
+        ensemble_weight: float = 1.0
+        at_beta: float = 1000.0
+        pk_weight: float = 0.5
+        pk_correct_prob: float = 0.9
+        detach_fusion_inputs: bool = False
+
+    def __init__(self, student, params, ctx):
+        super().__init__(student, params, ctx)
+        self.teacher = ctx.teacher.requires_grad_(True)
+        self.num_classes = ctx.num_classes
+        s_stages = residual_stages(student, "student")
+        t_stages = residual_stages(self.teacher, "teacher")
+        mid = min(len(s_stages), len(t_stages)) - 1
+        self.s_layers, self.t_layers = s_stages[-1:], t_stages[-1:]
+        self.s_mid, self.t_mid = s_stages[-1 - mid:-1], t_stages[-1 - mid:-1]
+        s_shape = feature_shapes(student, self.s_layers, ctx.image_size, "student")[self.s_layers[0]]
+        t_shape = feature_shapes(self.teacher, self.t_layers, ctx.image_size, "teacher")[self.t_layers[0]]
+        self.fusion = FusionModule(s_shape[0] + t_shape[0], ctx.num_classes)
+        self.s_taps = FeatureTaps(student, self.s_mid + self.s_layers, "student")
+        self.t_taps = FeatureTaps(self.teacher, self.t_mid + self.t_layers, "teacher")
+
+    def _fused(self, s_features, t_features):
+        s_last, t_last = s_features[self.s_layers[0]], t_features[self.t_layers[0]]
+        if self.params.detach_fusion_inputs:
+            s_last, t_last = s_last.detach(), t_last.detach()
+        return self.fusion(t_last, s_last)
+
+    def forward_train(self, images, targets, teacher_output):
+        p, t = self.params, self.params.temperature
+        z_s, z_t = self.student(images), self.teacher(images)
+        s_feat, t_feat = self.s_taps.pop(), self.t_taps.pop()
+        z_f = self._fused(s_feat, t_feat)
+        ensemble = (F.softmax(z_s.detach().float() / t, 1) + F.softmax(z_t.detach().float() / t, 1)) / 2
+        q = virtual_teacher(targets, self.num_classes, p.pk_correct_prob)
+        s_mid, t_mid = [s_feat[n] for n in self.s_mid], [t_feat[n] for n in self.t_mid]
+        return z_s, {
+            "ce": p.ce_weight * cross_entropy(z_s, targets, self.label_smoothing),
+            "teacher_ce": p.ce_weight * cross_entropy(z_t, targets, self.label_smoothing),
+            "fused_ce": p.ce_weight * cross_entropy(z_f, targets, self.label_smoothing),
+            "mutual_to_student": p.mutual_weight * soft_kl(z_t.detach(), z_s, t),
+            "mutual_to_teacher": p.mutual_weight * soft_kl(z_s.detach(), z_t, t),
+            "fused_to_student": p.fused_weight * soft_kl(z_f.detach(), z_s, t),
+            "fused_to_teacher": p.fused_weight * soft_kl(z_f.detach(), z_t, t),
+            "ensemble_to_fused": p.ensemble_weight * soft_kl_to_probs(ensemble, z_f, t),
+            "at_to_student": attention_transfer(s_mid, [f.detach() for f in t_mid], p.at_beta),
+            "at_to_teacher": attention_transfer(t_mid, [f.detach() for f in s_mid], p.at_beta),
+            "pk_student": p.pk_weight * soft_kl_to_probs(q, z_s, 1.0),
+            "pk_teacher": p.pk_weight * soft_kl_to_probs(q, z_t, 1.0),
+        }
+
+    def evaluation_logits(self, images, teacher_output=None):
+        z_s, z_t = self.student(images), self.teacher(images)
+        return {"student": z_s, "teacher": z_t, "fused": self._fused(self.s_taps.pop(), self.t_taps.pop())}

@@ -1,0 +1,117 @@
+"""``sokd``: semi-online KD, Liu, Liu & Huang, BMVC 2021 (arXiv:2111.11747; code:
+github.com/swlzq/Semi-Online-KD).
+
+A trainable knowledge bridge module (KBM) hangs on the frozen teacher: a randomly
+initialised copy of the teacher's last stage (with its own BN and FC) fed with the
+teacher's detached second-to-last stage output. It learns from both the teacher and the
+student; the student learns only from the KBM (never from the teacher's logits)::
+
+    L_A = CE(z_A, y) + T^2 KL(p_T^T || p_A^T) + T^2 KL(sg(p_S^T) || p_A^T)
+    L_S = CE(z_S, y) + T^2 KL(sg(p_A^T) || p_S^T)
+
+One backward pass on ``L_A + L_S`` and one optimizer step; ``T = 4``, all weights 1.
+
+Choices:
+- The frozen teacher stays in **eval** mode. The authors' code leaves it in train mode,
+  so its BN statistics drift; the paper describes a fixed teacher, which kdscale keeps.
+- ``bridge_input`` defaults to the teacher's second-to-last residual stage; ``bridge_layers``
+  to its last stage plus the BN/ReLU that follow it (WRN: ``block3, bn1, relu``; ResNet:
+  ``layer3`` or ``layer4``). Copies get PyTorch's default re-initialisation.
+- The KBM branch is evaluated as ``val/kbm_top1`` (the paper's "improved teacher").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdscale.errors import KdscaleError
+from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.losses import cross_entropy, soft_kl
+from kdscale.models.features import check_layer_paths, feature_shapes, residual_stages
+
+_HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Linear, nn.Flatten, nn.Dropout)
+
+
+def default_bridge(teacher: nn.Module) -> tuple[str, list[str]]:
+    stages = residual_stages(teacher, "method.bridge_layers")
+    children = list(teacher.named_children())
+    names = [name for name, _ in children]
+    layers = [stages[-1]]
+    if stages[-1] in names:
+        for name, module in children[names.index(stages[-1]) + 1:]:
+            if isinstance(module, _HEAD_TYPES):
+                break
+            layers.append(name)
+    return stages[-2], layers
+
+
+def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_classes: int,
+                 image_size: int) -> nn.Sequential:
+    modules = check_layer_paths(teacher, layers, where="method.bridge_layers (teacher)")
+    body = nn.Sequential(*(copy.deepcopy(modules[name]) for name in layers))
+    for module in body.modules():
+        module._forward_hooks.clear()
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    body.requires_grad_(True)
+    input_shape = feature_shapes(teacher, [input_layer], image_size, where="method.bridge_input (teacher)")[input_layer]
+    try:
+        with torch.no_grad():
+            channels = body.eval()(torch.zeros(1, *input_shape)).shape[1]
+    except RuntimeError as err:
+        raise KdscaleError(f"method.bridge_layers {layers} do not accept the output of method.bridge_input "
+                           f"{input_layer!r} (shape {tuple(input_shape)}): {str(err).splitlines()[0]}") from None
+    return nn.Sequential(body.train(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+@register_method
+class SOKD(Distiller):
+    name = "sokd"
+    description = "Semi-online KD: a trainable bridge on a frozen teacher teaches the student and learns from it."
+    teacher_role = "frozen"
+    teacher_outputs = ("logits", "features")
+    trainable_networks = ("student", "kbm")
+
+    @dataclass
+    class Params:
+        temperature: float = 4.0
+        ce_weight: float = 1.0
+        kd_weight: float = 1.0
+        kbm_ce_weight: float = 1.0
+        kbm_teacher_weight: float = 1.0
+        kbm_student_weight: float = 1.0
+        bridge_input: str = ""
+        bridge_layers: list[str] = field(default_factory=list)
+
+    def __init__(self, student, params, ctx):
+        super().__init__(student, params, ctx)
+        default_input, default_layers = default_bridge(ctx.teacher)
+        self.bridge_input = params.bridge_input or default_input
+        self.kbm = build_bridge(ctx.teacher, self.bridge_input, params.bridge_layers or default_layers,
+                                ctx.num_classes, ctx.image_size)
+
+    def teacher_feature_layers(self):
+        return [self.bridge_input]
+
+    def forward_train(self, images, targets, teacher_output):
+        p, t = self.params, self.params.temperature
+        kbm_logits = self.kbm(teacher_output.features[self.bridge_input].detach())
+        logits = self.student(images)
+        teacher_logits = teacher_output.logits.detach()
+        return logits, {
+            "kbm_ce": p.kbm_ce_weight * cross_entropy(kbm_logits, targets, self.label_smoothing),
+            "kbm_kd_teacher": p.kbm_teacher_weight * soft_kl(teacher_logits, kbm_logits, t),
+            "kbm_kd_student": p.kbm_student_weight * soft_kl(logits.detach(), kbm_logits, t),
+            "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
+            "kd": p.kd_weight * soft_kl(kbm_logits.detach(), logits, t),
+        }
+
+    def evaluation_logits(self, images, teacher_output=None):
+        out = {"student": self.student(images)}
+        if teacher_output is not None:
+            out["kbm"] = self.kbm(teacher_output.features[self.bridge_input])
+        return out
