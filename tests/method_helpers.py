@@ -1,0 +1,55 @@
+"""Build methods on small real networks for loss and gradient tests."""
+
+from __future__ import annotations
+
+import torch
+
+from kdscale.methods import MethodContext, TeacherOutput, get_method_class
+from kdscale.models import FeatureTaps, build_model
+from kdscale.train.teachers import FrozenTeacher
+
+NUM_CLASSES = 10
+
+
+def build_method(name: str, student: str = "resnet8", teacher: str | None = None, **params):
+    """(method, frozen_teacher_or_None); seeds fixed so every call builds the same weights."""
+    torch.manual_seed(0)
+    cls = get_method_class(name)
+    teacher_model = build_model(teacher, NUM_CLASSES) if teacher else None
+    ctx = MethodContext(num_classes=NUM_CLASSES, image_size=32, student_name=student, teacher_name=teacher or "",
+                        teacher=teacher_model, build_model=lambda n: build_model(n, NUM_CLASSES))
+    method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), ctx).train()
+    frozen = None
+    if cls.teacher_role == "frozen":
+        frozen = FrozenTeacher(teacher_model, method.teacher_feature_layers(), torch.device("cpu"), None, False)
+    return method, frozen
+
+
+def batch(size: int = 4, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 3, 32, 32, generator=gen), torch.randint(0, NUM_CLASSES, (size,), generator=gen)
+
+
+def tap(module, layers):
+    return FeatureTaps(module, layers, where="test")
+
+
+def rows(tensor):
+    return tensor.detach().double().tolist()
+
+
+def grads(loss, module):
+    """Gradients of ``loss`` w.r.t. ``module``'s parameters (None where unused)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
+def no_grad_from(loss, module) -> bool:
+    return all(g is None or not g.abs().sum() for g in grads(loss, module))
+
+
+def has_grad_from(loss, module) -> bool:
+    return any(g is not None and g.abs().sum() > 0 for g in grads(loss, module))
+
+
+__all__ = ["TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from", "rows", "tap"]

@@ -1,0 +1,161 @@
+"""Golden values: every loss term of every method against an independent plain-Python
+computation of the formulas in the method notes, on small real networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from kdscale.methods.losses import attention_transfer
+from method_helpers import batch, build_method, rows, tap
+
+REL = 1e-4  # float32 losses vs float64 references; formula errors are orders larger
+
+
+def approx(value):
+    return pytest.approx(value, rel=REL, abs=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_attention_transfer_against_reference(mode):
+    gen = torch.Generator().manual_seed(5)
+    fs = [torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 5, 2, 2, generator=gen)]
+    ft = [torch.randn(2, 6, 4, 4, generator=gen), torch.randn(2, 2, 2, 2, generator=gen)]
+    got = attention_transfer(fs, ft, beta=1000.0, mode=mode).item()
+    assert got == approx(ref.at_term([f.tolist() for f in fs], [f.tolist() for f in ft], 1000.0, mode))
+    # A student map twice the teacher's size is resized (bilinear 2x down = 2x2 block mean).
+    big = torch.randn(2, 3, 8, 8, generator=gen)
+    got = attention_transfer([big], [ft[0]], beta=2.0, mode=mode).item()
+    assert got == approx(ref.at_term([big.tolist()], [ft[0].tolist()], 2.0, mode, pool=2))
+
+
+def test_at_method():
+    method, teacher = build_method("at", "resnet8", "resnet20", beta=1000.0, ce_weight=0.7)
+    images, targets = batch()
+    out = teacher(images)
+    probe = tap(method.student, ["layer1", "layer2", "layer3"])
+    logits, losses = method(images, targets, out)
+    fs = probe.pop()
+    assert set(losses) == {"ce", "at"}
+    assert losses["ce"].item() == approx(0.7 * ref.ce(rows(logits), targets.tolist()))
+    expected = ref.at_term([fs[n].tolist() for n in ("layer1", "layer2", "layer3")],
+                           [out.features[n].tolist() for n in ("layer1", "layer2", "layer3")], 1000.0)
+    assert losses["at"].item() == approx(expected)
+
+
+def test_dml_method():
+    method, _ = build_method("dml", "resnet8", peers=["resnet8", "resnet20"], temperature=2.0, kl_weight=0.5)
+    images, targets = batch()
+    logits, losses = method(images, targets, None)
+    z = [rows(net(images)) for net in (method.student, *method.peers)]
+    assert torch.allclose(logits, method.student(images))
+    assert set(losses) == {"ce", "kl", "peer1_ce", "peer1_kl", "peer2_ce", "peer2_kl"}
+    for k, prefix in enumerate(["", "peer1_", "peer2_"]):
+        assert losses[prefix + "ce"].item() == approx(ref.ce(z[k], targets.tolist()))
+        mutual = sum(ref.kd_term(z[j], z[k], 2.0) for j in range(3) if j != k)
+        assert losses[prefix + "kl"].item() == approx(0.5 / 2 * mutual)
+
+
+@pytest.mark.parametrize("path_loss", ["kl", "mse"])
+def test_ctkd_method(path_loss):
+    method, teacher = build_method("ctkd", "resnet8", "resnet20", path_loss=path_loss, alpha=0.9, temperature=4.0)
+    assert type(method.scratch_teacher).__name__ == "CifarResNet" and len(method.scratch_teacher.layer1) == 3
+    images, targets = batch()
+    out = teacher(images)
+    probe = tap(method.student, ["layer1", "layer2", "layer3"])
+    logits, losses = method(images, targets, out)
+    fs = probe.pop()
+    z_s, z_r = rows(logits), rows(method.scratch_teacher(images))
+    assert set(losses) == {"scratch_ce", "ce", "path", "at"}
+    assert losses["scratch_ce"].item() == approx(ref.ce(z_r, targets.tolist()))
+    assert losses["ce"].item() == approx(ref.ce(z_s, targets.tolist()))
+    if path_loss == "kl":
+        expected_path = 0.9 * ref.kd_term(z_r, z_s, 4.0)
+    else:
+        flat = [(a - b) ** 2 for rs, rr in zip(z_s, z_r) for a, b in zip(rs, rr)]
+        expected_path = 0.9 * sum(flat) / len(flat)
+    assert losses["path"].item() == approx(expected_path)
+    layers = ("layer1", "layer2", "layer3")
+    assert losses["at"].item() == approx(ref.at_term([fs[n].tolist() for n in layers],
+                                                     [out.features[n].tolist() for n in layers], 1000.0))
+
+
+def _eval_rows(network, images):
+    network.eval()
+    with torch.no_grad():
+        out = rows(network(images))
+    network.train()
+    return out
+
+
+def test_prokt_phases():
+    method, _ = build_method("prokt", "resnet8", "resnet20", lam=0.3, ce_weight=0.2)
+    images, targets = batch()
+    student_eval = _eval_rows(method.student, images)
+    teacher_logits, losses = method(images, targets, None, phase="teacher")
+    z_t = rows(teacher_logits)
+    assert set(losses) == {"teacher_ce", "teacher_kl"}
+    assert losses["teacher_ce"].item() == approx(0.7 * ref.ce(z_t, targets.tolist()))
+    assert losses["teacher_kl"].item() == approx(0.3 * ref.kd_term(student_eval, z_t, 1.0))
+    teacher_eval = _eval_rows(method.teacher, images)
+    logits, losses = method(images, targets, None, phase="student")
+    assert set(losses) == {"kd", "ce"}
+    assert losses["kd"].item() == approx(ref.kd_term(teacher_eval, rows(logits), 1.0))
+    assert losses["ce"].item() == approx(0.2 * ref.ce(rows(logits), targets.tolist()))
+
+
+def test_prokt_dual_variant_updates_beta():
+    method, _ = build_method("prokt", "resnet8", "resnet20", dual=True, dual_eps=0.01, dual_lr=0.5, dual_beta0=2.0)
+    images, targets = batch()
+    student_eval = _eval_rows(method.student, images)
+    teacher_logits, losses = method(images, targets, None, phase="teacher")
+    kl = ref.kd_term(student_eval, rows(teacher_logits), 1.0)
+    assert losses["teacher_ce"].item() == approx(ref.ce(rows(teacher_logits), targets.tolist()))
+    assert losses["teacher_dual"].item() == approx(2.0 * (kl - 0.01))
+    assert method.dual_beta.item() == approx(max(0.0, 2.0 + 0.5 * (kl - 0.01)))
+
+
+def test_ffcl_method():
+    method, _ = build_method("ffcl", "resnet8", "resnet20", temperature=3.0, at_beta=100.0, pk_weight=0.5,
+                             pk_correct_prob=0.8, mutual_weight=0.9, fused_weight=0.8, ensemble_weight=0.7)
+    images, targets = batch()
+    s_probe, t_probe = tap(method.student, ["layer1", "layer2", "layer3"]), tap(method.teacher, ["layer1", "layer2", "layer3"])
+    logits, losses = method(images, targets, None)
+    fs, ft = s_probe.pop(), t_probe.pop()
+    z_s, z_t = rows(logits), rows(method.teacher(images))
+    z_f = rows(method.fusion(ft["layer3"], fs["layer3"]))
+    y = targets.tolist()
+    ensemble = [[(a + b) / 2 for a, b in zip(ref.softmax(s, 3.0), ref.softmax(t, 3.0))] for s, t in zip(z_s, z_t)]
+    virtual = [[0.8 if c == label else 0.2 / 9 for c in range(10)] for label in y]
+    mid = ("layer1", "layer2")
+    expected = {
+        "ce": ref.ce(z_s, y), "teacher_ce": ref.ce(z_t, y), "fused_ce": ref.ce(z_f, y),
+        "mutual_to_student": 0.9 * ref.kd_term(z_t, z_s, 3.0), "mutual_to_teacher": 0.9 * ref.kd_term(z_s, z_t, 3.0),
+        "fused_to_student": 0.8 * ref.kd_term(z_f, z_s, 3.0), "fused_to_teacher": 0.8 * ref.kd_term(z_f, z_t, 3.0),
+        "ensemble_to_fused": 0.7 * ref.kl_to_probs(ensemble, z_f, 3.0),
+        "at_to_student": ref.at_term([fs[n].tolist() for n in mid], [ft[n].tolist() for n in mid], 100.0),
+        "at_to_teacher": ref.at_term([ft[n].tolist() for n in mid], [fs[n].tolist() for n in mid], 100.0),
+        "pk_student": 0.5 * ref.kl_to_probs(virtual, z_s, 1.0), "pk_teacher": 0.5 * ref.kl_to_probs(virtual, z_t, 1.0),
+    }
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == approx(value), name
+
+
+def test_sokd_method():
+    method, teacher = build_method("sokd", "resnet8", "wrn_16_2", temperature=4.0)
+    assert method.bridge_input == "block2"
+    assert [type(m).__name__ for m in method.kbm[0]] == ["Sequential", "BatchNorm2d", "ReLU"]  # block3, bn1, relu
+    images, targets = batch()
+    out = teacher(images)
+    logits, losses = method(images, targets, out)
+    z_s, z_t = rows(logits), rows(out.logits)
+    z_a = rows(method.kbm(out.features["block2"]))
+    y = targets.tolist()
+    expected = {"kbm_ce": ref.ce(z_a, y), "kbm_kd_teacher": ref.kd_term(z_t, z_a, 4.0),
+                "kbm_kd_student": ref.kd_term(z_s, z_a, 4.0), "ce": ref.ce(z_s, y),
+                "kd": ref.kd_term(z_a, z_s, 4.0)}
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == approx(value), name
