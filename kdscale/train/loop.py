@@ -221,14 +221,27 @@ class Trainer:
         shown = {k: v for k, v in metrics.items() if k.endswith("_top1")}
         return "kdscale: " + ", ".join(f"{k}={v:.2f}" for k, v in shown.items())
 
+    def ranks_agree(self) -> bool:
+        """Whether every rank holds the same trained weights (they must under DDP)."""
+        if self.world == 1:
+            return True
+        flat = torch.cat([p.detach().double().flatten() for p in self.distiller.parameters()])
+        signature = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(self.acc.device)
+        gathered = self.acc.gather(signature).view(self.world, -1)
+        return bool((gathered == gathered[0]).all())
+
     def _finish(self, stopped_early: bool) -> dict:
+        agree = self.ranks_agree()
+        if not agree and self.is_main:
+            print("kdscale: warning: the ranks ended with different weights; gradient synchronisation failed",
+                  flush=True)
         summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,
                    "method": self.cfg.method.name, "step": self.step, "total_steps": self.total_steps,
                    "epoch": self.epoch, "completed": not stopped_early and self.step >= self.total_steps,
                    "images_per_s": getattr(self, "throughput", None), "metrics": self.last_metrics,
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
-                   "world_size": self.world}
+                   "world_size": self.world, "ranks_agree": agree}
         if self.is_main:
             if summary["completed"]:
                 summary["export"] = self._export()
