@@ -44,7 +44,8 @@ def test_kd_keeps_frozen_teacher_bit_identical(trained_teacher, synth_data, tmp_
     assert after.keys() == reference.keys()
     assert all(torch.equal(after[k], reference[k]) for k in reference)  # parameters and BN buffers
     assert all(not p.requires_grad for p in trainer.teacher.model.parameters())
-    assert not any(p is q for p in trainer.teacher.model.parameters() for q in trainer.optimizer.param_groups[0]["params"])
+    optimized = [q for opt in trainer.engine.optimizers.values() for g in opt.param_groups for q in g["params"]]
+    assert not any(p is q for p in trainer.teacher.model.parameters() for q in optimized)
     metrics = summary["metrics"]
     assert metrics["val/teacher_top1"] == pytest.approx(trained_teacher["metrics"]["val/student_top1"])
     assert {"val/student_top1", "val/student_top5", "val/teacher_top5", "val/agreement_top1"} <= set(metrics)
@@ -69,7 +70,7 @@ def test_resume_matches_uninterrupted_run(synth_data, tmp_path):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    opt_a, opt_b = a["optimizers"]["all"], b["optimizers"]["all"]
     assert opt_a["param_groups"] == opt_b["param_groups"]  # same lr (schedule position) and settings
     for index, state in opt_a["state"].items():
         assert torch.equal(state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"])

@@ -103,6 +103,24 @@ class TrainSection:
 
 
 @dataclass
+class DistributedSection:
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3"] = "auto"
+    """How the trainable networks are replicated or sharded. ``auto``: DeepSpeed ZeRO when
+    launched with ``accelerate launch --use_deepspeed`` (stage from ``--zero_stage``),
+    else DDP."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON to start from (default: accelerate's ``--deepspeed_config_file``, else
+    ``configs/deepspeed/zero<N>.json`` settings). kdscale fills batch sizes, stage and
+    clipping from this config and rejects conflicting values."""
+    teacher_sharding: Literal["replicated", "zero3"] = "replicated"
+    """``replicated``: every rank runs a full frozen-teacher replica on its micro-batch.
+    ``zero3``: the frozen teacher's parameters are partitioned across ranks (teachers too
+    big for one device); every rank then runs the same forward calls."""
+    timeout_s: int = 1800
+    """Collective timeout: a rank that stops answering ends the job after this long."""
+
+
+@dataclass
 class WandbSection:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """``auto``: online when an API key is configured, else offline."""
@@ -128,6 +146,7 @@ class ExperimentConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     wandb: WandbSection = field(default_factory=WandbSection)
 
     @property

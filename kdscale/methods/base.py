@@ -104,9 +104,14 @@ class Distiller(nn.Module):
         """Module paths of the frozen teacher whose outputs the method needs."""
         return []
 
-    def param_groups(self) -> list[dict]:
-        """Optimizer parameter groups; ``lr_scale`` multiplies the scheduled lr."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    def optimizer_groups(self, phase: str) -> list[dict]:
+        """Parameter groups of the optimizer that steps in ``phase``; ``lr_scale``
+        multiplies the scheduled lr. Every trainable parameter is in exactly one phase."""
+        return [{"params": [p for p in self.phase_module(phase).parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def phase_module(self, phase: str) -> nn.Module:
+        """The module whose parameters ``phase`` trains (one DeepSpeed engine each)."""
+        return self
 
     # -- plumbing -------------------------------------------------------------------
     def forward(self, images, targets=None, teacher_output=None, phase: str = "all"):

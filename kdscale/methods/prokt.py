@@ -57,9 +57,12 @@ class ProKT(Distiller):
         self.teacher = ctx.teacher.requires_grad_(True)
         self.register_buffer("dual_beta", torch.tensor(float(params.dual_beta0)))
 
-    def param_groups(self):
-        return [{"params": list(self.student.parameters()), "lr_scale": 1.0},
-                {"params": list(self.teacher.parameters()), "lr_scale": self.params.teacher_lr_scale}]
+    def phase_module(self, phase):
+        return {"teacher": self.teacher, "student": self.student}[phase]
+
+    def optimizer_groups(self, phase):
+        scale = self.params.teacher_lr_scale if phase == "teacher" else 1.0
+        return [{"params": list(self.phase_module(phase).parameters()), "lr_scale": scale}]
 
     @staticmethod
     def _eval_logits(network, images):

@@ -1,11 +1,14 @@
 """Checkpoints: written atomically, resumed from the newest complete one.
 
-A checkpoint is ``<run>/checkpoints/step-<8 digits>.pt``: written to ``.tmp``, flushed to
-disk, then renamed, so a crash mid-write never leaves a file that looks complete. It
-holds the Distiller's state (every trainable network), the optimizer, the step, the data
-position, RNG states, the wandb run id and the resolved config. It is read back with
-``weights_only=True``; a file that fails to load is skipped with a warning and the next
-newer-to-older one is tried.
+Two layouts under ``<run>/checkpoints/``:
+- DDP: ``step-<8 digits>.pt``, one file written by rank 0;
+- DeepSpeed ZeRO: ``step-<8 digits>/``, a directory of per-rank shards plus ``meta.pt``.
+Both are written under a ``.tmp`` name and renamed only when complete, so a crash
+mid-write never leaves a checkpoint that looks complete. They hold every trainable
+network, the optimizers, the step, the data position, RNG states, the wandb run id, the
+strategy and world size, and the resolved config. Metadata is read with
+``weights_only=True``; a checkpoint that fails to load is skipped with a warning and the
+next older one is tried.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import glob
 import os
 import random
 import re
+import shutil
 import warnings
 
 import torch
 
 from kdscale.models.weights import CHECKPOINT_MARKER
 
-_NAME = re.compile(r"step-(\d{8})\.pt$")
+_NAME = re.compile(r"step-(\d{8})(\.pt)?$")
+META_FILE = "meta.pt"
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -28,12 +33,31 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step-*.pt")) if _NAME.search(p)]
+    """Complete checkpoints (files or shard directories), oldest first."""
+    paths = []
+    for path in glob.glob(os.path.join(checkpoint_dir(run_dir), "step-*")):
+        if not _NAME.search(path):
+            continue
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_FILE)):
+            continue
+        paths.append(path)
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _prune(run_dir: str, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+        _remove(old)
+
+
 def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
+    """One file (DDP); called on rank 0 only."""
     os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
     path = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}.pt")
     tmp = path + ".tmp"
@@ -42,15 +66,37 @@ def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
-        os.remove(old)
+    _prune(run_dir, keep)
     return path
 
 
+def save_sharded_checkpoint(run_dir: str, write_shards, meta: dict, step: int, keep: int, ctx) -> str:
+    """A directory of shards (DeepSpeed); called on every rank. ``write_shards(dir)`` is
+    the collective that writes each rank's part."""
+    final = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}")
+    tmp = final + ".tmp"
+    if ctx.is_main:
+        _remove(tmp)
+        os.makedirs(tmp)
+    ctx.barrier()
+    write_shards(tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        torch.save({CHECKPOINT_MARKER: 1, **meta}, os.path.join(tmp, META_FILE))
+        _remove(final)
+        os.replace(tmp, final)
+        _prune(run_dir, keep)
+    ctx.barrier()
+    return final
+
+
 def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """(path, state) of the newest readable checkpoint; for a shard directory the state is
+    its metadata (the shards are loaded by the engine)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
+            file = os.path.join(path, META_FILE) if os.path.isdir(path) else path
+            return path, torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways
             warnings.warn(f"skipping unreadable checkpoint {path}: {type(err).__name__}: {err}", stacklevel=2)
     return None

@@ -17,11 +17,24 @@ def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Ten
     return (top == targets[:, None]).any(dim=1).sum()
 
 
+def _lockstep(batches, ctx, dummy):
+    """Yield (batch, real) until every rank is done; a finished rank yields ``dummy`` so
+    that all ranks keep making the same forward calls (ZeRO-3 gathers in each forward)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        flag = torch.tensor([0.0 if batch is None else 1.0], device=ctx.device)
+        if ctx.all_reduce(flag, "max").item() == 0:
+            return
+        yield (batch, True) if batch is not None else (dummy, False)
+
+
 @torch.no_grad()
-def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, accelerator,
-             autocast_dtype: torch.dtype | None, channels_last: bool, image_size: int) -> dict[str, float]:
-    """Scores every network of ``distiller.evaluation_logits`` (in eval mode) and the teacher."""
-    device = accelerator.device
+def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, autocast_dtype: torch.dtype | None,
+             channels_last: bool, image_size: int, lockstep: bool = False) -> dict[str, float]:
+    """Scores every network of ``distiller.evaluation_logits`` (in eval mode) and the teacher.
+    ``lockstep``: some parameters are ZeRO-3 partitioned, so ranks advance together."""
+    device = ctx.device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     was_training = distiller.training
@@ -33,7 +46,9 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, accele
         names = list(probe) + (["teacher"] if teacher is not None else [])
         # Per name: top-1 hits, top-5 hits; then agreement hits and the sample count.
         counts = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=device)
-        for images, targets, _keys in loader:
+        dummy = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [])
+        batches = _lockstep(loader, ctx, dummy) if lockstep else ((b, True) for b in loader)
+        for (images, targets, _keys), real in batches:
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -44,6 +59,8 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, accele
                            for name, logits in distiller.evaluation_logits(images, teacher_output).items()}
             if teacher_output is not None:
                 outputs["teacher"] = teacher_output.logits.float()
+            if not real:
+                continue
             for i, name in enumerate(names):
                 counts[2 * i] += _topk_hits(outputs[name], targets, 1)
                 counts[2 * i + 1] += _topk_hits(outputs[name], targets, 5)
@@ -52,7 +69,7 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, accele
             counts[-1] += targets.numel()
     finally:
         distiller.train(was_training)
-    counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
+    ctx.all_reduce(counts, "sum")
     total = max(1.0, counts[-1].item())
     metrics = {"val/samples": counts[-1].item()}
     for i, name in enumerate(names):

@@ -1,5 +1,5 @@
-"""The training loop: one engine (DDP via accelerate) owns the Distiller, frozen teachers
-run beside it, rank 0 tracks and checkpoints.
+"""The training loop: an engine (DDP or DeepSpeed ZeRO) owns every trainable network of
+the Distiller, frozen teachers run beside it, rank 0 tracks.
 
 Resuming picks the newest complete checkpoint in the run directory and continues the
 same schedule, data stream (skipping the batches already seen) and wandb run.
@@ -18,68 +18,77 @@ import torch
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import TrainStream, ValStream, make_loader
+from kdscale.dist.context import DistContext
+from kdscale.dist.deepspeed_config import resolve_strategy
+from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
 from kdscale.train import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
-from kdscale.train.optim import build_optimizer, lr_at, set_lr
+from kdscale.train.optim import lr_at
 from kdscale.train.progress import ProgressBar
 from kdscale.train.setup import Runtime, build_distiller, plan_data
 from kdscale.train.tracking import Tracker
 
 
-def make_accelerator(cfg: ExperimentConfig):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    from kdscale.methods import get_method_class
-
-    # A method with several optimizer phases runs a forward/backward per phase, each
-    # touching only some networks, so DDP must tolerate parameters without gradients.
-    multi_phase = len(get_method_class(cfg.method.name).optimizer_phases) > 1
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if multi_phase else []
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
-
-
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, accelerator=None):
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None):
         self.cfg = cfg
-        self.acc = accelerator or make_accelerator(cfg)
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.is_main = self.acc.is_main_process
+        self.ctx = ctx or DistContext.from_env(cfg.distributed.timeout_s)
+        self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         self.resolved = config_to_dict(cfg)
+        self.strategy = resolve_strategy(cfg)
         if self.is_main:
-            print(f"kdscale: resolved config ({self.world} process(es), device {self.acc.device}):\n"
+            print(f"kdscale: resolved config ({self.world} process(es), {self.strategy}, device {self.ctx.device}):\n"
                   f"{format_config(cfg)}", flush=True)
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
-        self.runtime = Runtime.from_config(cfg, self.acc.device)
+        self.runtime = Runtime.from_config(cfg, self.ctx.device)
         self.plan = plan_data(cfg, self.world)
-        self.distiller, self.teacher = build_distiller(cfg, self.runtime)
+        self.distiller, self.teacher = build_distiller(cfg, self.runtime, self.world)
         self.phases = self.distiller.optimizer_phases
         if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
-        self.optimizer = build_optimizer(self.distiller.param_groups(), cfg.optim)
+        resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
+        if resumed is not None:
+            self._check_resumable(*resumed)
+        self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx)
         self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}
-        resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
+        self.last_saved_step = -1
         if resumed is not None:
             run_id = self._restore(*resumed)
-        self.model = self.acc.prepare_model(self.distiller)
         self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
 
     # -- checkpoints ----------------------------------------------------------------
+    def _check_resumable(self, path: str, state: dict) -> None:
+        saved = state.get("strategy", "ddp")
+        if saved != self.strategy:
+            raise KdscaleError(f"checkpoint {path} was written under {saved}, this run uses {self.strategy}; resume "
+                               f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
+                               f"weights from the old run's export/student.safetensors")
+        if saved != "ddp" and state.get("world_size") != self.world:
+            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
+                               f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
+
     def _restore(self, path: str, state: dict) -> str | None:
         try:
-            self.distiller.load_state_dict(state["model"])
-        except RuntimeError as err:
+            if self.strategy == "ddp":
+                self.engine.load_checkpoint_state(state, path)
+            else:
+                self.engine.load_sharded(path)
+                for name, buffer in self.distiller.named_buffers():
+                    buffer.copy_(state["buffers"][name])
+        except (RuntimeError, KeyError) as err:
             raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
-                               f"({str(err).splitlines()[0]}); use another train dir or train.resume=false") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+                               f"({str(err).splitlines()[0]}); use another experiment.name or train.resume=false") from None
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         self.last_metrics = dict(state.get("metrics", {}))
+        self.last_saved_step = self.step
         if state.get("world_size") != self.world:
-            print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the data "
-                  f"stream restarts its epoch split (no sample is lost, the order differs)", flush=True)
+            if self.is_main:
+                print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the "
+                      f"epoch's data split restarts (no sample is lost; the order differs)", flush=True)
             self.batches_done = 0
         ckpt.restore_rng_state(state["rng"])
         if self.is_main:
@@ -88,13 +97,21 @@ class Trainer:
         return state.get("wandb_run_id")
 
     def save(self) -> None:
-        if self.is_main:
-            state = {"model": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
-                     "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id,
-                     "config": self.resolved, "world_size": self.world, "metrics": self.last_metrics}
-            ckpt.save_checkpoint(self.cfg.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
+        if self.step == self.last_saved_step:
+            return
+        self.sync_buffers()
+        meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
+                "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
+                "world_size": self.world, "strategy": self.strategy, "metrics": self.last_metrics}
+        keep = self.cfg.train.keep_checkpoints
+        if self.strategy == "ddp":
+            if self.is_main:
+                ckpt.save_checkpoint(self.cfg.run_dir, {**self.engine.state_for_checkpoint(), **meta}, self.step, keep)
+            self.ctx.barrier()
+        else:
+            meta["buffers"] = {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}
+            ckpt.save_sharded_checkpoint(self.cfg.run_dir, self.engine.save_sharded, meta, self.step, keep, self.ctx)
+        self.last_saved_step = self.step
 
     # -- the loop -------------------------------------------------------------------
     def _train_loader(self):
@@ -123,6 +140,7 @@ class Trainer:
         stop_at = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
         window = {"start": time.perf_counter(), "wait": 0.0, "images": 0, "losses": {}, "count": 0}
+        fail_at = int(os.environ.get("KDSCALE_FAIL_AT_STEP", "-1")), int(os.environ.get("KDSCALE_FAIL_RANK", "-1"))
         stopped_early = False
         while self.epoch < cfg.epochs and self.step < stop_at:
             loader = iter(self._train_loader())
@@ -137,17 +155,17 @@ class Trainer:
                 sync = (self.batches_done + 1) % accum == 0
                 lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
                 for phase in self.phases:
-                    losses = self._forward_backward(images, targets, teacher_output, phase, sync)
+                    losses = self.engine.micro_step(phase, images, targets, teacher_output, sync, lr, self._autocast)
                     for name, value in losses.items():
                         window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
-                    if sync:
-                        self._optimizer_step(lr)
                 self.batches_done += 1
                 window["images"] += images.shape[0] * self.world
                 window["count"] += 1
                 if not sync:
                     continue
                 self.step += 1
+                if self.step == fail_at[0] and self.rank == fail_at[1]:  # fault injection for the tests
+                    raise RuntimeError(f"injected failure at step {self.step} (KDSCALE_FAIL_AT_STEP)")
                 if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
                     self._log_window(window, lr, bar)
                 bar.update(self.step)
@@ -157,8 +175,7 @@ class Trainer:
                     break
             if self.batches_done >= self.plan.micro_batches_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-                last = self.epoch == cfg.epochs
-                if last or self.epoch % cfg.eval_every_epochs == 0:
+                if self.epoch == cfg.epochs or self.epoch % cfg.eval_every_epochs == 0:
                     self.last_metrics = self.validate()
                     self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
                     bar.write(self._format_metrics(self.last_metrics))
@@ -169,30 +186,14 @@ class Trainer:
         bar.close()
         return self._finish(stopped_early)
 
-    def _forward_backward(self, images, targets, teacher_output, phase: str, sync: bool) -> dict:
-        accum = self.cfg.train.grad_accum_steps
-        no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext
-        with no_sync():
-            with self._autocast():
-                _logits, losses = self.model(images, targets, teacher_output, phase=phase)
-                loss = sum(losses.values())
-            (loss / accum).backward()
-        return losses
-
-    def _optimizer_step(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-        if self.cfg.train.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), self.cfg.train.clip_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def _log_window(self, window: dict, lr: float, bar: ProgressBar) -> None:
         elapsed = max(1e-9, time.perf_counter() - window["start"])
         names = sorted(window["losses"])
-        values = torch.stack([window["losses"][n] / window["count"] for n in names]) if names else None
-        if values is not None and self.world > 1:
-            values = self.acc.reduce(values.float(), reduction="mean")
-        metrics = {f"train/loss_{n}": v for n, v in zip(names, values.tolist())} if names else {}
+        metrics = {}
+        if names:
+            values = torch.stack([window["losses"][n] / window["count"] for n in names]).float()
+            values = self.ctx.all_reduce(values.to(self.ctx.device), "mean")
+            metrics = {f"train/loss_{n}": v for n, v in zip(names, values.tolist())}
         metrics["train/loss"] = sum(metrics.values())
         metrics.update({"train/lr": lr, "train/epoch": self.epoch, "perf/images_per_s": window["images"] / elapsed,
                         "perf/data_wait_frac": window["wait"] / elapsed,
@@ -205,61 +206,63 @@ class Trainer:
         window.update(start=time.perf_counter(), wait=0.0, images=0, losses={}, count=0)
 
     def sync_buffers(self) -> None:
-        """Give every rank rank 0's BN statistics. DDP broadcasts buffers at the start of a
-        forward, so after the last training step each rank holds stats of its own batch."""
-        if self.world > 1:
-            for buffer in self.distiller.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        """Give every rank rank 0's buffers (BN statistics): each rank updated them from
+        its own batches since the last broadcast (DDP broadcasts at each forward, ZeRO never)."""
+        for buffer in self.distiller.buffers():
+            self.ctx.broadcast(buffer, src=0)
 
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
-        return evaluate(self.distiller, self.teacher, self._val_loader(), self.acc, self.runtime.autocast_dtype,
-                        self.runtime.channels_last, self.cfg.data.image_size)
+        lockstep = self.engine.shards_parameters or (self.teacher is not None and self.teacher.lockstep)
+        return evaluate(self.distiller, self.teacher, self._val_loader(), self.ctx, self.runtime.autocast_dtype,
+                        self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep)
 
     @staticmethod
     def _format_metrics(metrics: dict[str, float]) -> str:
         shown = {k: v for k, v in metrics.items() if k.endswith("_top1")}
         return "kdscale: " + ", ".join(f"{k}={v:.2f}" for k, v in shown.items())
 
-    def ranks_agree(self) -> bool:
-        """Whether every rank holds the same trained weights (they must under DDP)."""
-        if self.world == 1:
-            return True
+    def ranks_agree(self) -> bool | None:
+        """Whether every rank holds the same trained weights (None under ZeRO-3, where each
+        holds only its partition)."""
+        if self.engine.shards_parameters:
+            return None
         flat = torch.cat([p.detach().double().flatten() for p in self.distiller.parameters()])
-        signature = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(self.acc.device)
-        gathered = self.acc.gather(signature).view(self.world, -1)
+        signature = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(self.ctx.device)
+        gathered = self.ctx.gather(signature)
         return bool((gathered == gathered[0]).all())
 
     def _finish(self, stopped_early: bool) -> dict:
         agree = self.ranks_agree()
-        if not agree and self.is_main:
+        if agree is False and self.is_main:
             print("kdscale: warning: the ranks ended with different weights; gradient synchronisation failed",
                   flush=True)
+        completed = not stopped_early and self.step >= self.total_steps
+        student_state = self.engine.gathered_student_state() if completed else None  # a collective under ZeRO-3
         summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,
-                   "method": self.cfg.method.name, "step": self.step, "total_steps": self.total_steps,
-                   "epoch": self.epoch, "completed": not stopped_early and self.step >= self.total_steps,
+                   "method": self.cfg.method.name, "strategy": self.strategy, "step": self.step,
+                   "total_steps": self.total_steps, "epoch": self.epoch, "completed": completed,
                    "images_per_s": getattr(self, "throughput", None), "metrics": self.last_metrics,
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
                    "world_size": self.world, "ranks_agree": agree}
         if self.is_main:
-            if summary["completed"]:
-                summary["export"] = self._export()
+            if student_state is not None:
+                summary["export"] = self._export(student_state)
             path = os.path.join(self.cfg.run_dir, "summary.json")
             with open(path + ".tmp", "w") as fh:
                 json.dump(summary, fh, indent=2)
             os.replace(path + ".tmp", path)
         self.tracker.finish()
-        self.acc.wait_for_everyone()
+        self.ctx.barrier()
         return summary
 
-    def _export(self) -> str:
+    def _export(self, state: dict) -> str:
         """The student alone, as safetensors, loadable into the plain model."""
         from safetensors.torch import save_file
 
         path = os.path.join(self.cfg.run_dir, "export", "student.safetensors")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.distiller.student.state_dict().items()}
         save_file(state, path + ".tmp")
         os.replace(path + ".tmp", path)
         return path

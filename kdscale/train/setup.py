@@ -81,7 +81,8 @@ def _output_classes(model: nn.Module, image_size: int) -> int:
     return out.shape[-1]
 
 
-def build_distiller(cfg: ExperimentConfig, runtime: Runtime) -> tuple[Distiller, FrozenTeacher | None]:
+def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
+                    world_size: int = 1) -> tuple[Distiller, FrozenTeacher | None]:
     method_cls = get_method_class(cfg.method.name)
     num_classes = cfg.data.num_classes
     student = _build(cfg.student, num_classes, "student")
@@ -110,9 +111,18 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime) -> tuple[Distiller,
                         build_model=lambda name: build_model(name, num_classes, where="method"))
     distiller = method_cls(student, cfg.method.params, ctx)
     frozen = None
+    sharding = cfg.distributed.teacher_sharding
+    if sharding == "zero3" and role != "frozen":
+        raise KdscaleError(f"distributed.teacher_sharding=zero3 applies to frozen teachers; method "
+                           f"{method_cls.name!r} has {'none' if role == 'none' else 'a trained teacher'} "
+                           f"(use distributed.strategy=zero3 to shard trained networks)")
+    if sharding == "zero3" and world_size < 2:
+        raise KdscaleError("distributed.teacher_sharding=zero3 partitions the teacher across processes, but this "
+                           "run has 1; launch at least 2 processes or use distributed.teacher_sharding=replicated")
     if role == "frozen":
         frozen = FrozenTeacher(teacher_model, distiller.teacher_feature_layers(), runtime.device,
-                               runtime.autocast_dtype, runtime.channels_last)
+                               runtime.autocast_dtype, runtime.channels_last, sharding=sharding,
+                               micro_batch=cfg.data.batch_size)
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
     distiller.to(runtime.device, memory_format=memory_format)
     return distiller, frozen

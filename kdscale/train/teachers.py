@@ -19,14 +19,35 @@ from kdscale.models.features import FeatureTaps
 
 
 class FrozenTeacher:
-    """Runs a teacher replica on this rank's micro-batch (data-parallel inference)."""
+    """Runs the frozen teacher on this rank's micro-batch.
+
+    ``sharding="replicated"``: a full replica per rank (data-parallel inference).
+    ``sharding="zero3"``: the parameters are partitioned across ranks by a DeepSpeed ZeRO-3
+    engine without optimizer (after DeepSpeed-Chat's frozen reference model); each forward
+    gathers them, so every rank must make the same calls (``lockstep``).
+    """
 
     def __init__(self, model: nn.Module, feature_layers: list[str], device: torch.device,
-                 autocast_dtype: torch.dtype | None, channels_last: bool):
+                 autocast_dtype: torch.dtype | None, channels_last: bool, sharding: str = "replicated",
+                 micro_batch: int = 1):
         self.model = model.eval().requires_grad_(False)
         self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.device, self.autocast_dtype = device, autocast_dtype
+        self.lockstep = sharding == "zero3"
+        # Taps go on before DeepSpeed wraps the model; ZeRO-3 keeps the module structure.
         self.taps = FeatureTaps(self.model, feature_layers, where="teacher") if feature_layers else None
+        self.engine = None
+        if self.lockstep:
+            import deepspeed
+
+            from kdscale.dist.deepspeed_config import deepspeed_teacher_config
+
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            self.engine, *_ = deepspeed.initialize(model=self.model, config=deepspeed_teacher_config(micro_batch))
+            self.engine.eval()
+
+    def local_parameter_count(self) -> int:
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -34,8 +55,10 @@ class FrozenTeacher:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
-        with torch.inference_mode(), self._autocast():
-            logits = self.model(images)
+        # ZeRO-3 swaps parameter storage in its hooks, which inference mode forbids.
+        grad_mode = torch.no_grad() if self.lockstep else torch.inference_mode()
+        with grad_mode, self._autocast():
+            logits = self.engine(images) if self.engine is not None else self.model(images)
             features = self.taps.pop() if self.taps else {}
         # Inference tensors cannot be saved for backward; plain copies can (cheap: logits
         # and a few feature maps).

@@ -1,0 +1,159 @@
+"""Training engines: who owns the trainable networks, their optimizers and checkpoints.
+
+- :class:`DDPEngine` (default): the whole Distiller in one DistributedDataParallel
+  wrapper, one torch optimizer per optimizer phase. Checkpoints are one file written by
+  rank 0; they resume on any number of ranks.
+- :class:`DeepSpeedEngine`: DeepSpeed ZeRO stage 1, 2 or 3 over **every** trainable
+  network: one engine over the whole Distiller, or, for a method with several optimizer
+  phases (ProKT), one engine per phase module, each with its own optimizer. Checkpoints
+  are DeepSpeed's sharded ones (every rank writes its shard) and resume on the same
+  number of ranks only.
+
+Frozen teachers never enter an engine: they are not part of the Distiller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from kdscale.config.schema import ExperimentConfig
+from kdscale.dist.context import DistContext
+from kdscale.methods import Distiller
+from kdscale.train.optim import build_optimizer, set_lr
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
+               for v in state.values() if torch.is_tensor(v))
+
+
+class DDPEngine:
+    strategy = "ddp"
+    shards_parameters = False
+
+    def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
+        self.distiller, self.ctx, self.cfg = distiller, ctx, cfg
+        self.phases = distiller.optimizer_phases
+        self.model: nn.Module = distiller
+        if ctx.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                # Several phases: each forward/backward touches only some networks.
+                find_unused_parameters=len(self.phases) > 1)
+        self.optimizers = {phase: build_optimizer(distiller.optimizer_groups(phase), cfg.optim)
+                           for phase in self.phases}
+
+    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast):
+        accum = self.cfg.train.grad_accum_steps
+        no_sync = self.model.no_sync if (not sync and self.ctx.distributed) else contextlib.nullcontext
+        with no_sync():
+            with autocast():
+                _logits, losses = self.model(images, targets, teacher_output, phase=phase)
+                loss = sum(losses.values())
+            (loss / accum).backward()
+        if sync:
+            optimizer = self.optimizers[phase]
+            set_lr(optimizer, lr)
+            if self.cfg.train.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.distiller.phase_module(phase).parameters(),
+                                               self.cfg.train.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    # -- measurement --------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        return sum(_state_bytes(opt) for opt in self.optimizers.values())
+
+    def local_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.distiller.parameters() if p.requires_grad)
+
+    # -- checkpoints (see kdscale.train.checkpoint) ---------------------------------
+    def state_for_checkpoint(self) -> dict:
+        return {"model": self.distiller.state_dict(),
+                "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()}}
+
+    def load_checkpoint_state(self, state: dict, path: str) -> None:
+        self.distiller.load_state_dict(state["model"])
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][phase])
+
+    def gathered_student_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.distiller.student.state_dict().items()}
+
+
+class DeepSpeedEngine:
+    shards_parameters = False
+
+    def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext, stage: int, ds_config: dict):
+        import deepspeed
+
+        self.distiller, self.ctx, self.cfg, self.stage = distiller, ctx, cfg, stage
+        self.strategy = f"zero{stage}"
+        self.shards_parameters = stage == 3
+        self.phases = distiller.optimizer_phases
+        deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+        self.engines, self.lr_scales = {}, {}
+        for phase in self.phases:
+            groups = distiller.optimizer_groups(phase)
+            self.lr_scales[phase] = [g.get("lr_scale", 1.0) for g in groups]
+            optimizer = build_optimizer(groups, cfg.optim)
+            engine, *_ = deepspeed.initialize(model=distiller.phase_module(phase), optimizer=optimizer,
+                                              config=dict(ds_config))
+            self.engines[phase] = engine
+        self.model = self.engines[self.phases[0]] if len(self.phases) == 1 else distiller
+
+    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast):
+        engine = self.engines[phase]
+        with autocast():
+            if len(self.phases) == 1:
+                _logits, losses = engine(images, targets, teacher_output, phase=phase)
+            else:  # the phase's engine owns only its module; the Distiller routes the phase
+                _logits, losses = self.distiller.forward_phase(phase, images, targets, teacher_output)
+            loss = sum(losses.values())
+        engine.backward(loss)  # DeepSpeed scales by 1/accumulation and steps at the boundary
+        for group, scale in zip(engine.optimizer.param_groups, self.lr_scales[phase]):
+            group["lr"] = lr * scale
+        engine.step()
+        return losses
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(_state_bytes(engine.optimizer.optimizer) for engine in self.engines.values())
+
+    def local_parameter_count(self) -> int:
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+
+    def save_sharded(self, directory: str) -> None:
+        """Every rank writes its shards of every engine (a collective)."""
+        for phase, engine in self.engines.items():
+            engine.save_checkpoint(directory, tag=phase)
+
+    def load_sharded(self, directory: str) -> None:
+        for phase, engine in self.engines.items():
+            path, _ = engine.load_checkpoint(directory, tag=phase, load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint for {phase!r} in {directory}")
+
+    def gathered_student_state(self) -> dict[str, torch.Tensor]:
+        """The full student on every rank (gathers ZeRO-3 partitions; a collective)."""
+        student = self.distiller.student
+        if self.stage != 3:
+            return {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}
+
+
+def make_engine(strategy: str, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
+    if strategy == "ddp":
+        return DDPEngine(distiller, cfg, ctx)
+    from kdscale.dist.deepspeed_config import build_deepspeed_config
+
+    stage = int(strategy[-1])
+    return DeepSpeedEngine(distiller, cfg, ctx, stage, build_deepspeed_config(cfg, stage, ctx.world_size))
