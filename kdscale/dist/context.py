@@ -49,6 +49,15 @@ class DistContext:
                                     timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, world, local_rank, device)
 
+    def ensure_process_group(self) -> None:
+        """A process group even for one process (DeepSpeed needs one; without a launcher
+        it would otherwise look for MPI)."""
+        if not dist.is_initialized():
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -95,6 +95,7 @@ class DeepSpeedEngine:
         self.strategy = f"zero{stage}"
         self.shards_parameters = stage == 3
         self.phases = distiller.optimizer_phases
+        ctx.ensure_process_group()
         deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         self.engines, self.lr_scales = {}, {}
         for phase in self.phases:

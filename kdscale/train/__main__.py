@@ -1,11 +1,16 @@
 """``python -m kdscale.train --config configs/x.yaml key.sub=value ...``
 
-Also the module that ``accelerate launch -m kdscale.train`` runs on every process.
+Also the module that ``accelerate launch -m kdscale.train`` runs on every process. A user
+error prints one line and exits 2; any other failure names the rank that failed before
+the traceback, and the launcher then stops the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 
 from kdscale.errors import exit_on_user_error
 
@@ -19,12 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    # torch.distributed's deprecation notices fire on every ZeRO collective.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.train.loop import Trainer
 
         cfg = load_config(args.config, args.overrides)
-        return Trainer(cfg).train()
+        try:
+            return Trainer(cfg).train()
+        except Exception as err:
+            if os.environ.get("WORLD_SIZE", "1") != "1":
+                print(f"kdscale: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+            raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""Scale-out with real processes (2 ranks, gloo, CPU): DDP and DeepSpeed ZeRO-1/2/3 match a
+single rank, shard optimizer state and parameters, shard a frozen teacher, resume after a
+crash, and end a job whose rank failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, base_overrides, make_config, run_cli
+from kdscale.config import load_config
+from kdscale.dist.deepspeed_config import build_deepspeed_config
+from kdscale.errors import KdscaleError
+from kdscale.models import build_model
+from kdscale.train.loop import Trainer
+
+WORKER = os.path.join(ROOT, "tests", "workers", "engine_worker.py")
+ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
+COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt")]
+
+
+def run_worker(tmp_path, ranks: int, *args) -> list[dict]:
+    out = tmp_path / f"{'-'.join(args)}-{ranks}.json"
+    command = ([PYTHON, WORKER] if ranks == 1 else ["bash", ACCELERATE, WORKER]) + [str(out), *args]
+    result = run_cli(command, env_extra={"KDSCALE_CPU_PROCS": str(ranks)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.load(open(out))
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engines")
+    runs = {}
+    for strategy, method in COMBOS:
+        runs[strategy, method, 1] = run_worker(folder, 1, "train", strategy, method)
+        runs[strategy, method, 2] = run_worker(folder, 2, "train", strategy, method)
+    return runs
+
+
+@pytest.mark.parametrize("strategy, method", COMBOS)
+def test_two_ranks_match_one_rank(engine_runs, strategy, method):
+    """Same seed, data and global batch (8 = 1 x 8 = 2 x 4): the first 5 global losses agree
+    to 1e-5 relative (fp32 reduction order is the only difference)."""
+    one, two = engine_runs[strategy, method, 1][0]["losses"], engine_runs[strategy, method, 2][0]["losses"]
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert one[-1] < one[0]  # it trains
+
+
+@pytest.mark.parametrize("strategy, method", [("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("zero2", "prokt")])
+def test_zero_halves_optimizer_state(engine_runs, strategy, method):
+    ddp = engine_runs["ddp", method, 2]
+    zero = engine_runs[strategy, method, 2]
+    for rank in range(2):
+        ratio = zero[rank]["optimizer_state_bytes"] / ddp[rank]["optimizer_state_bytes"]
+        assert 0.45 < ratio < 0.55, (strategy, rank, ratio)
+    # ProKT: both its networks (student and trained teacher) are in ZeRO engines.
+    assert zero[0]["trainable_parameters"] == ddp[0]["trainable_parameters"]
+
+
+def test_zero3_partitions_trained_parameters(engine_runs):
+    for method in ("kd",):
+        for rank_result in engine_runs["zero3", method, 2]:
+            share = rank_result["local_parameters"] / rank_result["trainable_parameters"]
+            assert 0.45 < share < 0.55
+        for rank_result in engine_runs["zero2", method, 2]:
+            assert rank_result["local_parameters"] == rank_result["trainable_parameters"]
+
+
+def test_zero3_frozen_teacher(tmp_path):
+    results = run_worker(tmp_path, 2, "teacher")
+    for result in results:
+        assert 0.45 < result["local_parameters"] / result["total_parameters"] < 0.55
+        assert result["max_abs_diff"] < 1e-5  # same outputs as the unsharded teacher
+        assert result["feature_shape"] == [4, 32, 8, 8]  # hooks still tap features
+
+
+@pytest.fixture()
+def kd_overrides(synth_data, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10).state_dict(), teacher)
+
+    def make(name, *extra):
+        return base_overrides(synth_data, str(tmp_path / "runs"), name=name) + [
+            "method.name=kd", "student.name=resnet8", "teacher.name=resnet20", f"teacher.weights={teacher}",
+            "data.train_samples=640", "train.epochs=2", "data.num_workers=1", "train.log_every_steps=1",
+            "distributed.strategy=zero3", *extra]
+    return make
+
+
+def losses_by_step(run_dir):
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        entry = json.loads(line)
+        if "train/loss" in entry:
+            out.setdefault(entry["step"], []).append(entry["train/loss"])
+    return out
+
+
+def test_crash_ends_job_and_resume_reproduces(kd_overrides, tmp_path):
+    launch = ["bash", ACCELERATE, "-m", "kdscale.train"]
+    straight = run_cli(launch + kd_overrides("straight"), timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    start = time.monotonic()
+    crashed = run_cli(launch + kd_overrides("resumed", "train.checkpoint_every_steps=3"), timeout=600,
+                      env_extra={"KDSCALE_FAIL_AT_STEP": "14", "KDSCALE_FAIL_RANK": "1"})
+    elapsed = time.monotonic() - start
+    assert crashed.returncode != 0 and elapsed < 300
+    assert "kdscale: rank 1 failed: RuntimeError: injected failure at step 14" in crashed.stderr
+    run_dir = tmp_path / "runs" / "resumed"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000010", "step-00000012"]
+    resumed = run_cli(launch + kd_overrides("resumed", "train.checkpoint_every_steps=3"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 12 (epoch 1, batch 2)" in resumed.stdout
+    reference, replayed = losses_by_step(tmp_path / "runs" / "straight"), losses_by_step(run_dir)
+    assert sorted(reference) == sorted(replayed) == list(range(1, 21))
+    for step, values in replayed.items():
+        for value in values:  # steps 13-14 ran twice: before the crash and after the resume
+            assert value == pytest.approx(reference[step][0], rel=1e-4), step
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["completed"] and summary["strategy"] == "zero3" and summary["step"] == 20
+    student = build_model("resnet8", 10, summary["export"])  # the gathered export loads into the plain model
+    assert sum(p.numel() for p in student.parameters()) > 0
+
+
+def test_deepspeed_config_conflicts(tmp_path):
+    def ds_file(content):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(content))
+        return str(path)
+
+    cases = [
+        ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu=16 conflicts with data.batch_size=32"),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 conflicts with train.grad_accum_steps=1"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled is true; kdscale applies mixed precision itself"),
+        ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 conflicts with the requested ZeRO stage 2"),
+    ]
+    for content, message in cases:
+        cfg = load_config(None, ["data.batch_size=32", f"distributed.deepspeed_config={ds_file(content)}"])
+        with pytest.raises(KdscaleError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build_deepspeed_config(cfg, stage=2, world_size=2)
+    cfg = load_config(None, ["data.batch_size=32", f"distributed.deepspeed_config={ROOT}/configs/deepspeed/zero2.json"])
+    ds = build_deepspeed_config(cfg, stage=2, world_size=2)
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == 2
+
+
+def test_resume_refuses_another_strategy(synth_data, tmp_path):
+    Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet8", "data.train_samples=128",
+                        "train.stop_after_steps=2", name="ddp-run")).train()
+    with pytest.raises(KdscaleError, match="was written under ddp, this run uses zero2; resume with "
+                                           "distributed.strategy=ddp"):
+        Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet8", "data.train_samples=128",
+                            "distributed.strategy=zero2", name="ddp-run"))
+
+
+def test_zero3_teacher_needs_two_processes(synth_data, tmp_path):
+    cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.name=resnet20",
+                      "distributed.teacher_sharding=zero3")
+    with pytest.raises(KdscaleError, match="partitions the teacher across processes, but this run has 1"):
+        Trainer(cfg)

@@ -1,0 +1,106 @@
+"""Run by tests/test_zero.py on 1 or 2 ranks: drive kdscale's engines on fixed global
+batches and write what happened to a JSON file.
+
+Modes:
+- ``train <strategy> <method>``: N steps of a BN-free student (and teacher) so a 2-rank
+  run is mathematically the 1-rank run with the global batch split in two; records the
+  global mean loss per step, optimizer-state bytes and locally held trainable parameters.
+- ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
+  the unsharded teacher and the locally held parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+
+import torch
+from torch import nn
+
+from kdscale.config import load_config
+from kdscale.dist.context import DistContext
+from kdscale.dist.engines import make_engine
+from kdscale.methods import MethodContext, get_method_class
+from kdscale.train.teachers import FrozenTeacher
+
+GLOBAL_BATCH, STEPS, CLASSES = 8, 5, 10
+
+
+class PlainNet(nn.Module):
+    """Conv + linear without BatchNorm: per-rank batches then change nothing but the split."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1),
+                                      nn.ReLU())
+        self.fc = nn.Linear(width, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def global_batches():
+    gen = torch.Generator().manual_seed(123)
+    for _ in range(STEPS):
+        yield torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen)
+
+
+def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
+    per_rank = GLOBAL_BATCH // ctx.world_size
+    cfg = load_config(None, [f"distributed.strategy={strategy}", f"data.batch_size={per_rank}",
+                             "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"])
+    torch.manual_seed(0)
+    student, teacher = PlainNet(16), PlainNet(24)
+    cls = get_method_class(method_name)
+    mctx = MethodContext(num_classes=CLASSES, image_size=16, teacher=teacher)
+    distiller = cls(student, cls.Params(), mctx).train()
+    frozen = FrozenTeacher(teacher, [], ctx.device, None, False) if cls.teacher_role == "frozen" else None
+    engine = make_engine(strategy, distiller, cfg, ctx)
+    losses = []
+    for images, targets in global_batches():
+        mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+        images, targets = images[mine], targets[mine]
+        teacher_output = frozen(images) if frozen else None
+        step_total = 0.0
+        for phase in distiller.optimizer_phases:
+            terms = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext)
+            step_total += sum(t.detach() for t in terms.values())
+        losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
+    trainable = sum(p.numel() for p in distiller.parameters())
+    return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
+            "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable}
+
+
+def run_teacher(ctx: DistContext) -> dict:
+    torch.manual_seed(1)
+    teacher = PlainNet(32)
+    reference = copy.deepcopy(teacher).eval()
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference(images)
+    frozen = FrozenTeacher(teacher, ["features.2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
+    out = frozen(images)
+    total = sum(p.numel() for p in reference.parameters())
+    return {"max_abs_diff": (out.logits - expected).abs().max().item(), "local_parameters": frozen.local_parameter_count(),
+            "total_parameters": total, "feature_shape": list(out.features["features.2"].shape)}
+
+
+def main() -> None:
+    out_path, mode, *rest = sys.argv[1:]
+    ctx = DistContext.from_env()
+    result = run_teacher(ctx) if mode == "teacher" else run_train(rest[0], rest[1], ctx)
+    gathered = [None] * ctx.world_size
+    if ctx.distributed:
+        torch.distributed.all_gather_object(gathered, result)
+    else:
+        gathered = [result]
+    if ctx.is_main:
+        with open(out_path, "w") as fh:
+            json.dump(gathered, fh)
+    ctx.barrier()
+
+
+if __name__ == "__main__":
+    main()
