@@ -165,3 +165,16 @@ def test_zero3_teacher_needs_two_processes(synth_data, tmp_path):
                       "distributed.teacher_sharding=zero3")
     with pytest.raises(KdscaleError, match="partitions the teacher across processes, but this run has 1"):
         Trainer(cfg)
+
+
+def test_accelerate_deepspeed_config_file_selects_zero(synth_data, tmp_path):
+    """The standard launch flags: accelerate's DeepSpeed config picks the strategy (auto)."""
+    command = [os.path.join(ROOT, ".venv", "bin", "accelerate"), "launch", "--config_file",
+               os.path.join(ROOT, "configs", "accelerate", "deepspeed.yaml"), "--num_processes", "2",
+               "--main_process_port", "0", "-m", "kdscale.train",
+               *base_overrides(synth_data, str(tmp_path), name="acc"), "student.name=resnet8",
+               "data.train_samples=128", "data.num_workers=1"]
+    result = run_cli(command, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(tmp_path / "acc" / "summary.json"))
+    assert summary["strategy"] == "zero2" and summary["world_size"] == 2 and summary["completed"]
