@@ -21,6 +21,44 @@ def cmd_shards_synth(args) -> None:
           f"{splits['train']['pattern']}, {splits['val']['pattern']}")
 
 
+def cmd_shards_from_folder(args) -> None:
+    from kdscale.data.folder_shards import items_from_folder, items_from_list, write_folder_shards
+
+    if args.file_list:
+        items, classes = items_from_list(args.file_list, args.src)
+    elif args.src:
+        items, classes = items_from_folder(args.src)
+    else:
+        raise KdscaleError("give a class-folder tree (positional SRC) or --file-list FILE")
+    if not items:
+        raise KdscaleError(f"no images (.jpg/.jpeg/.png/.webp) found in {args.src or args.file_list}")
+    index = write_folder_shards(items, classes, args.out, args.split, max_count=args.max_count,
+                                max_bytes=int(args.max_size_mb * 2**20), workers=args.workers,
+                                progress=not args.quiet)
+    entry = index["splits"][args.split]
+    print(f"wrote {entry['samples']} samples in {len(entry['shards'])} shards ({index['num_classes']} classes): "
+          f"{os.path.join(args.out, entry['pattern'])}")
+
+
+def cmd_shards_verify(args) -> None:
+    from kdscale.data.shards import expand_shards
+    from kdscale.data.verify import verify_shards
+
+    paths = expand_shards(args.pattern, "pattern")
+    num_classes = args.num_classes
+    if num_classes is None:
+        index_path = os.path.join(os.path.dirname(paths[0]), "index.json")
+        if not os.path.isfile(index_path):
+            raise KdscaleError(f"no index.json beside {paths[0]}: pass --num-classes")
+        num_classes = json.load(open(index_path))["num_classes"]
+    problems = verify_shards(paths, num_classes, workers=args.workers, progress=not args.quiet)
+    for line in problems:
+        print(line)
+    print(f"verified {len(paths)} shards: {len(problems)} problem(s)")
+    if problems:
+        raise SystemExit(1)
+
+
 def cmd_methods(_args) -> None:
     from kdscale.methods import METHODS
 
@@ -82,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=cmd_shards_synth)
+    folder = shards.add_parser("from-folder", help="class-folder tree or file list -> tar shards + index.json")
+    folder.add_argument("src", nargs="?", help="root with one subfolder per class (or the root of --file-list paths)")
+    folder.add_argument("--file-list", help="lines '<path> <label>' (label: index or class name)")
+    folder.add_argument("--out", required=True)
+    folder.add_argument("--split", default="train", help="shard name prefix and index.json split (train/val)")
+    folder.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+    folder.add_argument("--max-size-mb", type=float, default=1024, help="shard size at most")
+    folder.add_argument("--workers", type=int, default=2, help="parallel writer processes")
+    folder.add_argument("--quiet", action="store_true")
+    folder.set_defaults(func=cmd_shards_from_folder)
+    verify = shards.add_parser("verify", help="decode every sample; report bad ones by key and shard")
+    verify.add_argument("pattern", help="brace pattern or glob of the shards")
+    verify.add_argument("--num-classes", type=int, help="default: from index.json")
+    verify.add_argument("--workers", type=int, default=2)
+    verify.add_argument("--quiet", action="store_true")
+    verify.set_defaults(func=cmd_shards_verify)
     sub.add_parser("methods", help="list the distillation methods").set_defaults(func=cmd_methods)
     summary = sub.add_parser("summary", help="results table of finished runs")
     summary.add_argument("run_dirs", nargs="+")

@@ -69,7 +69,7 @@ def test_validation_scores_every_sample_exactly_once(synth_data):
     keys = []
     for rank in range(2):
         stream = ValStream(shards, data, rank=rank, world_size=2)
-        keys += [k for _, _, ks in make_loader(stream, data, pin_memory=False) for k in ks]
+        keys += [k for batch in make_loader(stream, data, pin_memory=False) for k in batch.keys]
     assert len(keys) == 400 and len(set(keys)) == 400
 
 
@@ -82,12 +82,52 @@ def test_shard_errors(synth_data, tmp_path):
         check_shard_count(expand_shards(f"{synth_data}/train-*.tar", "k"), "data.train_shards", 4, 3)
 
 
-def test_bad_samples_are_named(tmp_path):
-    import webdataset as wds
+def _write_bad_shards(tmp_path, synth_data):
+    """A good shard with 3 bad samples, plus a truncated copy of a good shard."""
+    import io
 
+    import webdataset as wds
+    from PIL import Image
+
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(good, format="JPEG")
     path = str(tmp_path / "bad-000000.tar")
     with wds.TarWriter(path) as sink:
-        sink.write({"__key__": "a1", "jpg": b"\xff\xd8x", "cls": "12"})
-    data = DataSection(val_shards=path, num_classes=10, num_workers=0)
-    with pytest.raises(KdscaleError, match=r"bad-000000.tar: sample a1 has label 12, outside data.num_classes=10"):
-        list(ValStream([path], data, rank=0, world_size=1))
+        for i in range(6):
+            sink.write({"__key__": f"ok{i}", "jpg": good.getvalue(), "cls": "1"})
+        sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8 not really a jpeg", "cls": "1"})
+        sink.write({"__key__": "nolabel", "jpg": good.getvalue()})
+        sink.write({"__key__": "outofrange", "jpg": good.getvalue(), "cls": "12"})
+    truncated = str(tmp_path / "bad-000001.tar")
+    data = open(os.path.join(synth_data, "val-000000.tar"), "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2 + 100])
+    return [path, truncated]
+
+
+def test_bad_samples_are_skipped_counted_and_named(synth_data, tmp_path, capfd):
+    shards = _write_bad_shards(tmp_path, synth_data)
+    data = DataSection(val_shards=" ", num_classes=10, num_workers=0, batch_size=8)
+    batches = list(ValStream(shards, data, rank=0, world_size=1))
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(k for k in keys if k.startswith("ok")) == [f"ok{i}" for i in range(6)]
+    assert not {"corrupt", "nolabel", "outofrange"} & set(keys)
+    assert 90 < len(keys) - 6 < 110  # the readable part of the truncated 200-sample shard
+    skipped = batches[-1].skipped[1]
+    assert skipped >= 4  # three bad samples and the truncated tar (its end, maybe a cut member)
+    err = capfd.readouterr().err
+    for fragment in ("sample corrupt in ", "cannot decode the image", "sample nolabel in ", "no label (.cls)",
+                     "label 12 outside data.num_classes=10", "truncated shard "):
+        assert fragment in err, fragment
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(synth_data, tmp_path):
+    shards = _write_bad_shards(tmp_path, synth_data)
+    data = DataSection(num_classes=10, num_workers=0, batch_size=8, max_bad_samples=2)
+    with pytest.raises(KdscaleError, match=r"more than data.max_bad_samples=2 bad samples .*kdscale shards verify"):
+        list(ValStream(shards, data, rank=0, world_size=1))
+    train = TrainStream(shards, DataSection(num_classes=10, num_workers=0, batch_size=4, shuffle_buffer=1,
+                                            max_bad_samples=50), seed=0, epoch=0, rank=0, world_size=1,
+                        batches_per_rank=20)
+    batches = list(train)
+    assert len(batches) == 20 and all(b.images.shape[0] == 4 for b in batches)
+    assert batches[-1].skipped[1] >= 3

@@ -60,6 +60,9 @@ class DataSection:
     """Per process (per GPU). The global batch is batch_size x processes x grad_accum_steps."""
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    max_bad_samples: int = 100
+    """Corrupt, unlabelled or unreadable samples one loader worker may skip (each named in a
+    warning) before the run stops with an error."""
 
 
 @dataclass

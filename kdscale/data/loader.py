@@ -17,8 +17,11 @@ broadcast them).
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -28,7 +31,40 @@ from kdscale.data.transforms import SampleDecoder
 from kdscale.errors import KdscaleError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    targets: torch.Tensor
+    keys: list[str]
+    skipped: tuple[int, int]
+    """(worker id, bad samples this worker has skipped so far)."""
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; skipped and counted, not fatal."""
+
+
+class BadSampleLog:
+    """Counts skipped samples of one worker, names each in a warning, and stops the run
+    with a clear error past ``limit``."""
+
+    def __init__(self, limit: int, worker: int):
+        self.limit, self.worker, self.count = limit, worker, 0
+
+    def skip(self, what: str) -> None:
+        self.count += 1
+        print(f"kdscale: warning: skipped {what} ({self.count} skipped by this loader worker)",
+              file=sys.stderr, flush=True)
+        if self.count > self.limit:
+            raise KdscaleError(f"more than data.max_bad_samples={self.limit} bad samples in one loader worker "
+                               f"(last: {what}); check the shards with `kdscale shards verify`, or raise "
+                               f"data.max_bad_samples")
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable or truncated tar files: log and go on."""
+        self.skip(f"unreadable shard data: {type(exn).__name__}: {exn}")
+        return True
 
 
 def _worker() -> tuple[int, int]:
@@ -36,27 +72,68 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _samples_of(urls: list[str]) -> Iterator[dict]:
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on damaged images
+
+
+def is_truncated(path: str) -> bool:
+    """A complete tar ends with two zero blocks (1024 zero bytes); a cut-off copy does not.
+    Remote shards are not checked."""
+    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+        return False
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return True
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        return fh.read(1024) != bytes(1024)
+
+
+def _samples_of(urls: list[str], bad: BadSampleLog | None = None) -> Iterator[dict]:
     from webdataset.tariterators import tarfile_samples
 
-    yield from tarfile_samples([{"url": u} for u in urls])
+    if bad is None:
+        yield from tarfile_samples([{"url": u} for u in urls])
+        return
+    for url in urls:
+        if is_truncated(url):
+            bad.skip(f"the end of truncated shard {url} (no end-of-archive marker; its readable samples are used)")
+        yield from tarfile_samples([{"url": url}], handler=bad.tar_error)
 
 
 def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
+    """(key, image bytes, label); raises :class:`BadSample` naming the key and shard."""
     key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
     image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image is None:
-        raise KdscaleError(f"shard {shard}: sample {key} has no image (.jpg/.png/.webp); fields: "
-                           f"{', '.join(k for k in sample if not k.startswith('__'))}")
+        raise BadSample(f"sample {key} in {shard}: no image (.jpg/.png/.webp); fields: "
+                        f"{', '.join(k for k in sample if not k.startswith('__'))}")
     if "cls" not in sample:
-        raise KdscaleError(f"shard {shard}: sample {key} has no label (.cls)")
+        raise BadSample(f"sample {key} in {shard}: no label (.cls)")
     try:
         label = int(sample["cls"].decode().strip() if isinstance(sample["cls"], bytes) else sample["cls"])
     except ValueError:
-        raise KdscaleError(f"shard {shard}: sample {key} has a non-integer label {sample['cls']!r}") from None
+        raise BadSample(f"sample {key} in {shard}: non-integer label {sample['cls']!r}") from None
     if not 0 <= label < num_classes:
-        raise KdscaleError(f"shard {shard}: sample {key} has label {label}, outside data.num_classes={num_classes}")
+        raise BadSample(f"sample {key} in {shard}: label {label} outside data.num_classes={num_classes}")
     return key, image, label
+
+
+def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog) -> Iterator[tuple]:
+    """(key, image bytes, label, shard) of the usable samples; the others are logged."""
+    for sample in samples:
+        try:
+            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"))
+        except BadSample as err:
+            bad.skip(str(err))
+
+
+def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog):
+    key, jpeg, _label, shard = item
+    try:
+        return decoder(jpeg, rng)
+    except DECODE_ERRORS as err:
+        bad.skip(f"sample {key} in {shard}: cannot decode the image ({type(err).__name__}: {err})")
+        return None
 
 
 class TrainStream(IterableDataset):
@@ -72,18 +149,18 @@ class TrainStream(IterableDataset):
     def _rng(self, *parts) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, self.epoch, self.rank) + parts))
 
-    def _cycle(self, shards: list[str], worker: int) -> Iterator[dict]:
+    def _cycle(self, shards: list[str], worker: int, bad: BadSampleLog) -> Iterator[tuple]:
         for cycle in range(1 << 62):
             order = list(shards)
             self._rng(worker, "cycle", cycle).shuffle(order)
             seen = 0
-            for sample in _samples_of(order):
+            for item in valid_samples(_samples_of(order, bad), self.data.num_classes, bad):
                 seen += 1
-                yield sample
+                yield item
             if seen == 0:
-                raise KdscaleError(f"training shards {', '.join(shards)} hold no samples")
+                raise KdscaleError(f"training shards {', '.join(shards)} hold no usable samples")
 
-    def _shuffled(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[tuple], worker: int) -> Iterator[tuple]:
         size = max(1, self.data.shuffle_buffer)
         rng, buffer = self._rng(worker, "buffer"), []
         for sample in samples:
@@ -105,19 +182,23 @@ class TrainStream(IterableDataset):
         mine = order[self.rank::self.world_size][stream_id::workers]
         count = len(range(stream_id, self.batches_per_rank, workers))
         skip = len(range(stream_id, self.skip_batches, workers))
-        stream = self._shuffled(self._cycle(mine, stream_id), stream_id)
+        bad = BadSampleLog(self.data.max_bad_samples, worker)
+        stream = self._shuffled(self._cycle(mine, stream_id, bad), stream_id)
         size = self.data.batch_size
         for b in range(count):
             raw = [next(stream) for _ in range(size)]
             if b < skip:
                 continue
             keys, images, labels = [], [], []
-            for i, sample in enumerate(raw):
-                key, jpeg, label = parse_sample(sample, self.data.num_classes)
-                images.append(self.decoder(jpeg, self._rng(stream_id, "sample", b * size + i)))
-                keys.append(key)
-                labels.append(label)
-            yield torch.stack(images), torch.tensor(labels), keys
+            for i, item in enumerate(raw):
+                image = decode_or_skip(self.decoder, item, self._rng(stream_id, "sample", b * size + i), bad)
+                while image is None:  # replace an undecodable image by the next sample
+                    item = next(stream)
+                    image = decode_or_skip(self.decoder, item, self._rng(stream_id, "sample", b * size + i), bad)
+                images.append(image)
+                keys.append(item[0])
+                labels.append(item[2])
+            yield Batch(torch.stack(images), torch.tensor(labels), keys, (worker, bad.count))
 
 
 class ValStream(IterableDataset):
@@ -132,20 +213,25 @@ class ValStream(IterableDataset):
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world_size * workers
         mine = self.shards[slot::slots]
+        bad = BadSampleLog(self.data.max_bad_samples, worker)
         batch: list[tuple[str, torch.Tensor, int]] = []
-        for sample in _samples_of(mine) if mine else ():
-            key, jpeg, label = parse_sample(sample, self.data.num_classes)
-            batch.append((key, self.decoder(jpeg, None), label))
+        for item in valid_samples(_samples_of(mine, bad), self.data.num_classes, bad) if mine else ():
+            image = decode_or_skip(self.decoder, item, None, bad)
+            if image is None:
+                continue
+            batch.append((item[0], image, item[2]))
             if len(batch) == self.data.batch_size:
-                yield self._collate(batch)
+                yield self._collate(batch, (worker, bad.count))
                 batch = []
-        if batch:
-            yield self._collate(batch)
+        if batch or bad.count:
+            yield self._collate(batch, (worker, bad.count))
 
-    @staticmethod
-    def _collate(batch) -> Batch:
+    def _collate(self, batch, skipped) -> Batch:
+        if not batch:  # only reports the skipped count
+            size = self.data.image_size
+            return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), [], skipped)
         keys, images, labels = zip(*batch)
-        return torch.stack(images), torch.tensor(labels), list(keys)
+        return Batch(torch.stack(images), torch.tensor(labels), list(keys), skipped)
 
 
 def check_shard_count(shards: list[str], key: str, world_size: int, workers: int) -> None:

@@ -44,11 +44,18 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
         dummy = torch.zeros(1, 3, image_size, image_size, device=device)
         probe = distiller.evaluation_logits(dummy, teacher(dummy) if teacher is not None else None)
         names = list(probe) + (["teacher"] if teacher is not None else [])
-        # Per name: top-1 hits, top-5 hits; then agreement hits and the sample count.
-        counts = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=device)
-        dummy = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [])
+        # Per name: top-1 hits, top-5 hits; then agreement hits, samples scored, samples skipped.
+        counts = torch.zeros(2 * len(names) + 3, dtype=torch.float64, device=device)
+        dummy = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [], (0, 0))
         batches = _lockstep(loader, ctx, dummy) if lockstep else ((b, True) for b in loader)
-        for (images, targets, _keys), real in batches:
+        skipped: dict[int, int] = {}
+        for (images, targets, _keys, (worker, bad)), real in batches:
+            if real:
+                skipped[worker] = bad
+            if images.shape[0] == 0:  # a batch that only reports skipped samples
+                if not lockstep:
+                    continue
+                images, targets, real = dummy[0], dummy[1], False
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -65,16 +72,17 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
                 counts[2 * i] += _topk_hits(outputs[name], targets, 1)
                 counts[2 * i + 1] += _topk_hits(outputs[name], targets, 5)
             if teacher is not None:
-                counts[-2] += (outputs["student"].argmax(1) == outputs["teacher"].argmax(1)).sum()
-            counts[-1] += targets.numel()
+                counts[-3] += (outputs["student"].argmax(1) == outputs["teacher"].argmax(1)).sum()
+            counts[-2] += targets.numel()
+        counts[-1] = sum(skipped.values())
     finally:
         distiller.train(was_training)
     ctx.all_reduce(counts, "sum")
-    total = max(1.0, counts[-1].item())
-    metrics = {"val/samples": counts[-1].item()}
+    total = max(1.0, counts[-2].item())
+    metrics = {"val/samples": counts[-2].item(), "val/skipped_samples": counts[-1].item()}
     for i, name in enumerate(names):
         metrics[f"val/{name}_top1"] = 100.0 * counts[2 * i].item() / total
         metrics[f"val/{name}_top5"] = 100.0 * counts[2 * i + 1].item() / total
     if teacher is not None:
-        metrics["val/agreement_top1"] = 100.0 * counts[-2].item() / total
+        metrics["val/agreement_top1"] = 100.0 * counts[-3].item() / total
     return metrics

@@ -144,13 +144,15 @@ class Trainer:
         stopped_early = False
         while self.epoch < cfg.epochs and self.step < stop_at:
             loader = iter(self._train_loader())
+            self.skipped: dict[int, int] = {}
             while True:
                 fetch_start = time.perf_counter()
                 batch = next(loader, None)
                 window["wait"] += time.perf_counter() - fetch_start
                 if batch is None:
                     break
-                images, targets = self._to_device(batch[0], batch[1])
+                images, targets = self._to_device(batch.images, batch.targets)
+                self.skipped[batch.skipped[0]] = batch.skipped[1]
                 teacher_output = self.teacher(images) if self.teacher is not None else None
                 sync = (self.batches_done + 1) % accum == 0
                 lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
@@ -196,6 +198,7 @@ class Trainer:
             metrics = {f"train/loss_{n}": v for n, v in zip(names, values.tolist())}
         metrics["train/loss"] = sum(metrics.values())
         metrics.update({"train/lr": lr, "train/epoch": self.epoch, "perf/images_per_s": window["images"] / elapsed,
+                        "data/skipped_samples": sum(self.skipped.values()),
                         "perf/data_wait_frac": window["wait"] / elapsed,
                         "mem/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
         if self.runtime.device.type == "cuda":

@@ -1,0 +1,171 @@
+"""``kdscale shards from-folder``: an ImageNet-style class-folder tree (or a file list with
+labels) to webdataset tar shards, in parallel, resumable, with a JSON index.
+
+Layout written: ``<out>/<split>-NNNNNN.tar`` holding ``<key>.<ext>`` (the original image
+bytes, not re-encoded) and ``<key>.cls`` (the class index), and ``<out>/index.json`` with
+the class names, and per split the sample count, shard list, per-shard counts and sha256.
+Keys are ``<class folder>/<file stem>`` (dots replaced), stable across runs, which is
+what teacher-output shards are keyed by.
+
+Shards are planned up front (sorted input, at most ``max_count`` samples and
+``max_bytes`` bytes each), each is written to ``.tmp`` and renamed when complete, and a
+rerun skips the shards already done, so an interrupted conversion resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from kdscale.data.shards import INDEX_FILE
+from kdscale.errors import KdscaleError
+
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass
+class Item:
+    path: str
+    label: int
+    key: str
+    size: int
+
+
+def _key(relative: str) -> str:
+    stem = os.path.splitext(relative)[0].replace(os.sep, "/")
+    return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
+
+
+def items_from_folder(src: str) -> tuple[list[Item], list[str]]:
+    if not os.path.isdir(src):
+        raise KdscaleError(f"source folder not found: {src}")
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise KdscaleError(f"{src} has no class subfolders (expected {src}/<class>/<image>.jpg)")
+    items = []
+    for label, name in enumerate(classes):
+        for root, _dirs, files in sorted(os.walk(os.path.join(src, name))):
+            for file in sorted(files):
+                if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
+                    path = os.path.join(root, file)
+                    items.append(Item(path, label, _key(os.path.relpath(path, src)), os.path.getsize(path)))
+    return items, classes
+
+
+def items_from_list(list_file: str, root: str | None) -> tuple[list[Item], list[str]]:
+    """Lines ``<path> <label>``: label an integer index or a class name."""
+    if not os.path.isfile(list_file):
+        raise KdscaleError(f"file list not found: {list_file}")
+    rows = []
+    with open(list_file) as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise KdscaleError(f"{list_file}:{number}: expected '<path> <label>', got {line.strip()!r}")
+            rows.append((parts[0], parts[1], number))
+    names = sorted({label for _, label, _ in rows if not label.lstrip("-").isdigit()})
+    items = []
+    base = root or os.path.dirname(os.path.abspath(list_file))
+    for path, label, number in rows:
+        full = path if os.path.isabs(path) else os.path.join(base, path)
+        if not os.path.isfile(full):
+            raise KdscaleError(f"{list_file}:{number}: image not found: {full}")
+        index = int(label) if label.lstrip("-").isdigit() else names.index(label)
+        items.append(Item(full, index, _key(os.path.relpath(full, base)), os.path.getsize(full)))
+    return items, names
+
+
+def plan_shards(items: list[Item], max_count: int, max_bytes: int) -> list[list[Item]]:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key in seen:
+            raise KdscaleError(f"{item.path} and {seen[item.key]} map to the same sample key {item.key!r}; rename one")
+        seen[item.key] = item.path
+    shards, current, size = [], [], 0
+    for item in items:
+        if current and (len(current) >= max_count or size + item.size > max_bytes):
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: str, items: list[Item]) -> dict:
+    import webdataset as wds
+
+    tmp = path + ".tmp"
+    with wds.TarWriter(tmp) as sink:
+        for item in items:
+            with open(item.path, "rb") as fh:
+                data = fh.read()
+            ext = IMAGE_SUFFIXES[os.path.splitext(item.path)[1].lower()]
+            sink.write({"__key__": item.key, ext: data, "cls": str(item.label)})
+    record = {"name": os.path.basename(path), "samples": len(items), "bytes": os.path.getsize(tmp),
+              "sha256": _sha256(tmp)}
+    with open(path + ".json.tmp", "w") as fh:
+        json.dump(record, fh)
+    os.replace(tmp, path)
+    os.replace(path + ".json.tmp", path + ".json")  # the shard is done once its record exists
+    return record
+
+
+def write_folder_shards(items: list[Item], classes: list[str], out: str, split: str, max_count: int = 1000,
+                        max_bytes: int = 1 << 30, workers: int = 2, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    plan = plan_shards(items, max_count, max_bytes)
+    paths = [os.path.join(out, f"{split}-{i:06d}.tar") for i in range(len(plan))]
+    index_path = os.path.join(out, INDEX_FILE)
+    index = json.load(open(index_path)) if os.path.isfile(index_path) else {"splits": {}}
+    finished = {r["name"]: r for r in index["splits"].get(split, {}).get("records", [])}
+    records: dict[str, dict] = {}
+    todo = []
+    for path, shard_items in zip(paths, plan):
+        record = finished.get(os.path.basename(path))
+        if os.path.isfile(path + ".json"):  # finished by an interrupted earlier run
+            with open(path + ".json") as fh:
+                record = json.load(fh)
+        if (record and os.path.isfile(path) and record["samples"] == len(shard_items)
+                and os.path.getsize(path) == record["bytes"]):
+            records[path] = record
+        else:
+            todo.append((path, shard_items))
+    bar = tqdm(total=sum(len(i) for i in plan), initial=sum(r["samples"] for r in records.values()),
+               desc=f"shards {split}", unit="img", disable=not progress)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(write_shard, path, shard_items): path for path, shard_items in todo}
+        for future, path in futures.items():
+            records[path] = future.result()
+            bar.update(records[path]["samples"])
+    bar.close()
+    index["classes"] = classes
+    index["num_classes"] = len(classes) if classes else max(i.label for i in items) + 1
+    ordered = [records[p] for p in paths]
+    index["splits"][split] = {"samples": sum(r["samples"] for r in ordered),
+                              "shards": [r["name"] for r in ordered], "records": ordered,
+                              "pattern": f"{split}-{{000000..{len(paths) - 1:06d}}}.tar"}
+    with open(index_path + ".tmp", "w") as fh:
+        json.dump(index, fh, indent=2)
+    os.replace(index_path + ".tmp", index_path)
+    for path in paths:
+        if os.path.isfile(path + ".json"):
+            os.remove(path + ".json")
+    return index
