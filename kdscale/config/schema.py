@@ -36,8 +36,17 @@ class ModelSpec:
 
 @dataclass
 class TeacherSpec(ModelSpec):
-    source: Literal["online"] = "online"
-    """Where teacher outputs come from: ``online`` runs the frozen teacher every step."""
+    source: Literal["online", "shards"] = "online"
+    """Where a frozen teacher's outputs come from: ``online`` runs it every step; ``shards``
+    replays crops and soft labels stored by ``kdscale.teach`` in ``teacher.outputs`` (no
+    teacher runs; for methods that need only the teacher's logits)."""
+    outputs: Optional[str] = None
+    """Directory of teacher-output shards: written by ``kdscale.teach``, read when
+    ``source: shards``."""
+    crops_per_image: int = 10
+    """Crops stored per image by ``kdscale.teach`` (R)."""
+    top_k: int = 10
+    """Probabilities stored per crop by ``kdscale.teach``."""
 
 
 @dataclass

@@ -39,6 +39,8 @@ class Batch(NamedTuple):
     keys: list[str]
     skipped: tuple[int, int]
     """(worker id, bad samples this worker has skipped so far)."""
+    teacher_probs: torch.Tensor | None = None
+    """Soft labels replayed from teacher-output shards, (B, classes)."""
 
 
 class BadSample(Exception):
@@ -119,18 +121,21 @@ def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
 
 
 def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog) -> Iterator[tuple]:
-    """(key, image bytes, label, shard) of the usable samples; the others are logged."""
+    """(key, image bytes, label, shard, teacher record or None) of the usable samples; the
+    others are logged."""
     for sample in samples:
         try:
-            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"))
+            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"), sample.get("__teacher__"))
         except BadSample as err:
             bad.skip(str(err))
 
 
-def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog):
-    key, jpeg, _label, shard = item
+def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog, num_classes: int = 0):
+    """The decoded image, or (image, soft label) when the sample carries teacher outputs;
+    None for an undecodable image (logged)."""
+    key, jpeg, _label, shard, record = item
     try:
-        return decoder(jpeg, rng)
+        return decoder(jpeg, rng) if record is None else decoder.replay(jpeg, record, rng, num_classes)
     except DECODE_ERRORS as err:
         bad.skip(f"sample {key} in {shard}: cannot decode the image ({type(err).__name__}: {err})")
         return None
@@ -140,8 +145,8 @@ class TrainStream(IterableDataset):
     """``batches_per_rank`` full batches for one rank and one epoch."""
 
     def __init__(self, shards: list[str], data: DataSection, *, seed: int, epoch: int, rank: int,
-                 world_size: int, batches_per_rank: int, skip_batches: int = 0):
-        self.shards, self.data = list(shards), data
+                 world_size: int, batches_per_rank: int, skip_batches: int = 0, teacher_outputs: str | None = None):
+        self.shards, self.data, self.teacher_outputs = list(shards), data, teacher_outputs
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.batches_per_rank, self.skip_batches = batches_per_rank, skip_batches
         self.decoder = SampleDecoder(data, train=True)
@@ -154,11 +159,20 @@ class TrainStream(IterableDataset):
             order = list(shards)
             self._rng(worker, "cycle", cycle).shuffle(order)
             seen = 0
-            for item in valid_samples(_samples_of(order, bad), self.data.num_classes, bad):
+            for item in valid_samples(self._raw(order, bad), self.data.num_classes, bad):
                 seen += 1
                 yield item
             if seen == 0:
                 raise KdscaleError(f"training shards {', '.join(shards)} hold no usable samples")
+
+    def _raw(self, shards: list[str], bad: BadSampleLog) -> Iterator[dict]:
+        if self.teacher_outputs is None:
+            yield from _samples_of(shards, bad)
+            return
+        from kdscale.data.teacher_outputs import paired_samples
+
+        for shard in shards:
+            yield from paired_samples(shard, self.teacher_outputs, bad.tar_error)
 
     def _shuffled(self, samples: Iterator[tuple], worker: int) -> Iterator[tuple]:
         size = max(1, self.data.shuffle_buffer)
@@ -189,16 +203,21 @@ class TrainStream(IterableDataset):
             raw = [next(stream) for _ in range(size)]
             if b < skip:
                 continue
-            keys, images, labels = [], [], []
+            keys, images, labels, soft = [], [], [], []
             for i, item in enumerate(raw):
-                image = decode_or_skip(self.decoder, item, self._rng(stream_id, "sample", b * size + i), bad)
-                while image is None:  # replace an undecodable image by the next sample
+                rng = self._rng(stream_id, "sample", b * size + i)
+                decoded = decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
+                while decoded is None:  # replace an undecodable image by the next sample
                     item = next(stream)
-                    image = decode_or_skip(self.decoder, item, self._rng(stream_id, "sample", b * size + i), bad)
-                images.append(image)
+                    decoded = decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
+                if item[4] is not None:
+                    decoded, probs = decoded
+                    soft.append(probs)
+                images.append(decoded)
                 keys.append(item[0])
                 labels.append(item[2])
-            yield Batch(torch.stack(images), torch.tensor(labels), keys, (worker, bad.count))
+            yield Batch(torch.stack(images), torch.tensor(labels), keys, (worker, bad.count),
+                        torch.stack(soft) if soft else None)
 
 
 class ValStream(IterableDataset):

@@ -71,6 +71,17 @@ class SampleDecoder:
             tensor = tensor.flip(-1)
         return TF.normalize(tensor.float().div_(255), self.mean, self.std)
 
+    def replay(self, jpeg: bytes, record: dict, rng: random.Random, num_classes: int):
+        """A stored teacher crop (one of R, chosen by ``rng``) and its soft label."""
+        from kdscale.data.teacher_outputs import decode_record, dense_soft_label, replay_crop
+
+        arrays = decode_record(record)
+        r = rng.randrange(len(arrays["crops"]))
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        view = replay_crop(image, arrays["crops"][r], bool(arrays["flips"][r]), self.size)
+        soft = dense_soft_label(arrays["probs"][r], arrays["classes"][r], num_classes)
+        return TF.normalize(view.float().div_(255), self.mean, self.std), soft
+
     def _resize_exact(self, image: Image.Image) -> Image.Image:
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BILINEAR)

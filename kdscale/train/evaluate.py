@@ -49,7 +49,8 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
         dummy = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [], (0, 0))
         batches = _lockstep(loader, ctx, dummy) if lockstep else ((b, True) for b in loader)
         skipped: dict[int, int] = {}
-        for (images, targets, _keys, (worker, bad)), real in batches:
+        for batch, real in batches:
+            images, targets, (worker, bad) = batch[0], batch[1], batch[3]
             if real:
                 skipped[worker] = bad
             if images.shape[0] == 0:  # a batch that only reports skipped samples

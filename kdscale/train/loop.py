@@ -22,6 +22,7 @@ from kdscale.dist.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
+from kdscale.methods import TeacherOutput
 from kdscale.train import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
 from kdscale.train.optim import lr_at
@@ -45,6 +46,8 @@ class Trainer:
         self.plan = plan_data(cfg, self.world)
         self.distiller, self.teacher = build_distiller(cfg, self.runtime, self.world)
         self.phases = self.distiller.optimizer_phases
+        from_shards = cfg.teacher is not None and cfg.teacher.source == "shards"
+        self.teacher_outputs_dir = cfg.teacher.outputs if from_shards else None
         if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
@@ -117,7 +120,8 @@ class Trainer:
     def _train_loader(self):
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
                              epoch=self.epoch, rank=self.rank, world_size=self.world,
-                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done)
+                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
+                             teacher_outputs=self.teacher_outputs_dir)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
     def _val_loader(self):
@@ -153,7 +157,11 @@ class Trainer:
                     break
                 images, targets = self._to_device(batch.images, batch.targets)
                 self.skipped[batch.skipped[0]] = batch.skipped[1]
-                teacher_output = self.teacher(images) if self.teacher is not None else None
+                if batch.teacher_probs is not None:  # replayed from teacher-output shards
+                    probs = batch.teacher_probs.to(self.runtime.device, non_blocking=True)
+                    teacher_output = TeacherOutput(probs.clamp_min(1e-12).log())
+                else:
+                    teacher_output = self.teacher(images) if self.teacher is not None else None
                 sync = (self.batches_done + 1) % accum == 0
                 lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
                 for phase in self.phases:

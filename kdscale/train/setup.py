@@ -54,6 +54,8 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
     train = expand_shards(data.train_shards, "data.train_shards")
     val = expand_shards(data.val_shards, "data.val_shards")
     check_shard_count(train, "data.train_shards", world_size, data.num_workers)
+    if cfg.teacher is not None and cfg.teacher.source == "shards":
+        check_teacher_shards_usable(cfg, train)
     samples = data.train_samples or samples_from_index(train, "train")
     if not samples:
         raise KdscaleError("data.train_samples is not set and no index.json beside the training shards records "
@@ -66,6 +68,22 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
                            f"(data.batch_size={data.batch_size} x {world_size} processes x "
                            f"train.grad_accum_steps={accum} = {global_batch}); lower data.batch_size")
     return DataPlan(train, val, samples, steps * accum, steps)
+
+
+def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) -> None:
+    from kdscale.data.teacher_outputs import check_teacher_outputs
+
+    method_cls = get_method_class(cfg.method.name)
+    if method_cls.teacher_role != "frozen" or set(method_cls.teacher_outputs) - {"logits"}:
+        needs = ", ".join(method_cls.teacher_outputs) or "no frozen-teacher outputs"
+        raise KdscaleError(f"teacher.source=shards gives a method the teacher's logits only (stored top-k "
+                           f"probabilities); method {method_cls.name!r} needs {needs}: use teacher.source=online")
+    if not cfg.teacher.outputs:
+        raise KdscaleError("teacher.source=shards needs teacher.outputs: the directory written by kdscale.teach")
+    if cfg.data.augment != "imagenet":
+        raise KdscaleError("teacher.source=shards replays stored random-resized crops; set data.augment=imagenet "
+                           "(the crops kdscale.teach stored)")
+    check_teacher_outputs(train_shards, cfg.teacher.outputs, cfg.data.num_classes)
 
 
 def _build(spec: ModelSpec, num_classes: int, where: str) -> nn.Module:
@@ -88,7 +106,8 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
     student = _build(cfg.student, num_classes, "student")
     teacher_model = None
     role = method_cls.teacher_role
-    if role != "none":
+    from_shards = cfg.teacher is not None and cfg.teacher.source == "shards"
+    if role != "none" and not from_shards:
         if cfg.teacher is None or not cfg.teacher.name:
             what = "a frozen teacher: set teacher.name and teacher.weights (e.g. a vanilla run's export)" \
                 if role == "frozen" else "a teacher network to train with the student: set teacher.name"
@@ -103,7 +122,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
             raise KdscaleError(f"teacher {cfg.teacher.name} predicts {teacher_classes} classes but student "
                                f"{cfg.student.name} predicts {student_classes}; they must match "
                                f"(check teacher.num_classes, student.num_classes and data.num_classes)")
-    elif cfg.teacher is not None:
+    elif cfg.teacher is not None and not from_shards:
         warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
     ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, student_name=cfg.student.name,
                         teacher_name=cfg.teacher.name if teacher_model is not None else "",
@@ -119,7 +138,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
     if sharding == "zero3" and world_size < 2:
         raise KdscaleError("distributed.teacher_sharding=zero3 partitions the teacher across processes, but this "
                            "run has 1; launch at least 2 processes or use distributed.teacher_sharding=replicated")
-    if role == "frozen":
+    if role == "frozen" and not from_shards:
         frozen = FrozenTeacher(teacher_model, distiller.teacher_feature_layers(), runtime.device,
                                runtime.autocast_dtype, runtime.channels_last, sharding=sharding,
                                micro_batch=cfg.data.batch_size)

@@ -1,0 +1,136 @@
+"""Teacher-output shards (the FKD idea, keyed by sample, not by dataset index).
+
+For every image shard ``<name>.tar`` a companion ``<outputs>/<name>.tar`` holds, per
+sample key and in the same order:
+
+- ``crops.npy``  float32 [R, 4]: R random-resized crop boxes ``(x0, y0, w, h)`` as
+  fractions of the image size;
+- ``flips.npy``  uint8 [R]: horizontal flip flags;
+- ``probs.npy``  float16 [R, k]: the teacher's top-k probabilities (softmax at T=1) on
+  each crop;
+- ``classes.npy`` int32 [R, k]: their class indices (never stored as floats: fp16 cannot
+  hold indices above 2048 exactly).
+
+Training with ``teacher.source: shards`` replays one stored crop per sample (chosen by the
+per-sample generator) and uses its soft label, so no teacher runs. The soft label is the
+top-k probabilities with the remaining mass spread evenly over the other classes; its log
+is handed to the method as the teacher's logits, so at T=1 KD sees the teacher's
+distribution up to the top-k truncation, and at other temperatures its tempered version
+(``softmax(log q / T)``).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from kdscale.data.transforms import random_resized_crop_box
+from kdscale.errors import KdscaleError
+
+META_FILE = "teacher_outputs.json"
+FIELDS = ("crops.npy", "flips.npy", "probs.npy", "classes.npy")
+
+
+def crop_boxes(key: str, width: int, height: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` random-resized crop boxes (fractions) and flip flags for one sample,
+    reproducible from (seed, key)."""
+    rng = random.Random(f"{seed}/{key}/crops")
+    boxes, flips = [], []
+    for _ in range(count):
+        left, top, w, h = random_resized_crop_box(width, height, rng)
+        boxes.append((left / width, top / height, w / width, h / height))
+        flips.append(rng.random() < 0.5)
+    return np.asarray(boxes, dtype=np.float32), np.asarray(flips, dtype=np.uint8)
+
+
+def replay_crop(image: Image.Image, box, flip: bool, size: int) -> torch.Tensor:
+    """The uint8 (3, size, size) view for a stored crop: the one view both the teacher
+    (when writing) and the student (when training) see."""
+    x0, y0, w, h = (float(v) for v in box)
+    left, top = round(x0 * image.width), round(y0 * image.height)
+    right = max(left + 1, round((x0 + w) * image.width))
+    bottom = max(top + 1, round((y0 + h) * image.height))
+    view = TF.pil_to_tensor(image.resize((size, size), Image.BILINEAR, box=(left, top, right, bottom)))
+    return view.flip(-1) if flip else view
+
+
+def encode_record(crops, flips, probs, classes) -> dict[str, bytes]:
+    out = {}
+    for name, array in zip(FIELDS, (crops, flips, probs, classes)):
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        out[name] = buffer.getvalue()
+    return out
+
+
+def decode_record(sample: dict) -> dict[str, np.ndarray]:
+    try:
+        return {name[:-4]: np.load(io.BytesIO(sample[name]), allow_pickle=False) for name in FIELDS}
+    except (KeyError, ValueError) as err:
+        raise KdscaleError(f"teacher-output sample {sample.get('__key__')} in {sample.get('__url__')} is "
+                           f"malformed ({type(err).__name__}: {err}); regenerate it with kdscale.teach") from None
+
+
+def dense_soft_label(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Top-k probabilities + the remaining mass spread evenly over the other classes."""
+    p = torch.from_numpy(probs.astype(np.float32))
+    idx = torch.from_numpy(classes.astype(np.int64))
+    rest = max(0.0, 1.0 - float(p.sum()))
+    others = num_classes - idx.numel()
+    dense = torch.full((num_classes,), rest / others if others > 0 else 0.0)
+    dense[idx] = p
+    return dense / dense.sum()
+
+
+def companion_path(image_shard: str, outputs_dir: str) -> str:
+    return os.path.join(outputs_dir, os.path.basename(image_shard))
+
+
+def read_meta(outputs_dir: str) -> dict:
+    path = os.path.join(outputs_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise KdscaleError(f"teacher.outputs={outputs_dir} holds no {META_FILE}: generate the teacher-output shards "
+                           f"with `accelerate launch -m kdscale.teach --config <this config>`")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def check_teacher_outputs(image_shards: list[str], outputs_dir: str, num_classes: int) -> dict:
+    """Before training: every image shard has its companion and the teacher's classes match."""
+    meta = read_meta(outputs_dir)
+    if meta["num_classes"] != num_classes:
+        raise KdscaleError(f"teacher outputs in {outputs_dir} have {meta['num_classes']} classes, data.num_classes is "
+                           f"{num_classes}")
+    missing = [s for s in image_shards if not os.path.isfile(companion_path(s, outputs_dir))]
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise KdscaleError(f"teacher outputs missing for {len(missing)} of {len(image_shards)} image shards, e.g. "
+                           f"{', '.join(os.path.basename(m) for m in missing[:3])}{more} in {outputs_dir}; run "
+                           f"kdscale.teach again (it resumes)")
+    return meta
+
+
+def paired_samples(image_shard: str, outputs_dir: str, handler) -> iter:
+    """Image samples with their teacher record under ``__teacher__``; keys must align."""
+    from webdataset.tariterators import tarfile_samples
+
+    images = tarfile_samples([{"url": image_shard}], handler=handler)
+    records = tarfile_samples([{"url": companion_path(image_shard, outputs_dir)}], handler=handler)
+    for sample, record in itertools.zip_longest(images, records):
+        if sample is None or record is None:
+            raise KdscaleError(f"teacher outputs {companion_path(image_shard, outputs_dir)} and image shard "
+                               f"{image_shard} hold different numbers of samples; regenerate them with kdscale.teach")
+        if sample["__key__"] != record["__key__"]:
+            raise KdscaleError(f"teacher outputs do not match image shard {image_shard}: key {sample['__key__']!r} "
+                               f"vs {record['__key__']!r} in {companion_path(image_shard, outputs_dir)}; regenerate "
+                               f"them with kdscale.teach")
+        sample["__teacher__"] = record
+        yield sample

@@ -1,0 +1,1 @@
+"""Teacher-output generation: ``accelerate launch -m kdscale.teach --config ...``."""

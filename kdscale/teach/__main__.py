@@ -1,0 +1,20 @@
+"""``accelerate launch -m kdscale.teach --config configs/x.yaml [overrides]``: write
+teacher-output shards for ``teacher.source: shards`` training."""
+
+from __future__ import annotations
+
+from kdscale.errors import exit_on_user_error
+from kdscale.train.__main__ import build_parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        from kdscale.config import load_config
+        from kdscale.teach.writer import teach
+
+        return teach(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
