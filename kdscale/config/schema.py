@@ -69,6 +69,14 @@ class DataSection:
     """Per process (per GPU). The global batch is batch_size x processes x grad_accum_steps."""
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    mixup_alpha: float = 0.0
+    """Mixup Beta(alpha, alpha); 0 disables. Targets become soft; the teacher sees the mixed view."""
+    cutmix_alpha: float = 0.0
+    """CutMix Beta(alpha, alpha); 0 disables."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    mix_switch_prob: float = 0.5
+    """With both enabled: probability of CutMix instead of Mixup for a batch."""
     max_bad_samples: int = 100
     """Corrupt, unlabelled or unreadable samples one loader worker may skip (each named in a
     warning) before the run stops with an error."""

@@ -56,9 +56,11 @@ class FusionModule(nn.Module):
 
 
 def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
-    q = torch.full((targets.numel(), num_classes), (1 - correct_prob) / max(1, num_classes - 1),
-                   device=targets.device)
-    return q.scatter_(1, targets[:, None], correct_prob)
+    """``correct_prob`` on the label, the rest spread evenly; soft (mixed) targets are
+    handled linearly: ``q = t * correct_prob + (1 - t) * rest``."""
+    soft = F.one_hot(targets, num_classes).float() if targets.dim() == 1 else targets.float()
+    rest = (1 - correct_prob) / max(1, num_classes - 1)
+    return soft * correct_prob + (1 - soft) * rest
 
 
 @register_method

@@ -18,6 +18,7 @@ import torch
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import TrainStream, ValStream, make_loader
+from kdscale.data.mixing import mix_batch, mixing_enabled
 from kdscale.dist.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
@@ -157,8 +158,16 @@ class Trainer:
                     break
                 images, targets = self._to_device(batch.images, batch.targets)
                 self.skipped[batch.skipped[0]] = batch.skipped[1]
-                if batch.teacher_probs is not None:  # replayed from teacher-output shards
-                    probs = batch.teacher_probs.to(self.runtime.device, non_blocking=True)
+                probs = batch.teacher_probs
+                if probs is not None:
+                    probs = probs.to(self.runtime.device, non_blocking=True)
+                if mixing_enabled(self.cfg.data):
+                    draw = self.cfg.experiment.seed
+                    for part in (self.rank, self.epoch, self.batches_done):
+                        draw = (draw * 1_000_003 + part) % 2**62
+                    gen = torch.Generator().manual_seed(draw)
+                    images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
+                if probs is not None:  # replayed from teacher-output shards
                     teacher_output = TeacherOutput(probs.clamp_min(1e-12).log())
                 else:
                     teacher_output = self.teacher(images) if self.teacher is not None else None
