@@ -59,6 +59,17 @@ def cmd_shards_verify(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_bench(args) -> None:
+    from kdscale.bench.runner import run_bench
+
+    torch_threads = os.environ.get("OMP_NUM_THREADS")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    run_bench(args)
+
+
 def cmd_methods(_args) -> None:
     from kdscale.methods import METHODS
 
@@ -137,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--quiet", action="store_true")
     verify.set_defaults(func=cmd_shards_verify)
     sub.add_parser("methods", help="list the distillation methods").set_defaults(func=cmd_methods)
+    bench = sub.add_parser("bench", help="side-by-side throughput and memory ratios (docs/benchmarks.md)")
+    bench.add_argument("--quick", action="store_true", help="small settings, a few minutes on 2 cores")
+    bench.add_argument("--out", help="output folder (default runs/bench/<time>)")
+    bench.add_argument("--sections", default="all", help="comma list of compute,data,memory,scaling")
+    bench.add_argument("--student", default="resnet8")
+    bench.add_argument("--teacher", default="resnet56")
+    bench.add_argument("--image-size", type=int, default=32)
+    bench.add_argument("--batch", type=int, default=64)
+    bench.add_argument("--num-classes", type=int, default=10)
+    bench.add_argument("--workers", type=int, default=2, help="loader workers in the data section")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--no-peer", action="store_true", help="skip torchdistill")
+    bench.add_argument("--profile", action="store_true", help="write a torch.profiler table of the KD step")
+    bench.set_defaults(func=cmd_bench)
     summary = sub.add_parser("summary", help="results table of finished runs")
     summary.add_argument("run_dirs", nargs="+")
     summary.set_defaults(func=cmd_summary)

@@ -18,7 +18,7 @@ from kdscale.errors import KdscaleError
 from kdscale.models import build_model
 from kdscale.train.loop import Trainer
 
-WORKER = os.path.join(ROOT, "tests", "workers", "engine_worker.py")
+WORKER = os.path.join(ROOT, "kdscale", "bench", "engine_probe.py")
 ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
 COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt")]
 

@@ -17,7 +17,6 @@ broadcast them).
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from collections.abc import Iterator
@@ -63,11 +62,6 @@ class BadSampleLog:
                                f"(last: {what}); check the shards with `kdscale shards verify`, or raise "
                                f"data.max_bad_samples")
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable or truncated tar files: log and go on."""
-        self.skip(f"unreadable shard data: {type(exn).__name__}: {exn}")
-        return True
-
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
@@ -77,29 +71,19 @@ def _worker() -> tuple[int, int]:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on damaged images
 
 
-def is_truncated(path: str) -> bool:
-    """A complete tar ends with two zero blocks (1024 zero bytes); a cut-off copy does not.
-    Remote shards are not checked."""
-    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
-        return False
-    size = os.path.getsize(path)
-    if size < 1024 or size % 512:
-        return True
-    with open(path, "rb") as fh:
-        fh.seek(size - 1024)
-        return fh.read(1024) != bytes(1024)
-
-
 def _samples_of(urls: list[str], bad: BadSampleLog | None = None) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
+    """Samples of the shards in order. With ``bad``, an unreadable or truncated shard is
+    logged and its readable samples are kept; without, errors propagate."""
+    from kdscale.data.tar_reader import iter_samples
 
-    if bad is None:
-        yield from tarfile_samples([{"url": u} for u in urls])
-        return
     for url in urls:
-        if is_truncated(url):
-            bad.skip(f"the end of truncated shard {url} (no end-of-archive marker; its readable samples are used)")
-        yield from tarfile_samples([{"url": url}], handler=bad.tar_error)
+        if bad is None:
+            yield from iter_samples(url)
+            continue
+        try:
+            yield from iter_samples(url)
+        except (OSError, ValueError) as err:
+            bad.skip(f"the rest of shard {url}: {type(err).__name__}: {err}")
 
 
 def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
@@ -172,7 +156,10 @@ class TrainStream(IterableDataset):
         from kdscale.data.teacher_outputs import paired_samples
 
         for shard in shards:
-            yield from paired_samples(shard, self.teacher_outputs, bad.tar_error)
+            try:
+                yield from paired_samples(shard, self.teacher_outputs)
+            except (OSError, ValueError) as err:
+                bad.skip(f"the rest of shard {shard}: {type(err).__name__}: {err}")
 
     def _shuffled(self, samples: Iterator[tuple], worker: int) -> Iterator[tuple]:
         size = max(1, self.data.shuffle_buffer)

@@ -118,12 +118,12 @@ def check_teacher_outputs(image_shards: list[str], outputs_dir: str, num_classes
     return meta
 
 
-def paired_samples(image_shard: str, outputs_dir: str, handler) -> iter:
+def paired_samples(image_shard: str, outputs_dir: str) -> iter:
     """Image samples with their teacher record under ``__teacher__``; keys must align."""
-    from webdataset.tariterators import tarfile_samples
+    from kdscale.data.tar_reader import iter_samples
 
-    images = tarfile_samples([{"url": image_shard}], handler=handler)
-    records = tarfile_samples([{"url": companion_path(image_shard, outputs_dir)}], handler=handler)
+    images = iter_samples(image_shard)
+    records = iter_samples(companion_path(image_shard, outputs_dir))
     for sample, record in itertools.zip_longest(images, records):
         if sample is None or record is None:
             raise KdscaleError(f"teacher outputs {companion_path(image_shard, outputs_dir)} and image shard "

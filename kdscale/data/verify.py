@@ -10,23 +10,24 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from kdscale.data.folder_shards import _sha256
-from kdscale.data.loader import DECODE_ERRORS, BadSample, is_truncated, parse_sample
+from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import INDEX_FILE
 
 
 def verify_shard(path: str, num_classes: int) -> dict:
     from PIL import Image
-    from webdataset.tariterators import tarfile_samples
 
-    problems, keys = [], []
+    from kdscale.data.tar_reader import iter_samples
 
-    def on_tar_error(exn):
-        problems.append(f"{path}: unreadable tar data: {exn}")
-        return True
-
-    if is_truncated(path):
-        problems.append(f"{path}: truncated (no end-of-archive marker)")
-    for sample in tarfile_samples([{"url": path}], handler=on_tar_error):
+    problems, keys, samples = [], [], iter_samples(path)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except (OSError, ValueError) as err:
+            problems.append(f"{path}: unreadable tar data: {err}")
+            break
         key = sample.get("__key__", "?")
         keys.append(key)
         try:

@@ -71,6 +71,11 @@ class DDPEngine:
     def local_parameter_count(self) -> int:
         return sum(p.numel() for p in self.distiller.parameters() if p.requires_grad)
 
+    def gradient_bytes(self) -> int:
+        """Gradient memory this rank holds (full gradients under DDP; they are freed by the
+        optimizer step, so this is the peak between backward and step)."""
+        return sum(p.numel() * p.element_size() for p in self.distiller.parameters() if p.requires_grad)
+
     # -- checkpoints (see kdscale.train.checkpoint) ---------------------------------
     def state_for_checkpoint(self) -> dict:
         return {"model": self.distiller.state_dict(),
@@ -127,6 +132,19 @@ class DeepSpeedEngine:
     def local_parameter_count(self) -> int:
         params = [p for p in self.distiller.parameters() if p.requires_grad]
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+
+    def gradient_bytes(self) -> int:
+        """Gradient memory this rank keeps for its optimizer: full fp32 gradients under
+        ZeRO-1, the rank's partition under ZeRO-2/3."""
+        total = 0
+        for engine in self.engines.values():
+            if self.stage == 1:
+                total += sum(p.numel() * 4 for p in engine.module.parameters() if p.requires_grad)
+            else:
+                total += sum(t.numel() * t.element_size()
+                             for t in engine.optimizer.single_partition_of_fp32_groups) if self.stage == 2 else \
+                    sum(t.numel() * t.element_size() for t in engine.optimizer.fp32_partitioned_groups_flat)
+        return total
 
     def save_sharded(self, directory: str) -> None:
         """Every rank writes its shards of every engine (a collective)."""

@@ -65,12 +65,13 @@ class TeacherOutputWriter:
     def write_shard(self, shard: str, bar) -> int:
         import numpy as np
         import webdataset as wds
-        from webdataset.tariterators import tarfile_samples
+
+        from kdscale.data.tar_reader import iter_samples
 
         target = companion_path(shard, self.spec.outputs)
         tmp, count = target + ".tmp", 0
         with wds.TarWriter(tmp) as sink:
-            for sample in tarfile_samples([{"url": shard}]):
+            for sample in iter_samples(shard):
                 key = sample["__key__"]
                 try:
                     _key, jpeg, _label = parse_sample(sample, self.cfg.data.num_classes)

@@ -1,5 +1,6 @@
-"""Run by tests/test_zero.py on 1 or 2 ranks: drive kdscale's engines on fixed global
-batches and write what happened to a JSON file.
+"""Drive kdscale's engines on fixed global batches on 1 or 2 ranks and write what happened
+to a JSON file: ``python -m kdscale.bench.engine_probe OUT MODE ...`` under a launcher.
+Used by ``kdscale bench`` (memory) and by the scale-out tests.
 
 Modes:
 - ``train <strategy> <method>``: N steps of a BN-free student (and teacher) so a 2-rank
@@ -70,7 +71,8 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
     trainable = sum(p.numel() for p in distiller.parameters())
     return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
-            "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable}
+            "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
+            "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes()}
 
 
 def run_teacher(ctx: DistContext) -> dict:

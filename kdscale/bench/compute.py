@@ -1,0 +1,174 @@
+"""Compute-path benchmarks on in-memory batches (no data loading):
+
+- framework overhead: kdscale's KD step (engine + frozen teacher + Distiller) against a
+  minimal hand-written PyTorch loop doing the same math with the same models, batch,
+  dtype and optimizer;
+- teacher cost: student-only vs online-teacher KD vs KD from stored teacher outputs, with
+  the FLOP bound of the online case, ``3 F_s / (3 F_s + F_t)``;
+- peer: torchdistill's DistillationBox on the same KD configuration, models and batches,
+  plus the loss both compute on the same first batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from kdscale.bench.timing import forward_flops, interleaved_throughput
+from kdscale.config import load_config
+from kdscale.dist.context import DistContext
+from kdscale.dist.engines import DDPEngine
+from kdscale.methods import MethodContext, TeacherOutput, get_method_class
+from kdscale.models import build_model
+from kdscale.train.teachers import FrozenTeacher
+
+T, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 0.05
+
+
+class Setup:
+    def __init__(self, student: str, teacher: str, image_size: int, batch: int, num_classes: int, device: str):
+        self.device = torch.device(device)
+        self.ctx = DistContext(0, 1, 0, self.device)
+        self.on_gpu = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.on_gpu else None
+        torch.manual_seed(0)
+        self.student = build_model(student, num_classes).to(self.device)
+        self.teacher = build_model(teacher, num_classes).to(self.device).eval().requires_grad_(False)
+        if self.on_gpu:
+            self.student = self.student.to(memory_format=torch.channels_last)
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(1)
+        self.images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(self.device)
+        if self.on_gpu:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.targets = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
+        self.cfg = load_config(None, [f"data.batch_size={batch}", "optim.name=sgd", f"optim.lr={LR}",
+                                      "optim.momentum=0.9", "optim.weight_decay=5e-4"])
+        self.image_size, self.batch, self.num_classes = image_size, batch, num_classes
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def kdscale_step(self, method: str, teacher_source: str):
+        cls = get_method_class(method)
+        params = cls.Params(temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT) if method == "kd" else cls.Params()
+        distiller = cls(copy.deepcopy(self.student), params, MethodContext(self.num_classes, self.image_size)).train()
+        engine = DDPEngine(distiller, self.cfg, self.ctx)
+        frozen = FrozenTeacher(copy.deepcopy(self.teacher), [], self.device, self.dtype, self.on_gpu)
+        with torch.no_grad():
+            stored = TeacherOutput(torch.log_softmax(frozen(self.images).logits.float(), 1))
+
+        def step():
+            if teacher_source == "online":
+                out = frozen(self.images)
+            else:
+                out = stored if teacher_source == "shards" else None
+            engine.micro_step("all", self.images, self.targets, out, True, LR, self.autocast)
+        return step
+
+    def hand_written_step(self):
+        student, teacher = copy.deepcopy(self.student), copy.deepcopy(self.teacher)
+        optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+
+        def step():
+            with torch.no_grad(), self.autocast():
+                teacher_logits = teacher(self.images)
+            with self.autocast():
+                logits = student(self.images)
+            ce = F.cross_entropy(logits.float(), self.targets)
+            kl = F.kl_div(F.log_softmax(logits.float() / T, 1), F.log_softmax(teacher_logits.float() / T, 1),
+                          reduction="batchmean", log_target=True)
+            loss = CE_WEIGHT * ce + KD_WEIGHT * T * T * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def torchdistill_step(self):
+        from torch.utils.data import TensorDataset
+        from torchdistill.core.distillation import get_distillation_box
+
+        hook = {"input": [], "output": []}
+        train_config = {
+            "num_epochs": 1,
+            "train_data_loader": {"dataset_id": "bench", "kwargs": {"batch_size": self.batch}, "requires_supp": False,
+                                  "sampler": {"class_or_func": torch.utils.data.SequentialSampler, "kwargs": {}}},
+            "teacher": {"forward_proc": "forward_batch_only", "forward_hook": hook, "requires_grad": False,
+                        "wrapper": None, "sequential": []},
+            "student": {"forward_proc": "forward_batch_only", "forward_hook": hook, "requires_grad": True,
+                        "wrapper": None, "sequential": [], "frozen_modules": [], "adaptations": None},
+            "optimizer": {"key": "SGD", "kwargs": {"lr": LR, "momentum": 0.9, "weight_decay": 5e-4}},
+            "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"weight": 1.0, "criterion": {
+                "key": "KDLoss", "kwargs": {"student_module_path": ".", "student_module_io": "output",
+                                            "teacher_module_path": ".", "teacher_module_io": "output",
+                                            "temperature": T, "alpha": CE_WEIGHT, "beta": KD_WEIGHT,
+                                            "reduction": "batchmean"}}}}}},
+        }
+        dataset = {"bench": TensorDataset(self.images.cpu(), self.targets.cpu())}
+        box = get_distillation_box(copy.deepcopy(self.teacher), copy.deepcopy(self.student), dataset, train_config,
+                                   self.device, None, False, 1)
+        box.pre_epoch_process(epoch=0)
+
+        def step():
+            loss = box.forward_process(self.images, self.targets)
+            box.post_forward_process(loss)
+            return loss
+        return step
+
+
+def first_batch_losses(setup: Setup) -> dict[str, float]:
+    """The KD loss of kdscale and of torchdistill on the same first batch and weights."""
+    kdscale_step = setup.kdscale_step("kd", "online")
+    cls = get_method_class("kd")
+    distiller = cls(copy.deepcopy(setup.student), cls.Params(temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT),
+                    MethodContext(setup.num_classes, setup.image_size)).train()
+    frozen = FrozenTeacher(copy.deepcopy(setup.teacher), [], setup.device, setup.dtype, setup.on_gpu)
+    with setup.autocast():
+        _, terms = distiller(setup.images, setup.targets, frozen(setup.images))
+    del kdscale_step
+    out = {"kdscale": float(sum(terms.values()))}
+    try:
+        out["torchdistill"] = float(setup.torchdistill_step()())
+    except ImportError:
+        pass
+    return out
+
+
+def bench_compute(setup: Setup, steps: int, rounds: int, peer: bool) -> dict:
+    candidates = {
+        "hand_written_kd": (setup.hand_written_step(), setup.batch),
+        "kdscale_kd_online": (setup.kdscale_step("kd", "online"), setup.batch),
+        "kdscale_student_only": (setup.kdscale_step("vanilla", "none"), setup.batch),
+        "kdscale_kd_shards": (setup.kdscale_step("kd", "shards"), setup.batch),
+    }
+    peer_note = None
+    if peer:
+        try:
+            candidates["torchdistill_kd"] = (setup.torchdistill_step(), setup.batch)
+        except ImportError:
+            peer_note = "torchdistill is not installed (pip install torchdistill==1.1.5)"
+    results = interleaved_throughput(candidates, setup.device, steps, rounds)
+    flops_s = forward_flops(setup.student, setup.image_size, setup.device)
+    flops_t = forward_flops(setup.teacher, setup.image_size, setup.device)
+    speed = {name: r["images_per_s"] for name, r in results.items()}
+    out = {
+        "throughput": results,
+        "student_forward_gflops": flops_s / 1e9, "teacher_forward_gflops": flops_t / 1e9,
+        "ratios": {
+            "overhead_kdscale_vs_hand_written": speed["kdscale_kd_online"] / speed["hand_written_kd"],
+            "online_kd_vs_student_only": speed["kdscale_kd_online"] / speed["kdscale_student_only"],
+            "online_kd_flop_bound": 3 * flops_s / (3 * flops_s + flops_t),
+            "shard_kd_vs_student_only": speed["kdscale_kd_shards"] / speed["kdscale_student_only"],
+        },
+        "first_batch_loss": first_batch_losses(setup) if peer else {},
+    }
+    out["ratios"]["online_kd_fraction_of_bound"] = (out["ratios"]["online_kd_vs_student_only"]
+                                                    / out["ratios"]["online_kd_flop_bound"])
+    if "torchdistill_kd" in speed:
+        out["ratios"]["kdscale_vs_torchdistill"] = speed["kdscale_kd_online"] / speed["torchdistill_kd"]
+    if peer_note:
+        out["peer_note"] = peer_note
+    return out

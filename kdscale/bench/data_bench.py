@@ -1,0 +1,73 @@
+"""Loader throughput on the same JPEGs, augmentation, batch and worker count:
+
+- kdscale's webdataset training stream (random-resized crop + flip, normalised);
+- torchvision ``ImageFolder`` + ``DataLoader`` with the equivalent transforms, over the same
+  images extracted to a class-folder tree;
+- kdscale's replay stream from teacher-output shards (stored crop + soft label).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kdscale.bench.timing import interleaved_throughput
+from kdscale.config.schema import DataSection
+from kdscale.data.loader import TrainStream, _samples_of, make_loader
+from kdscale.data.shards import expand_shards
+
+
+def extract_to_folder(shards: list[str], root: str) -> int:
+    count = 0
+    for sample in _samples_of(shards):
+        folder = os.path.join(root, f"class{int(sample['cls']):04d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, sample["__key__"].replace("/", "_") + ".jpg"), "wb") as fh:
+            fh.write(sample["jpg"])
+        count += 1
+    return count
+
+
+def bench_data(data_dir: str, image_size: int, batch: int, workers: int, batches: int, rounds: int,
+               num_classes: int, teacher_outputs: str | None) -> dict:
+    import torchvision
+    from torchvision import transforms
+
+    shards = expand_shards(os.path.join(data_dir, "train-*.tar"), "bench data")
+    folder = os.path.join(data_dir, "imagefolder")
+    if not os.path.isdir(folder):
+        extract_to_folder(shards, folder)
+    section = DataSection(num_classes=num_classes, image_size=image_size, augment="imagenet", batch_size=batch,
+                          num_workers=workers, shuffle_buffer=1000)
+    normalize = transforms.Normalize(section.mean, section.std)
+    dataset = torchvision.datasets.ImageFolder(folder, transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+
+    def epoch_of(make):
+        def run():
+            for i, _ in enumerate(make()):
+                if i + 1 == batches:
+                    break
+        return run
+
+    def kdscale_loader(outputs=None):
+        stream = TrainStream(shards, section, seed=0, epoch=0, rank=0, world_size=1, batches_per_rank=batches,
+                             teacher_outputs=outputs)
+        return make_loader(stream, section, pin_memory=False)
+
+    def folder_loader():
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                           drop_last=True, prefetch_factor=4 if workers else None)
+
+    candidates = {"kdscale_webdataset": (epoch_of(kdscale_loader), batch * batches),
+                  "torchvision_imagefolder": (epoch_of(folder_loader), batch * batches)}
+    if teacher_outputs:
+        candidates["kdscale_teacher_shard_replay"] = (epoch_of(lambda: kdscale_loader(teacher_outputs)),
+                                                      batch * batches)
+    results = interleaved_throughput(candidates, torch.device("cpu"), steps=1, rounds=rounds, warmup=1)
+    speed = {name: r["images_per_s"] for name, r in results.items()}
+    ratios = {"webdataset_vs_imagefolder": speed["kdscale_webdataset"] / speed["torchvision_imagefolder"]}
+    if teacher_outputs:
+        ratios["replay_vs_webdataset"] = speed["kdscale_teacher_shard_replay"] / speed["kdscale_webdataset"]
+    return {"throughput": results, "ratios": ratios, "workers": workers, "batch": batch, "image_size": image_size}
