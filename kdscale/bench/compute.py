@@ -121,17 +121,15 @@ class Setup:
 
 def first_batch_losses(setup: Setup) -> dict[str, float]:
     """The KD loss of kdscale and of torchdistill on the same first batch and weights."""
-    kdscale_step = setup.kdscale_step("kd", "online")
     cls = get_method_class("kd")
     distiller = cls(copy.deepcopy(setup.student), cls.Params(temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT),
                     MethodContext(setup.num_classes, setup.image_size)).train()
     frozen = FrozenTeacher(copy.deepcopy(setup.teacher), [], setup.device, setup.dtype, setup.on_gpu)
     with setup.autocast():
         _, terms = distiller(setup.images, setup.targets, frozen(setup.images))
-    del kdscale_step
-    out = {"kdscale": float(sum(terms.values()))}
+    out = {"kdscale": float(sum(terms.values()).detach())}
     try:
-        out["torchdistill"] = float(setup.torchdistill_step()())
+        out["torchdistill"] = float(setup.torchdistill_step()().detach())
     except ImportError:
         pass
     return out

@@ -1,15 +1,16 @@
 """Teacher-output shards (the FKD idea, keyed by sample, not by dataset index).
 
 For every image shard ``<name>.tar`` a companion ``<outputs>/<name>.tar`` holds, per
-sample key and in the same order:
+sample key and in the same order, one member ``<key>.teacher`` with:
 
-- ``crops.npy``  float32 [R, 4]: R random-resized crop boxes ``(x0, y0, w, h)`` as
-  fractions of the image size;
-- ``flips.npy``  uint8 [R]: horizontal flip flags;
-- ``probs.npy``  float16 [R, k]: the teacher's top-k probabilities (softmax at T=1) on
-  each crop;
-- ``classes.npy`` int32 [R, k]: their class indices (never stored as floats: fp16 cannot
-  hold indices above 2048 exactly).
+- R random-resized crop boxes ``(x0, y0, w, h)`` as fractions of the image size (float32);
+- R horizontal flip flags (uint8);
+- the teacher's top-k probabilities on each crop (softmax at T=1, float16, [R, k]);
+- their class indices (int32, [R, k]; never floats: fp16 cannot hold indices above 2048).
+
+The record is a fixed little-endian layout: magic ``KDTO``, version, R, k (int32 each),
+then the four arrays back to back. One member per sample keeps the companion cheap to
+stream (tar members, not bytes, are what costs in Python).
 
 Training with ``teacher.source: shards`` replays one stored crop per sample (chosen by the
 per-sample generator) and uses its soft label, so no teacher runs. The soft label is the
@@ -21,7 +22,6 @@ distribution up to the top-k truncation, and at other temperatures its tempered 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -36,7 +36,6 @@ from kdscale.data.transforms import random_resized_crop_box
 from kdscale.errors import KdscaleError
 
 META_FILE = "teacher_outputs.json"
-FIELDS = ("crops.npy", "flips.npy", "probs.npy", "classes.npy")
 
 
 def crop_boxes(key: str, width: int, height: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,21 +61,37 @@ def replay_crop(image: Image.Image, box, flip: bool, size: int) -> torch.Tensor:
     return view.flip(-1) if flip else view
 
 
+_MAGIC, _VERSION = b"KDTO", 1
+FIELD = "teacher"
+
+
 def encode_record(crops, flips, probs, classes) -> dict[str, bytes]:
-    out = {}
-    for name, array in zip(FIELDS, (crops, flips, probs, classes)):
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-        out[name] = buffer.getvalue()
-    return out
+    crops = np.ascontiguousarray(crops, dtype="<f4").reshape(-1, 4)
+    count = crops.shape[0]
+    probs = np.ascontiguousarray(probs, dtype="<f2").reshape(count, -1)
+    top_k = probs.shape[1]
+    header = _MAGIC + np.asarray([_VERSION, count, top_k], dtype="<i4").tobytes()
+    body = b"".join([crops.tobytes(), np.ascontiguousarray(flips, dtype="u1").reshape(count).tobytes(),
+                     probs.tobytes(), np.ascontiguousarray(classes, dtype="<i4").reshape(count, top_k).tobytes()])
+    return {FIELD: header + body}
 
 
 def decode_record(sample: dict) -> dict[str, np.ndarray]:
-    try:
-        return {name[:-4]: np.load(io.BytesIO(sample[name]), allow_pickle=False) for name in FIELDS}
-    except (KeyError, ValueError) as err:
-        raise KdscaleError(f"teacher-output sample {sample.get('__key__')} in {sample.get('__url__')} is "
-                           f"malformed ({type(err).__name__}: {err}); regenerate it with kdscale.teach") from None
+    data = sample.get(FIELD)
+    if data is None or data[:4] != _MAGIC or len(data) < 16:
+        raise KdscaleError(f"teacher-output sample {sample.get('__key__')} in {sample.get('__url__')} is malformed "
+                           f"(no '{FIELD}' record); regenerate it with kdscale.teach")
+    version, count, top_k = np.frombuffer(data, dtype="<i4", count=3, offset=4)
+    if version != _VERSION:
+        raise KdscaleError(f"teacher-output record version {version} in {sample.get('__url__')} is not supported "
+                           f"(expected {_VERSION}); regenerate with this kdscale")
+    offset, arrays = 16, {}
+    for name, dtype, shape in (("crops", "<f4", (count, 4)), ("flips", "u1", (count,)),
+                               ("probs", "<f2", (count, top_k)), ("classes", "<i4", (count, top_k))):
+        size = int(np.prod(shape))
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=size, offset=offset).reshape(shape)
+        offset += size * np.dtype(dtype).itemsize
+    return arrays
 
 
 def dense_soft_label(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> torch.Tensor:
