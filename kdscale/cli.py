@@ -70,6 +70,18 @@ def cmd_bench(args) -> None:
     run_bench(args)
 
 
+def cmd_compare(args) -> None:
+    from kdscale.analysis.compare import format_table, plot, runs_from_dirs, runs_from_project, summarise
+
+    if not args.runs and not args.project:
+        raise KdscaleError("give run directories or --project ENTITY/PROJECT")
+    runs = runs_from_dirs(args.runs) if args.runs else runs_from_project(args.project)
+    summaries = [summarise(run, args.metric) for run in runs]
+    print(format_table(summaries, args.metric))
+    if args.plot:
+        print(f"plot: {plot(summaries, args.metric, args.plot)}")
+
+
 def cmd_methods(_args) -> None:
     from kdscale.methods import METHODS
 
@@ -162,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peer", action="store_true", help="skip torchdistill")
     bench.add_argument("--profile", action="store_true", help="write a torch.profiler table of the KD step")
     bench.set_defaults(func=cmd_bench)
+    compare = sub.add_parser("compare", help="final/best metrics of runs and a PNG plot (offline runs or a project)")
+    compare.add_argument("runs", nargs="*", help="run directories (kdscale run dir, wandb dir or offline-run-* dir)")
+    compare.add_argument("--project", help="ENTITY/PROJECT on a wandb server instead of directories")
+    compare.add_argument("--metric", default="val/student_top1")
+    compare.add_argument("--plot", help="write a PNG of the metric against step here")
+    compare.set_defaults(func=cmd_compare)
     summary = sub.add_parser("summary", help="results table of finished runs")
     summary.add_argument("run_dirs", nargs="+")
     summary.set_defaults(func=cmd_summary)

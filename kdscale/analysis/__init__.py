@@ -1,0 +1,1 @@
+"""Reading runs back: wandb run files, metrics, comparisons."""
