@@ -120,6 +120,11 @@ class TrainSection:
     schedule, as a preempted job would; resume continues from there."""
     resume: bool = True
     """Resume from the newest complete checkpoint in the run directory if there is one."""
+    preempt_file: Optional[str] = None
+    """When this file appears (the Slurm scripts create it on the preemption signal), every
+    rank stops at the same step with a checkpoint; default: ``$KDSCALE_PREEMPT_FILE``."""
+    preempt_check_steps: int = 5
+    """How often (optimizer steps) rank 0 looks for ``preempt_file`` and tells the others."""
 
 
 @dataclass

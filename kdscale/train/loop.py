@@ -147,7 +147,9 @@ class Trainer:
         window = {"start": time.perf_counter(), "wait": 0.0, "images": 0, "losses": {}, "count": 0}
         fail_at = int(os.environ.get("KDSCALE_FAIL_AT_STEP", "-1")), int(os.environ.get("KDSCALE_FAIL_RANK", "-1"))
         stopped_early = False
-        while self.epoch < cfg.epochs and self.step < stop_at:
+        self.preempted = False
+        preempt_file = cfg.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
+        while self.epoch < cfg.epochs and self.step < stop_at and not self.preempted:
             loader = iter(self._train_loader())
             self.skipped: dict[int, int] = {}
             while True:
@@ -190,6 +192,9 @@ class Trainer:
                 bar.update(self.step)
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                     self.save()
+                if preempt_file and self.step % cfg.preempt_check_steps == 0 and self._preempt_requested(preempt_file):
+                    self.preempted = True
+                    break
                 if self.step >= stop_at:
                     break
             if self.batches_done >= self.plan.micro_batches_per_epoch:
@@ -199,11 +204,18 @@ class Trainer:
                     self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
                     bar.write(self._format_metrics(self.last_metrics))
                 self.save()
-            elif self.step >= stop_at:
+            elif self.step >= stop_at or self.preempted:
                 stopped_early = True
                 self.save()
+        if self.preempted and self.is_main:
+            print(f"kdscale: preempted: checkpoint at step {self.step} written; relaunch to resume", flush=True)
         bar.close()
         return self._finish(stopped_early)
+
+    def _preempt_requested(self, path: str) -> bool:
+        """Rank 0 looks for the file; all ranks learn the answer at the same step."""
+        flag = torch.tensor([1.0 if self.is_main and os.path.exists(path) else 0.0], device=self.ctx.device)
+        return self.ctx.all_reduce(flag, "max").item() > 0
 
     def _log_window(self, window: dict, lr: float, bar: ProgressBar) -> None:
         elapsed = max(1e-9, time.perf_counter() - window["start"])
@@ -265,7 +277,7 @@ class Trainer:
                    "images_per_s": getattr(self, "throughput", None), "metrics": self.last_metrics,
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
-                   "world_size": self.world, "ranks_agree": agree}
+                   "world_size": self.world, "ranks_agree": agree, "preempted": self.preempted}
         if self.is_main:
             if student_state is not None:
                 summary["export"] = self._export(student_state)
