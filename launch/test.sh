@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+bash launch/setup-slurm.sh
 export WANDB_SILENT=true
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

@@ -152,6 +152,8 @@ class WandbSection:
     project: str = "kdscale"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 60.0
+    """How long an online start may take before kdscale falls back to offline logging."""
 
 
 @dataclass

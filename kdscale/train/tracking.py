@@ -13,7 +13,7 @@ import json
 import netrc
 import os
 import secrets
-import warnings
+import sys
 
 from kdscale.config.schema import ExperimentConfig
 
@@ -65,16 +65,20 @@ class Tracker:
 
         self.run_id = run_id or secrets.token_hex(4)
         kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment.name,
-                      job_type=job_type, name=cfg.experiment.name, tags=run_tags(cfg), config=resolved_config,
-                      dir=self.run_dir, id=self.run_id, resume="allow")
+                      job_type=job_type, name=cfg.experiment.name if job_type == "train" else f"{cfg.experiment.name}-{job_type}",
+                      tags=run_tags(cfg), config=resolved_config, dir=self.run_dir, id=self.run_id, resume="allow",
+                      settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
         except Exception as err:  # noqa: BLE001 - bad key, unreachable server, ...
             if self.mode != "online":
                 raise
-            warnings.warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead",
-                          stacklevel=2)
+            print(f"kdscale: warning: wandb could not start online ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:300]}); logging offline instead; sync later with `wandb sync`",
+                  file=sys.stderr, flush=True)
             self.mode = "offline"
+            # The failed attempt keeps the id busy in wandb's service: the offline run gets its own.
+            self.run_id = kwargs["id"] = secrets.token_hex(4)
             self.run = wandb.init(mode="offline", **kwargs)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
