@@ -14,6 +14,8 @@ rerun skips the shards already done, so an interrupted conversion resumes.
 
 from __future__ import annotations
 
+from kdscale.progress import progress_bar
+
 import hashlib
 import json
 import os
@@ -128,8 +130,6 @@ def write_shard(path: str, items: list[Item]) -> dict:
 
 def write_folder_shards(items: list[Item], classes: list[str], out: str, split: str, max_count: int = 1000,
                         max_bytes: int = 1 << 30, workers: int = 2, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     os.makedirs(out, exist_ok=True)
     plan = plan_shards(items, max_count, max_bytes)
     paths = [os.path.join(out, f"{split}-{i:06d}.tar") for i in range(len(plan))]
@@ -148,7 +148,7 @@ def write_folder_shards(items: list[Item], classes: list[str], out: str, split: 
             records[path] = record
         else:
             todo.append((path, shard_items))
-    bar = tqdm(total=sum(len(i) for i in plan), initial=sum(r["samples"] for r in records.values()),
+    bar = progress_bar(total=sum(len(i) for i in plan), initial=sum(r["samples"] for r in records.values()),
                desc=f"shards {split}", unit="img", disable=not progress)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(write_shard, path, shard_items): path for path, shard_items in todo}

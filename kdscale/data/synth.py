@@ -9,6 +9,8 @@ teacher/student demo needs.
 
 from __future__ import annotations
 
+from kdscale.progress import progress_bar
+
 import io
 import json
 import os
@@ -42,8 +44,6 @@ def write_synthetic_shards(out_dir: str, num_classes: int = 10, train_samples: i
                            difficulty: float = 0.5, seed: int = 0, progress: bool = True) -> dict:
     """Write ``train-NNNNNN.tar`` and ``val-NNNNNN.tar`` shards and ``index.json``."""
     import webdataset as wds
-    from tqdm import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     layouts = _layouts(rng, num_classes, 4, image_size)
@@ -53,7 +53,7 @@ def write_synthetic_shards(out_dir: str, num_classes: int = 10, train_samples: i
     for split, count in (("train", train_samples), ("val", val_samples)):
         split_rng = np.random.default_rng([seed, 0 if split == "train" else 1])
         shards = []
-        bar = tqdm(total=count, desc=f"synth {split}", unit="img", disable=not progress)
+        bar = progress_bar(total=count, desc=f"synth {split}", unit="img", disable=not progress)
         for start in range(0, count, samples_per_shard):
             name = f"{split}-{len(shards):06d}.tar"
             tmp = os.path.join(out_dir, name + ".tmp")

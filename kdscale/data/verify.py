@@ -4,6 +4,8 @@ mismatches against ``index.json``."""
 
 from __future__ import annotations
 
+from kdscale.progress import progress_bar
+
 import io
 import json
 import os
@@ -43,10 +45,8 @@ def verify_shard(path: str, num_classes: int) -> dict:
 
 def verify_shards(paths: list[str], num_classes: int, workers: int = 2, progress: bool = True) -> list[str]:
     """All problems found, one line each (empty when the shard set is sound)."""
-    from tqdm import tqdm
-
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(verify_shard, paths, [num_classes] * len(paths)), total=len(paths),
+        results = list(progress_bar(pool.map(verify_shard, paths, [num_classes] * len(paths)), total=len(paths),
                             desc="verify", unit="shard", disable=not progress))
     problems = [p for r in results for p in r["problems"]]
     owner: dict[str, str] = {}

@@ -9,6 +9,8 @@ seeded by (experiment.seed, sample key), so they do not depend on rank or order.
 
 from __future__ import annotations
 
+from kdscale.progress import progress_bar
+
 import io
 import json
 import os
@@ -88,8 +90,6 @@ class TeacherOutputWriter:
         return count
 
     def run(self) -> dict:
-        from tqdm import tqdm
-
         os.makedirs(self.spec.outputs, exist_ok=True)
         if self.ctx.is_main:
             meta = {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
@@ -104,7 +104,7 @@ class TeacherOutputWriter:
         todo = [s for s in mine if not os.path.isfile(companion_path(s, self.spec.outputs))]
         total = samples_from_index(self.shards, "train")
         per_shard = (total or 0) / max(1, len(self.shards))
-        bar = tqdm(total=round(per_shard * len(todo)) or None, desc=f"teach (rank {self.ctx.rank})", unit="img",
+        bar = progress_bar(total=round(per_shard * len(todo)) or None, desc=f"teach (rank {self.ctx.rank})", unit="img",
                    disable=not self.ctx.is_main)
         written = sum(self.write_shard(shard, bar) for shard in todo)
         bar.close()

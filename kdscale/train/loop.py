@@ -27,7 +27,7 @@ from kdscale.methods import TeacherOutput
 from kdscale.train import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
 from kdscale.train.optim import lr_at
-from kdscale.train.progress import ProgressBar
+from kdscale.progress import ProgressBar
 from kdscale.train.setup import Runtime, build_distiller, plan_data
 from kdscale.train.tracking import Tracker
 

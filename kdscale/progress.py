@@ -9,15 +9,19 @@ from __future__ import annotations
 import sys
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar that redraws on a terminal and prints a line every 30 s otherwise."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(mininterval=0.5 if interactive else 30.0, dynamic_ncols=True, **kwargs)
+
+
 class ProgressBar:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
-            interactive = sys.stderr.isatty()
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if interactive else 30.0, desc="train")
+            self.bar = progress_bar(total=total, initial=initial, unit="step", desc="train")
 
     def update(self, step: int) -> None:
         if self.bar is not None:
