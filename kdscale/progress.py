@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 
 
-def progress_bar(**kwargs):
+def progress_bar(iterable=None, **kwargs):
     """A tqdm bar that redraws on a terminal and prints a line every 30 s otherwise."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(mininterval=0.5 if interactive else 30.0, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True, **kwargs)
 
 
 class ProgressBar:

@@ -14,8 +14,6 @@ rerun skips the shards already done, so an interrupted conversion resumes.
 
 from __future__ import annotations
 
-from kdscale.progress import progress_bar
-
 import hashlib
 import json
 import os
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 
 from kdscale.data.shards import INDEX_FILE
 from kdscale.errors import KdscaleError
+from kdscale.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 

@@ -9,8 +9,6 @@ teacher/student demo needs.
 
 from __future__ import annotations
 
-from kdscale.progress import progress_bar
-
 import io
 import json
 import os
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from kdscale.data.shards import INDEX_FILE
+from kdscale.progress import progress_bar
 
 
 def _layouts(rng: np.random.Generator, count: int, grid: int, size: int) -> np.ndarray:

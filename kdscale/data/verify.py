@@ -4,8 +4,6 @@ mismatches against ``index.json``."""
 
 from __future__ import annotations
 
-from kdscale.progress import progress_bar
-
 import io
 import json
 import os
@@ -14,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from kdscale.data.folder_shards import _sha256
 from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import INDEX_FILE
+from kdscale.progress import progress_bar
 
 
 def verify_shard(path: str, num_classes: int) -> dict:

@@ -9,8 +9,6 @@ seeded by (experiment.seed, sample key), so they do not depend on rank or order.
 
 from __future__ import annotations
 
-from kdscale.progress import progress_bar
-
 import io
 import json
 import os
@@ -26,6 +24,7 @@ from kdscale.data.teacher_outputs import META_FILE, companion_path, crop_boxes, 
 from kdscale.dist.context import DistContext
 from kdscale.errors import KdscaleError
 from kdscale.models import build_model
+from kdscale.progress import progress_bar
 from kdscale.train.setup import Runtime
 from kdscale.train.teachers import FrozenTeacher
 
