@@ -96,3 +96,12 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, synth_data, tmp_pa
     assert len(runs) == 1 and len(runs[0]["files"]) == 2  # one wandb run, two sessions
     history_steps = sorted({row["_step"] for row in runs[0]["history"] if "train/loss" in row})
     assert history_steps == steps
+
+
+def test_missing_config_fails_clearly(cluster, tmp_path):
+    env = {"KDSCALE_CONFIG": "configs/does_not_exist.yaml", "KDSCALE_REPO": ROOT}
+    job = submit(cluster, tmp_path, env)
+    state = cluster.wait(job, timeout=120)
+    log = open(tmp_path / f"slurm-{job}.out").read()
+    assert state == "FAILED"
+    assert "kdscale slurm: error: config file not found: configs/does_not_exist.yaml" in log

@@ -86,3 +86,12 @@ def test_accumulation_clipping_adamw_label_smoothing(synth_data, tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(summary["run_dir"])] == ["step-00000020.pt",
                                                                                   "step-00000025.pt"]
     assert summary["metrics"]["val/student_top1"] > 20.0
+
+
+def test_resume_into_another_model_is_a_clear_error(synth_data, tmp_path):
+    from kdscale.errors import KdscaleError
+
+    Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet8", "data.train_samples=128",
+                        "train.stop_after_steps=2", name="same")).train()
+    with pytest.raises(KdscaleError, match=r"checkpoint .*step-00000002.pt does not fit this config's networks"):
+        Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet20", "data.train_samples=128", name="same"))
