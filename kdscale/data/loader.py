@@ -50,8 +50,8 @@ class BadSampleLog:
     """Counts skipped samples of one worker, names each in a warning, and stops the run
     with a clear error past ``limit``."""
 
-    def __init__(self, limit: int, worker: int):
-        self.limit, self.worker, self.count = limit, worker, 0
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
 
     def skip(self, what: str) -> None:
         self.count += 1
@@ -183,7 +183,7 @@ class TrainStream(IterableDataset):
         mine = order[self.rank::self.world_size][stream_id::workers]
         count = len(range(stream_id, self.batches_per_rank, workers))
         skip = len(range(stream_id, self.skip_batches, workers))
-        bad = BadSampleLog(self.data.max_bad_samples, worker)
+        bad = BadSampleLog(self.data.max_bad_samples)
         stream = self._shuffled(self._cycle(mine, stream_id, bad), stream_id)
         size = self.data.batch_size
         for b in range(count):
@@ -219,7 +219,7 @@ class ValStream(IterableDataset):
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world_size * workers
         mine = self.shards[slot::slots]
-        bad = BadSampleLog(self.data.max_bad_samples, worker)
+        bad = BadSampleLog(self.data.max_bad_samples)
         batch: list[tuple[str, torch.Tensor, int]] = []
         for item in valid_samples(_samples_of(mine, bad), self.data.num_classes, bad) if mine else ():
             image = decode_or_skip(self.decoder, item, None, bad)

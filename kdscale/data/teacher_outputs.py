@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ def check_teacher_outputs(image_shards: list[str], outputs_dir: str, num_classes
     return meta
 
 
-def paired_samples(image_shard: str, outputs_dir: str) -> iter:
+def paired_samples(image_shard: str, outputs_dir: str) -> Iterator[dict]:
     """Image samples with their teacher record under ``__teacher__``; keys must align."""
     from kdscale.data.tar_reader import iter_samples
 

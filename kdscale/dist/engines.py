@@ -81,7 +81,7 @@ class DDPEngine:
         return {"model": self.distiller.state_dict(),
                 "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()}}
 
-    def load_checkpoint_state(self, state: dict, path: str) -> None:
+    def load_checkpoint_state(self, state: dict) -> None:
         self.distiller.load_state_dict(state["model"])
         for phase, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][phase])

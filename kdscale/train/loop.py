@@ -78,7 +78,7 @@ class Trainer:
     def _restore(self, path: str, state: dict) -> str | None:
         try:
             if self.strategy == "ddp":
-                self.engine.load_checkpoint_state(state, path)
+                self.engine.load_checkpoint_state(state)
             else:
                 self.engine.load_sharded(path)
                 for name, buffer in self.distiller.named_buffers():

@@ -8,7 +8,6 @@ blocks on wandb. The run id is kept in checkpoints so a resumed job continues th
 
 from __future__ import annotations
 
-import glob
 import json
 import netrc
 import os
@@ -88,11 +87,6 @@ class Tracker:
         self._jsonl.flush()
         if self.run is not None:
             self.run.log(metrics, step=step)
-
-    def offline_run_dirs(self) -> list[str]:
-        if self.run_id is None:
-            return []
-        return sorted(glob.glob(os.path.join(self.run_dir, "wandb", f"offline-run-*-{self.run_id}")))
 
     def sync_hint(self) -> str | None:
         if self.mode != "offline" or self.run_id is None:
