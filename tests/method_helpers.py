@@ -17,7 +17,8 @@ def build_method(name: str, student: str = "resnet8", teacher: str | None = None
     cls = get_method_class(name)
     teacher_model = build_model(teacher, NUM_CLASSES) if teacher else None
     ctx = MethodContext(num_classes=NUM_CLASSES, image_size=32, student_name=student, teacher_name=teacher or "",
-                        teacher=teacher_model, build_model=lambda n: build_model(n, NUM_CLASSES))
+                        teacher=teacher_model, teacher_pretrained=bool(teacher),
+                        build_model=lambda n: build_model(n, NUM_CLASSES))
     method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), ctx).train()
     frozen = None
     if cls.teacher_role == "frozen":

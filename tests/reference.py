@@ -47,13 +47,32 @@ def attention(feature, pool=1):
 
 
 def at_term(student_layers, teacher_layers, beta, mode="code", pool=1):
-    """student_layers/teacher_layers: lists (per layer) of batches [B][C][H][W]."""
+    """student_layers/teacher_layers: lists (per layer) of batches [B][C][H][W].
+
+    code: beta * sum_j mean over batch and positions of (q_S - q_T)^2 (the authors' code);
+    paper: beta/2 * sum_j mean over batch of sqrt(sum over positions of (q_S - q_T)^2) (Eq. 2)."""
     total = 0.0
     for fs, ft in zip(student_layers, teacher_layers):
         per_sample = []
         for s, t in zip(fs, ft):
             qs, qt = attention(s, pool), attention(t)
             squared = [(a - b) ** 2 for a, b in zip(qs, qt)]
-            per_sample.append(sum(squared) if mode == "paper" else sum(squared) / len(squared))
+            per_sample.append(math.sqrt(sum(squared)) if mode == "paper" else sum(squared) / len(squared))
         total += sum(per_sample) / len(per_sample)
-    return beta / 2 * total
+    return beta / 2 * total if mode == "paper" else beta * total
+
+
+def squared_error_sum(target_rows, input_rows):
+    """sum over classes of (target - input)^2, averaged over the batch (CTKD's hint)."""
+    return sum(sum((a - b) ** 2 for a, b in zip(t, s)) for t, s in zip(target_rows, input_rows)) / len(input_rows)
+
+
+def mean_rows(a_rows, b_rows):
+    return [[(a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(a_rows, b_rows)]
+
+
+def rampup(epoch, length):
+    """FFL's consistency weight: exp(-5 (1 - e/L)^2) while e < L, then 1."""
+    if length == 0 or epoch >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - epoch / length) ** 2)

@@ -20,7 +20,8 @@ from kdscale.train.loop import Trainer
 
 WORKER = os.path.join(ROOT, "kdscale", "bench", "engine_probe.py")
 ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
-COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt")]
+COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt"),
+          ("ddp", "ctkd"), ("zero2", "ctkd")]
 
 
 def run_worker(tmp_path, ranks: int, *args) -> list[dict]:
@@ -61,6 +62,19 @@ def test_zero_halves_optimizer_state(engine_runs, strategy, method):
         assert 0.45 < ratio < 0.55, (strategy, rank, ratio)
     # ProKT: both its networks (student and trained teacher) are in ZeRO engines.
     assert zero[0]["trainable_parameters"] == ddp[0]["trainable_parameters"]
+
+
+def test_ctkd_shared_stem_is_one_set_of_parameters(engine_runs):
+    """CTKD's student and scratch-teacher branches share the stem (conv1: 16x3x3x3 + 16): the
+    optimizers hold it once under DDP (every rank) and ZeRO-2 (the partitions add up to it)."""
+    stem = 16 * 3 * 3 * 3 + 16
+    for ranks in (1, 2):
+        for rank_result in engine_runs["ddp", "ctkd", ranks]:
+            assert rank_result["per_network_parameters"] == rank_result["trainable_parameters"] + stem
+            assert rank_result["optimizer_parameters"] == rank_result["trainable_parameters"]
+    zero = engine_runs["zero2", "ctkd", 2]
+    held = sum(rank_result["optimizer_parameters"] for rank_result in zero)
+    assert zero[0]["trainable_parameters"] <= held < zero[0]["trainable_parameters"] + stem
 
 
 def test_zero3_partitions_trained_parameters(engine_runs):

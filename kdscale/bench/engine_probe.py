@@ -5,7 +5,8 @@ Used by ``kdscale bench`` (memory) and by the scale-out tests.
 Modes:
 - ``train <strategy> <method>``: N steps of a BN-free student (and teacher) so a 2-rank
   run is mathematically the 1-rank run with the global batch split in two; records the
-  global mean loss per step, optimizer-state bytes and locally held trainable parameters.
+  global mean loss per step, optimizer-state bytes, the parameters this rank's optimizer
+  holds, and locally held trainable parameters.
 - ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
   the unsharded teacher and the locally held parameters.
 """
@@ -30,16 +31,19 @@ GLOBAL_BATCH, STEPS, CLASSES = 8, 5, 10
 
 
 class PlainNet(nn.Module):
-    """Conv + linear without BatchNorm: per-rank batches then change nothing but the split."""
+    """Stem + two conv stages + linear, without BatchNorm: per-rank batches then change
+    nothing but the split. The stem is the same for every width (CTKD shares it)."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1),
-                                      nn.ReLU())
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(nn.Conv2d(16, width, 3, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(width, width, 3, 2, 1), nn.ReLU())
         self.fc = nn.Linear(width, CLASSES)
 
     def forward(self, x):
-        return self.fc(self.features(x).mean(dim=(2, 3)))
+        return self.fc(self.layer2(self.layer1(self.relu(self.conv1(x)))).mean(dim=(2, 3)))
 
 
 def global_batches():
@@ -55,9 +59,11 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
     torch.manual_seed(0)
     student, teacher = PlainNet(16), PlainNet(24)
     cls = get_method_class(method_name)
-    mctx = MethodContext(num_classes=CLASSES, image_size=16, teacher=teacher)
+    mctx = MethodContext(num_classes=CLASSES, image_size=16, teacher=teacher, teacher_name="plain24",
+                         teacher_pretrained=True, build_model=lambda _name: PlainNet(24))
     distiller = cls(student, cls.Params(), mctx).train()
-    frozen = FrozenTeacher(teacher, [], ctx.device, None, False) if cls.teacher_role == "frozen" else None
+    frozen = FrozenTeacher(teacher, distiller.teacher_feature_layers(), ctx.device, None, False) \
+        if cls.teacher_role == "frozen" else None
     engine = make_engine(strategy, distiller, cfg, ctx)
     losses = []
     for images, targets in global_batches():
@@ -70,7 +76,9 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
             step_total += sum(t.detach() for t in terms.values())
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
     trainable = sum(p.numel() for p in distiller.parameters())
+    per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
     return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
+            "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
             "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
             "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes()}
 

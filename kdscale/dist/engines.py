@@ -71,6 +71,10 @@ class DDPEngine:
     def local_parameter_count(self) -> int:
         return sum(p.numel() for p in self.distiller.parameters() if p.requires_grad)
 
+    def optimizer_parameter_count(self) -> int:
+        """Parameter elements this rank's optimizers update (a tied parameter counts once)."""
+        return sum(p.numel() for opt in self.optimizers.values() for group in opt.param_groups for p in group["params"])
+
     def gradient_bytes(self) -> int:
         """Gradient memory this rank holds (full gradients under DDP; they are freed by the
         optimizer step, so this is the peak between backward and step)."""
@@ -132,6 +136,17 @@ class DeepSpeedEngine:
     def local_parameter_count(self) -> int:
         params = [p for p in self.distiller.parameters() if p.requires_grad]
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+
+    def optimizer_parameter_count(self) -> int:
+        """fp32 parameter elements this rank's optimizer partition updates (ZeRO-1/2: the flat
+        partitions, padding included; ZeRO-3: the partitioned groups)."""
+        total = 0
+        for engine in self.engines.values():
+            optimizer = engine.optimizer
+            groups = optimizer.fp32_partitioned_groups_flat if self.stage == 3 else \
+                optimizer.single_partition_of_fp32_groups
+            total += sum(t.numel() for t in groups)
+        return total
 
     def gradient_bytes(self) -> int:
         """Gradient memory this rank keeps for its optimizer: full fp32 gradients under

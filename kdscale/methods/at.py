@@ -1,18 +1,22 @@
 """``at``: attention transfer, Zagoruyko & Komodakis, "Paying More Attention to
-Attention", ICLR 2017.
+Attention", ICLR 2017 (code: github szagoruyko/attention-transfer).
 
-``L = ce_weight * CE(z_S, y) + beta/2 * sum_j mean_{batch,positions} (q_S^j - q_T^j)^2``
-with ``q = normalize(flatten(mean_c A^2))`` per sample.
+Terms, with ``q = normalize(flatten(mean_c A^2))`` per sample:
 
-Choices where the paper is ambiguous:
-- ``mode: code`` (default) averages over positions as the authors' released code does,
-  which is what the published ``beta = 1e3`` goes with; ``mode: paper`` sums over
-  positions as Eq. 2 reads (the code form times H*W).
+- ``ce = ce_weight * CE(z_S, y)``; verified (the code's CE with weight 1).
+- ``at = beta * sum_j mean_{batch, positions} (q_S^j - q_T^j)^2``, ``beta = 1e3``; verified:
+  ``cifar.py`` (``opt.beta * sum(loss_groups)``) and ``utils.py`` (``at_loss``), the same as
+  RepDistiller (``-b 1000``) and torchdistill (``mode: code``). No factor 1/2.
+
+Choices:
+- ``mode: paper`` is Eq. 2 of the paper instead, ``beta/2 * sum_j mean_batch
+  ||q_S^j - q_T^j||_2`` (the norm itself, not its square); verified from the paper.
 - Layers default to the residual stages of both networks (e.g. WRN ``block1..3``, ResNet
   ``layer1..4``), paired by position; WRN stage outputs are pre-activation, as in the
-  authors' code.
-- A student map of another spatial size is resized to the teacher's (bilinear); this
-  needs no parameters since attention maps have no channel dimension.
+  authors' code (their group outputs). Inferred for other architectures.
+- A student map of another spatial size is resized to the teacher's (bilinear); inferred
+  (RepDistiller average-pools the larger map instead). Maps have no channel dimension, so
+  no parameters are needed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kdscale.methods.attention import StudentTeacherAttention
+from kdscale.methods.attention import AttentionToTeacher
 from kdscale.methods.base import Distiller, register_method
 from kdscale.methods.losses import cross_entropy
 
@@ -42,7 +46,7 @@ class AT(Distiller):
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
-        self.attention = StudentTeacherAttention(student, ctx.teacher, params.student_layers,
+        self.attention = AttentionToTeacher(student, ctx.teacher, params.student_layers,
                                                  params.teacher_layers, ctx.image_size)
 
     def teacher_feature_layers(self):

@@ -1,4 +1,4 @@
-"""Pairing of student and teacher layers for attention-transfer terms (AT, CTKD).
+"""Attention transfer from a frozen teacher to a trained network (AT, CTKD).
 
 Layers default to the residual stages of each network (``layer1..4``, ``block1..3``); the
 two lists pair up by position and must have the same length. Every layer is checked with
@@ -15,24 +15,28 @@ from kdscale.methods.losses import attention_transfer
 from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
 
 
-class StudentTeacherAttention:
-    """Taps the student's layers and computes the AT term against the teacher's."""
+class AttentionToTeacher:
+    """Taps ``network``'s layers and computes the AT term against the frozen teacher's.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, student_layers: list[str],
-                 teacher_layers: list[str], image_size: int):
-        self.student_layers = list(student_layers) or residual_stages(student, "method.student_layers")
+    ``role`` names the network in errors and in the config keys: ``method.<role>_layers``.
+    """
+
+    def __init__(self, network: nn.Module, teacher: nn.Module, network_layers: list[str],
+                 teacher_layers: list[str], image_size: int, role: str = "student"):
+        key = f"method.{role}_layers"
+        self.network_layers = list(network_layers) or residual_stages(network, key)
         self.teacher_layers = list(teacher_layers) or residual_stages(teacher, "method.teacher_layers")
-        if len(self.student_layers) != len(self.teacher_layers):
+        if len(self.network_layers) != len(self.teacher_layers):
             raise KdscaleError(
-                f"attention transfer pairs student layers {self.student_layers} with teacher layers "
-                f"{self.teacher_layers}, which differ in number; set method.student_layers and "
-                f"method.teacher_layers to lists of the same length")
-        feature_shapes(student, self.student_layers, image_size, where="method.student_layers (student)")
+                f"attention transfer pairs {role} layers {self.network_layers} with teacher layers "
+                f"{self.teacher_layers}, which differ in number; set {key} and method.teacher_layers to lists "
+                f"of the same length")
+        feature_shapes(network, self.network_layers, image_size, where=f"{key} ({role})")
         feature_shapes(teacher, self.teacher_layers, image_size, where="method.teacher_layers (teacher)")
-        self.taps = FeatureTaps(student, self.student_layers, where="student")
+        self.taps = FeatureTaps(network, self.network_layers, where=role)
 
     def loss(self, teacher_features: dict[str, torch.Tensor], beta: float, mode: str) -> torch.Tensor:
-        """AT between the student's last forward and the given (frozen) teacher features."""
-        student_features = self.taps.pop()
-        return attention_transfer([student_features[name] for name in self.student_layers],
+        """AT between the network's last forward and the given (frozen) teacher features."""
+        features = self.taps.pop()
+        return attention_transfer([features[name] for name in self.network_layers],
                                   [teacher_features[name].detach() for name in self.teacher_layers], beta, mode)

@@ -49,6 +49,8 @@ class MethodContext:
     teacher_name: str = ""
     label_smoothing: float = 0.0
     teacher: nn.Module | None = None
+    teacher_pretrained: bool = False
+    """Whether ``teacher`` was loaded from ``teacher.weights``."""
     """The frozen teacher (read-only, for shapes and architecture), or the trainable
     teacher the method must own, by ``teacher_role``."""
     build_model: Callable[[str], nn.Module] | None = None
@@ -80,12 +82,18 @@ class Distiller(nn.Module):
         self.student = student
         self.params = params
         self.label_smoothing = ctx.label_smoothing
+        self.epoch = 0
 
     # -- the contract ---------------------------------------------------------------
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor,
                       teacher_output: TeacherOutput | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits and the loss terms of one step (of the only phase)."""
         raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch's steps (0-based, also after a resume);
+        methods whose weights follow the epoch (FFCL's ramp-up) read ``self.epoch``."""
+        self.epoch = epoch
 
     def forward_phase(self, phase: str, images, targets, teacher_output):
         """Loss terms of one optimizer phase; multi-phase methods override this."""

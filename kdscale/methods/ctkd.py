@@ -1,19 +1,36 @@
-"""``ctkd``: collaborative teaching KD, Zhao, Sun, Dong, Chen & Dong, "Highlight Every
-Step: Knowledge Distillation via Collaborative Teaching", arXiv:1907.09643 (2019).
+"""``ctkd``: **collaborative teaching** KD, Zhao, Sun, Dong, Chen & Dong, "Highlight Every
+Step: Knowledge Distillation via Collaborative Teaching", arXiv:1907.09643, IEEE Trans.
+Cybernetics 2020 (code: github HaoranZhao1988/CTKD, ``train.py``, derived from Rocket
+Launching). Not *Curriculum Temperature* KD, which mdistiller also calls CTKD.
 
-Two teachers: a **scratch teacher** R trains from scratch beside the student and guides it
-step by step along its path; a frozen **expert teacher** E guides it through attention::
+Two teachers: a **scratch teacher** R trains from scratch beside the student S, and the two
+are branches that share the stem; a frozen **expert teacher** E guides through attention.
+One optimizer steps both branches on the sum of the terms:
 
-    L_R = CE(z_R, y)
-    L_S = ce_weight * CE(z_S, y) + alpha * T^2 KL(sg(p_R^T) || p_S^T) + AT(S, E)
-    total = L_S + L_R      (one optimizer step for S and R)
+- ``scratch_ce = CE(z_R, y)`` and ``ce = CE(z_S, y)``; verified (``train.py``).
+- ``hint = gamma * sum_classes (sg(z_R) - z_S)^2 / B`` (``hint: mse_sum``); verified
+  (``train.py``: the squared error summed over classes, over the batch size; the scratch
+  logits detached, ``--grad_block``). ``hint: kl`` uses ``gamma * T^2 KL(sg(p_R^T) || p_S^T)``
+  instead (an option, not the code).
+- ``at_scratch = beta * sum_j at(R_j, E_j)`` (AT code form, no 1/2); verified: the code
+  zips the feature list ``[R_0, R_1, R_2, S_0, S_1, S_2]`` with the expert's
+  ``[E_0, E_1, E_2]``, so the expert's attention reaches the **scratch teacher's** groups,
+  and the student only through the shared stem.
 
-Inferred, since neither code nor the full text was available (see the project's method
-notes): the loss combination above, the defaults T=4, alpha=0.9, beta=1e3, and the
-scratch teacher's architecture (the expert's unless ``scratch_teacher`` names another).
-``path_loss: mse`` replaces the KL path term by the MSE between logits (the "rocket
-launching" hint form, ``alpha * mean (z_S - sg(z_R))^2``). AT is computed as in ``at``
-(code form, residual stages, student maps resized to the teacher's).
+Choices, each configurable:
+- ``at_target``: ``scratch`` (default, the code), ``student`` (as the abstract reads: the
+  expert guides the student; term ``at_student``), or ``both``.
+- ``share_stem: true`` (verified: one ``conv0`` for both branches): the student's stem
+  (the modules before its first residual stage) is the scratch teacher's too, one set of
+  parameters; BN running statistics stay per branch. The stems must have the same
+  parameter shapes (otherwise a clear error); ``false`` gives two separate networks. The
+  code's ``--param_share`` (student blocks = the first blocks of R's groups) is not offered.
+- ``gamma = 0.03`` and ``beta = 1e3`` (inferred: the code defaults both to 0; these are the
+  values of Rocket Launching's README runs). ``T = 4`` for ``hint: kl`` (the code's
+  default temperature, used there only for a logged KL to the expert, not trained on).
+- The scratch teacher's architecture is the expert's unless ``scratch_teacher`` names
+  another (the code: ``--depth``); AT layers default to the residual stages, paired by
+  position, maps resized to the expert's size (as in ``at``).
 """
 
 from __future__ import annotations
@@ -21,17 +38,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch.nn.functional as F
-
-from kdscale.methods.attention import StudentTeacherAttention
+from kdscale.methods.attention import AttentionToTeacher
 from kdscale.methods.base import Distiller, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
+from kdscale.models.stem import share_stem
 
 
 @register_method
 class CTKD(Distiller):
     name = "ctkd"
-    description = "Collaborative teaching: a scratch teacher guides each step, a frozen expert guides attention."
+    description = ("Collaborative teaching (not curriculum temperature): a scratch-teacher branch guides each step, "
+                   "a frozen expert guides attention.")
     teacher_role = "frozen"
     teacher_outputs = ("features",)
     trainable_networks = ("student", "scratch_teacher")
@@ -39,40 +56,55 @@ class CTKD(Distiller):
     @dataclass
     class Params:
         scratch_teacher: str = ""
+        gamma: float = 0.03
+        hint: Literal["mse_sum", "kl"] = "mse_sum"
         temperature: float = 4.0
-        alpha: float = 0.9
-        path_loss: Literal["kl", "mse"] = "kl"
         beta: float = 1000.0
         at_mode: Literal["code", "paper"] = "code"
+        at_target: Literal["scratch", "student", "both"] = "scratch"
+        share_stem: bool = True
         ce_weight: float = 1.0
         scratch_ce_weight: float = 1.0
         student_layers: list[str] = field(default_factory=list)
+        scratch_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
         self.scratch_teacher = ctx.build_model(params.scratch_teacher or ctx.teacher_name)
-        self.attention = StudentTeacherAttention(student, ctx.teacher, params.student_layers,
-                                                 params.teacher_layers, ctx.image_size)
+        self.shared_stem = share_stem(student, self.scratch_teacher, "student", "scratch teacher") \
+            if params.share_stem else []
+        self.attention = {}
+        if params.at_target in ("scratch", "both"):
+            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, ctx.teacher, params.scratch_layers,
+                                                              params.teacher_layers, ctx.image_size, "scratch")
+        if params.at_target in ("student", "both"):
+            self.attention["at_student"] = AttentionToTeacher(student, ctx.teacher, params.student_layers,
+                                                              params.teacher_layers, ctx.image_size, "student")
 
     def teacher_feature_layers(self):
-        return self.attention.teacher_layers
+        return next(iter(self.attention.values())).teacher_layers
 
     def forward_train(self, images, targets, teacher_output):
         p = self.params
         scratch_logits = self.scratch_teacher(images)
         logits = self.student(images)
-        guide = scratch_logits.detach()
-        if p.path_loss == "kl":
-            path = soft_kl(guide, logits, p.temperature)
+        guide = scratch_logits.detach().float()
+        if p.hint == "mse_sum":
+            hint = (guide - logits.float()).pow(2).sum() / logits.shape[0]
         else:
-            path = F.mse_loss(logits.float(), guide.float())
-        return logits, {
+            hint = soft_kl(guide, logits, p.temperature)
+        terms = {
             "scratch_ce": p.scratch_ce_weight * cross_entropy(scratch_logits, targets, self.label_smoothing),
             "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
-            "path": p.alpha * path,
-            "at": self.attention.loss(teacher_output.features, p.beta, p.at_mode),
+            "hint": p.gamma * hint,
         }
+        for name, attention in self.attention.items():
+            terms[name] = attention.loss(teacher_output.features, p.beta, p.at_mode)
+        return logits, terms
 
     def evaluation_logits(self, images, teacher_output=None):
-        return {"student": self.student(images), "scratch_teacher": self.scratch_teacher(images)}
+        logits = {"student": self.student(images), "scratch_teacher": self.scratch_teacher(images)}
+        for attention in self.attention.values():
+            attention.taps.pop()  # evaluation computes no AT; drop what the taps recorded
+        return logits

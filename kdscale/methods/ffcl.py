@@ -3,30 +3,43 @@ of Distributed Sensor Networks 17(11), 2021 (doi:10.1177/15501477211057037).
 
 Teacher and student train together from scratch and teach each other; their last-stage
 features are concatenated into a fused feature map whose classifier carries knowledge
-back to both. Only the abstract was available, so the losses follow FFL (Kim et al. 2019,
-"Feature Fusion for Online Mutual Knowledge Distillation"), as the project's method notes
-infer. With ``T = 3`` and every KL term scaled by ``T^2``:
+back to both. Only the abstract was available, so the core is FFL (Kim et al. 2019,
+"Feature Fusion for Online Mutual Knowledge Distillation"), verified from its code
+(github Jangho-Kim/FFL-pytorch: ``train_FFL.py``, ``our_network.py``, ``utils.py``).
+With ``T = 3`` and every KL term scaled by ``T^2``, targets detached:
 
-- CE for the teacher, the student and the fused head;
-- mutual: ``KL(sg(p_T) || p_S)`` and ``KL(sg(p_S) || p_T)``;
-- fused -> networks: ``KL(sg(p_F) || p_S)`` and ``KL(sg(p_F) || p_T)``;
-- ensemble -> fused: ``KL(sg((p_S + p_T) / 2) || p_F)``;
-- mid-layer mutual attention (AT code form, ``at_beta``) in both directions, each against
-  the other network's detached maps, over the residual stages but the last;
-- "positive knowledge": a teacher-free self-distillation term per network,
-  ``pk_weight * KL(q || p_X)`` at T=1 with a virtual teacher ``q`` that puts
-  ``pk_correct_prob`` on the label and spreads the rest evenly (after Yuan et al. 2020).
+- ``ce``, ``teacher_ce``, ``fused_ce``: CE of the student, the teacher and the fused head
+  (``ce_weight``, 1); verified.
+- ``fused_to_student``, ``fused_to_teacher``: ``w(e) * KL(sg(p_F) || p_X)``; verified.
+- ``ensemble_to_fused``: ``w(e) * KL(sg(softmax(mean(z_S, z_T) / T)) || p_F)``, the softmax
+  of the mean of the **logits**; verified.
+- ``w(e) = exp(-5 (1 - e / rampup_epochs)^2)`` for the 0-based epoch ``e`` below
+  ``rampup_epochs = 80``, then 1; verified (``sigmoid_rampup``). 0 turns it off.
+- Fusion module: depthwise 3x3 conv on the concatenated 2C channels + BN + ReLU, 1x1 conv
+  2C -> C + BN + ReLU, global average pooling, linear head; verified (``Fusion_module``).
+  With unequal widths it reduces to half the concatenated channels (inferred); a larger
+  feature map is average-pooled to the smaller size (inferred).
+- The fusion module has its own weight decay, ``fusion_weight_decay = 1e-5`` (verified:
+  its own SGD); the networks use ``optim.weight_decay``.
+- FFL's KL adds 1e-7 to the target probabilities; kdscale does not (a change below 1e-6).
 
-Choices (all inferred, all configurable): the fusion module is depthwise 3x3 conv + BN +
-ReLU, 1x1 conv + BN + ReLU, global pooling and a linear head over the concatenated
-channels; a feature map larger than the other is average-pooled to the smaller size;
-fusion gradients flow back into both networks (``detach_fusion_inputs: false``); weights
-1, ``at_beta = 1000``, ``pk_weight = 0.5``, ``pk_correct_prob = 0.9``.
+FFCL's extras, inferred from its abstract, each behind its own weight (all 0 runs plain
+FFL, ``configs/ffl_cifar100.yaml``):
+- ``mutual_to_student``, ``mutual_to_teacher``: ``w(e) * mutual_weight * KL(sg(p_T) || p_S)``
+  and the reverse (response-based knowledge between the two networks);
+- ``at_to_student``, ``at_to_teacher``: AT (code form, ``at_beta``) over the residual
+  stages but the last, each network against the other's detached maps (feature-based);
+- ``pk_student``, ``pk_teacher``: "positive knowledge", ``pk_weight * KL(q || p_X)`` at T=1
+  with a virtual teacher ``q`` that puts ``pk_correct_prob`` on the label and spreads the
+  rest evenly (after Yuan et al. 2020).
+Fusion gradients flow back into both networks (``detach_fusion_inputs: false``), as in FFL.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +51,35 @@ from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
 
 
 class FusionModule(nn.Module):
-    """Concatenated feature maps -> fused logits."""
+    """Two feature maps -> concatenation -> depthwise 3x3 + BN + ReLU -> 1x1 (halving the
+    channels) + BN + ReLU -> global pooling -> fused logits (FFL's ``Fusion_module``)."""
 
     def __init__(self, channels: int, num_classes: int):
         super().__init__()
+        reduced = channels // 2
         self.depthwise = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
-                                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-        self.pointwise = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
-                                       nn.ReLU(inplace=True))
-        self.fc = nn.Linear(channels, num_classes)
+                                       nn.BatchNorm2d(channels), nn.ReLU())
+        self.pointwise = nn.Sequential(nn.Conv2d(channels, reduced, 1, bias=False), nn.BatchNorm2d(reduced),
+                                       nn.ReLU())
+        self.fc = nn.Linear(reduced, num_classes)
+        for module in self.modules():  # FFL's init: normal(0, sqrt(2 / (k * k * out_channels)))
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         size = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
         a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
         fused = self.pointwise(self.depthwise(torch.cat([a, b], dim=1)))
         return self.fc(fused.mean(dim=(2, 3)))
+
+
+def sigmoid_rampup(epoch: int, length: float) -> float:
+    """``exp(-5 (1 - e / length)^2)`` up to ``length`` epochs, then 1 (Laine & Aila 2017, as in FFL)."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
 
 
 def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
@@ -74,9 +101,12 @@ class FFCL(Distiller):
     class Params:
         temperature: float = 3.0
         ce_weight: float = 1.0
-        mutual_weight: float = 1.0
         fused_weight: float = 1.0
         ensemble_weight: float = 1.0
+        rampup_epochs: float = 80.0
+        fusion_weight_decay: Optional[float] = 1e-5
+        """None: the networks' ``optim.weight_decay``."""
+        mutual_weight: float = 1.0
         at_beta: float = 1000.0
         pk_weight: float = 0.5
         pk_correct_prob: float = 0.9
@@ -97,6 +127,13 @@ class FFCL(Distiller):
         self.s_taps = FeatureTaps(student, self.s_mid + self.s_layers, "student")
         self.t_taps = FeatureTaps(self.teacher, self.t_mid + self.t_layers, "teacher")
 
+    def optimizer_groups(self, phase):
+        networks = [p for name, p in self.named_parameters() if not name.startswith("fusion.")]
+        fusion = {"params": list(self.fusion.parameters()), "lr_scale": 1.0}
+        if self.params.fusion_weight_decay is not None:
+            fusion["weight_decay"] = self.params.fusion_weight_decay
+        return [{"params": networks, "lr_scale": 1.0}, fusion]
+
     def _fused(self, s_features, t_features):
         s_last, t_last = s_features[self.s_layers[0]], t_features[self.t_layers[0]]
         if self.params.detach_fusion_inputs:
@@ -105,21 +142,22 @@ class FFCL(Distiller):
 
     def forward_train(self, images, targets, teacher_output):
         p, t = self.params, self.params.temperature
+        ramp = sigmoid_rampup(self.epoch, p.rampup_epochs)
         z_s, z_t = self.student(images), self.teacher(images)
         s_feat, t_feat = self.s_taps.pop(), self.t_taps.pop()
         z_f = self._fused(s_feat, t_feat)
-        ensemble = (F.softmax(z_s.detach().float() / t, 1) + F.softmax(z_t.detach().float() / t, 1)) / 2
+        ensemble = (z_s.detach().float() + z_t.detach().float()) / 2
         q = virtual_teacher(targets, self.num_classes, p.pk_correct_prob)
         s_mid, t_mid = [s_feat[n] for n in self.s_mid], [t_feat[n] for n in self.t_mid]
         return z_s, {
             "ce": p.ce_weight * cross_entropy(z_s, targets, self.label_smoothing),
             "teacher_ce": p.ce_weight * cross_entropy(z_t, targets, self.label_smoothing),
             "fused_ce": p.ce_weight * cross_entropy(z_f, targets, self.label_smoothing),
-            "mutual_to_student": p.mutual_weight * soft_kl(z_t.detach(), z_s, t),
-            "mutual_to_teacher": p.mutual_weight * soft_kl(z_s.detach(), z_t, t),
-            "fused_to_student": p.fused_weight * soft_kl(z_f.detach(), z_s, t),
-            "fused_to_teacher": p.fused_weight * soft_kl(z_f.detach(), z_t, t),
-            "ensemble_to_fused": p.ensemble_weight * soft_kl_to_probs(ensemble, z_f, t),
+            "fused_to_student": ramp * p.fused_weight * soft_kl(z_f.detach(), z_s, t),
+            "fused_to_teacher": ramp * p.fused_weight * soft_kl(z_f.detach(), z_t, t),
+            "ensemble_to_fused": ramp * p.ensemble_weight * soft_kl(ensemble, z_f, t),
+            "mutual_to_student": ramp * p.mutual_weight * soft_kl(z_t.detach(), z_s, t),
+            "mutual_to_teacher": ramp * p.mutual_weight * soft_kl(z_s.detach(), z_t, t),
             "at_to_student": attention_transfer(s_mid, [f.detach() for f in t_mid], p.at_beta),
             "at_to_teacher": attention_transfer(t_mid, [f.detach() for f in s_mid], p.at_beta),
             "pk_student": p.pk_weight * soft_kl_to_probs(q, z_s, 1.0),

@@ -43,11 +43,16 @@ def attention_map(feature: torch.Tensor, size: tuple[int, int] | None = None) ->
 
 def attention_transfer(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
                        beta: float, mode: str = "code") -> torch.Tensor:
-    """``beta/2 * sum_j mean_{batch, positions} (q_S^j - q_T^j)^2`` (``mode="code"``, the
-    authors' released code, which the published beta=1e3 goes with).
+    """Attention transfer (Zagoruyko & Komodakis 2017) summed over the paired layers ``j``.
 
-    ``mode="paper"``: the sum over positions instead of the mean, i.e. the squared L2
-    distance of the normalised maps averaged over the batch (the code form times H*W).
+    ``mode="code"`` (default; verified: szagoruyko/attention-transfer ``utils.py``/``cifar.py``,
+    ``beta * sum(at_losses)`` with ``at_loss = (at(x) - at(y)).pow(2).mean()``; RepDistiller
+    and torchdistill's ``mode: code`` alike): ``beta * sum_j mean_{batch, positions}
+    (q_S^j - q_T^j)^2``. The published ``beta = 1e3`` goes with this form. No factor 1/2.
+
+    ``mode="paper"`` (Eq. 2 of the paper): ``beta/2 * sum_j mean_batch ||q_S^j - q_T^j||_2``,
+    the L2 norm itself (not its square) over the positions.
+
     Student maps are resized to the teacher's spatial size. Gradients reach both sides
     unless the caller detaches one.
     """
@@ -55,9 +60,11 @@ def attention_transfer(student_features: list[torch.Tensor], teacher_features: l
     for fs, ft in zip(student_features, teacher_features, strict=True):
         qt = attention_map(ft)
         qs = attention_map(fs, size=tuple(ft.shape[-2:]))
-        squared = (qs - qt).pow(2)
-        total = total + (squared.sum(dim=1).mean() if mode == "paper" else squared.mean())
-    return beta / 2 * total
+        if mode == "paper":
+            total = total + (qs - qt).norm(p=2, dim=1).mean()
+        else:
+            total = total + (qs - qt).pow(2).mean()
+    return beta / 2 * total if mode == "paper" else beta * total
 
 
 def soft_kl_to_probs(target_probs: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0,

@@ -16,13 +16,16 @@ Choices:
   so its BN statistics drift; the paper describes a fixed teacher, which kdscale keeps.
 - ``bridge_input`` defaults to the teacher's second-to-last residual stage; ``bridge_layers``
   to its last stage plus the BN/ReLU that follow it (WRN: ``block3, bn1, relu``; ResNet:
-  ``layer3`` or ``layer4``). Copies get PyTorch's default re-initialisation.
+  ``layer3`` or ``layer4``). The copies are re-initialised as the authors' ``models/wrn.py``
+  initialises its auxiliary block: conv normal(0, sqrt(2/n)), n = k*k*out_channels; BN
+  1 and 0; linear bias 0 (verified).
 - The KBM branch is evaluated as ``val/kbm_top1`` (the paper's "improved teacher").
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +68,24 @@ def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_cl
     except RuntimeError as err:
         raise KdscaleError(f"method.bridge_layers {layers} do not accept the output of method.bridge_input "
                            f"{input_layer!r} (shape {tuple(input_shape)}): {str(err).splitlines()[0]}") from None
-    return nn.Sequential(body.train(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    bridge = nn.Sequential(body.train(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    wrn_init(bridge)
+    return bridge
+
+
+def wrn_init(module: nn.Module) -> None:
+    """The WRN initialisation of the authors' ``models/wrn.py``: conv weights
+    normal(0, sqrt(2 / (k * k * out_channels))), BN weight 1 and bias 0, linear bias 0
+    (linear weights keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 @register_method

@@ -149,7 +149,11 @@ class Trainer:
         stopped_early = False
         self.preempted = False
         preempt_file = cfg.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
+        self.teacher_best = None
+        if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
+            self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
         while self.epoch < cfg.epochs and self.step < stop_at and not self.preempted:
+            self.distiller.set_epoch(self.epoch)
             loader = iter(self._train_loader())
             self.skipped: dict[int, int] = {}
             while True:
@@ -200,9 +204,7 @@ class Trainer:
             if self.batches_done >= self.plan.micro_batches_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 if self.epoch == cfg.epochs or self.epoch % cfg.eval_every_epochs == 0:
-                    self.last_metrics = self.validate()
-                    self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
-                    bar.write(self._format_metrics(self.last_metrics))
+                    self._record_validation(bar)
                 self.save()
             elif self.step >= stop_at or self.preempted:
                 stopped_early = True
@@ -211,6 +213,19 @@ class Trainer:
             print(f"kdscale: preempted: checkpoint at step {self.step} written; relaunch to resume", flush=True)
         bar.close()
         return self._finish(stopped_early)
+
+    def _record_validation(self, bar: ProgressBar) -> None:
+        self.last_metrics = self.validate()
+        self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
+        bar.write(self._format_metrics(self.last_metrics))
+        accuracy = self.last_metrics.get("val/teacher_top1")
+        if self.distiller.teacher_role != "trainable" or accuracy is None:
+            return
+        if self.teacher_best is not None and accuracy < self.teacher_best - 10 and self.is_main:
+            print(f"kdscale: warning: the trained teacher's val/teacher_top1 fell to {accuracy:.2f}, more than 10 "
+                  f"points below its best of {self.teacher_best:.2f} (step {self.step}); the student learns from "
+                  f"it: check the teacher's lr (e.g. method.teacher_lr_scale)", flush=True)
+        self.teacher_best = max(accuracy, self.teacher_best or accuracy)
 
     def _preempt_requested(self, path: str) -> bool:
         """Rank 0 looks for the file; all ranks learn the answer at the same step."""

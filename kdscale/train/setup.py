@@ -99,6 +99,15 @@ def _output_classes(model: nn.Module, image_size: int) -> int:
     return out.shape[-1]
 
 
+def _check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Module) -> None:
+    student_classes = _output_classes(student, cfg.data.image_size)
+    teacher_classes = _output_classes(teacher, cfg.data.image_size)
+    if student_classes != teacher_classes:
+        raise KdscaleError(f"teacher {cfg.teacher.name} predicts {teacher_classes} classes but student "
+                           f"{cfg.student.name} predicts {student_classes}; they must match "
+                           f"(check teacher.num_classes, student.num_classes and data.num_classes)")
+
+
 def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
                     world_size: int = 1) -> tuple[Distiller, FrozenTeacher | None]:
     method_cls = get_method_class(cfg.method.name)
@@ -116,19 +125,18 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
             warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher",
                           stacklevel=2)
         teacher_model = _build(cfg.teacher, num_classes, "teacher")
-        student_classes = _output_classes(student, cfg.data.image_size)
-        teacher_classes = _output_classes(teacher_model, cfg.data.image_size)
-        if student_classes != teacher_classes:
-            raise KdscaleError(f"teacher {cfg.teacher.name} predicts {teacher_classes} classes but student "
-                               f"{cfg.student.name} predicts {student_classes}; they must match "
-                               f"(check teacher.num_classes, student.num_classes and data.num_classes)")
+        if role == "frozen":
+            _check_same_classes(cfg, student, teacher_model)
     elif cfg.teacher is not None and not from_shards:
         warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
     ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, student_name=cfg.student.name,
                         teacher_name=cfg.teacher.name if teacher_model is not None else "",
                         label_smoothing=cfg.train.label_smoothing, teacher=teacher_model,
+                        teacher_pretrained=teacher_model is not None and bool(cfg.teacher.weights),
                         build_model=lambda name: build_model(name, num_classes, where="method"))
     distiller = method_cls(student, cfg.method.params, ctx)
+    if role == "trainable" and teacher_model is not None:  # checked after the method may have re-headed it
+        _check_same_classes(cfg, student, distiller.teacher)
     frozen = None
     sharding = cfg.distributed.teacher_sharding
     if sharding == "zero3" and role != "frozen":
