@@ -88,7 +88,8 @@ def cmd_methods(_args) -> None:
     for name, cls in sorted(METHODS.items()):
         networks = ", ".join(cls.trainable_networks)
         needs = ", ".join(cls.teacher_outputs) or "none"
-        print(f"{name:10s} {cls.description}\n{'':10s} trains: {networks}; frozen-teacher outputs: {needs}")
+        print(f"{name:10s} {cls.description}\n{'':10s} source: {cls.paper}\n{'':10s} trains: {networks}; "
+              f"frozen-teacher outputs: {needs}")
 
 
 def read_summary(run_dir: str) -> dict:

@@ -149,6 +149,11 @@ def test_prokt_teacher_initialisation():
     assert generic.teacher.conv1.weight.any()
     converged, _ = build_method("prokt", "resnet8", "resnet20", teacher_init="converged")
     assert converged.teacher.fc.weight.any()
+    from kdscale.errors import KdscaleError
+
+    with pytest.raises(KdscaleError, match="method.teacher_init=scratch trains the teacher from random weights, but "
+                                           "teacher.weights is set"):
+        build_method("prokt", "resnet8", "resnet20", teacher_init="scratch")  # the helper loads teacher weights
 
 
 def test_prokt_dual_variant_updates_beta():

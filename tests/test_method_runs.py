@@ -24,7 +24,7 @@ EXPECTED = {
     "kd": ({"ce", "kd"}, {"student", "teacher"}),
     "at": ({"ce", "at"}, {"student", "teacher"}),
     "dml": ({"ce", "kl", "peer1_ce", "peer1_kl"}, {"student", "peer1"}),
-    "ctkd": ({"scratch_ce", "ce", "path", "at"}, {"student", "scratch_teacher", "teacher"}),
+    "ctkd": ({"scratch_ce", "ce", "hint", "at_scratch"}, {"student", "scratch_teacher", "teacher"}),
     "prokt": ({"teacher_ce", "teacher_kl", "kd", "ce"}, {"student", "teacher"}),
     "ffcl": ({"ce", "teacher_ce", "fused_ce", "mutual_to_student", "mutual_to_teacher", "fused_to_student",
               "fused_to_teacher", "ensemble_to_fused", "at_to_student", "at_to_teacher", "pk_student",
@@ -111,8 +111,11 @@ def test_every_shipped_config_builds_its_method(tmp_path):
     (["method.name=at", "teacher.name=resnet20", "method.teacher_layers=[layer1,layer9,layer3]"],
      "method.teacher_layers (teacher): CifarResNet has no layer 'layer9'; valid top-level layers: conv1, bn1, relu, "
      "layer1, layer2, layer3, avgpool, fc"),
-    (["method.name=ctkd", "teacher.name=resnet20", "method.student_layers=[layer2,layer3]"],
-     "which differ in number; set method.student_layers and method.teacher_layers"),
+    (["method.name=ctkd", "teacher.name=resnet20", "method.scratch_layers=[layer2,layer3]"],
+     "which differ in number; set method.scratch_layers and method.teacher_layers"),
+    (["method.name=ctkd", "teacher.name=resnet20", "student.name=wrn_16_2"],
+     "method.share_stem: the student's stem (conv1.weight (16, 3, 3, 3)) and the scratch teacher's stem "
+     "(conv1.weight (16, 3, 3, 3), bn1.weight (16,), bn1.bias (16,)) differ"),
     (["method.name=sokd", "teacher.name=resnet20", "method.bridge_input=layer1", "method.bridge_layers=[layer3]"],
      "method.bridge_layers ['layer3'] do not accept the output of method.bridge_input 'layer1' (shape (16, 32, 32))"),
     (["method.name=prokt", "teacher.name=resnet20", "train.grad_accum_steps=2"],

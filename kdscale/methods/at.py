@@ -32,6 +32,7 @@ from kdscale.methods.losses import cross_entropy
 @register_method
 class AT(Distiller):
     name = "at"
+    paper = "Zagoruyko & Komodakis 2017, attention transfer"
     description = "Attention transfer: match normalised spatial attention maps of a frozen teacher."
     teacher_role = "frozen"
     teacher_outputs = ("features",)

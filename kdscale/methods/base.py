@@ -66,6 +66,8 @@ class Distiller(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    """Authors, year and the method's full name: shown by ``kdscale methods`` and tagged in wandb."""
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"

@@ -47,6 +47,7 @@ from kdscale.models.stem import share_stem
 @register_method
 class CTKD(Distiller):
     name = "ctkd"
+    paper = "Zhao et al. 2019, collaborative teaching (not curriculum temperature)"
     description = ("Collaborative teaching (not curriculum temperature): a scratch-teacher branch guides each step, "
                    "a frozen expert guides attention.")
     teacher_role = "frozen"

@@ -26,6 +26,7 @@ from kdscale.methods.losses import cross_entropy, soft_kl
 @register_method
 class DML(Distiller):
     name = "dml"
+    paper = "Zhang et al. 2018, deep mutual learning"
     description = "Deep mutual learning: peers trained from scratch, each matching the others' predictions."
     trainable_networks = ("student", "peer1..peerK")
 

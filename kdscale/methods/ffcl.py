@@ -93,6 +93,7 @@ def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float
 @register_method
 class FFCL(Distiller):
     name = "ffcl"
+    paper = "Li et al. 2021, feature-fusion collaborative learning"
     description = "Feature-fusion collaborative learning: teacher and student learn together through a fused head."
     teacher_role = "trainable"
     trainable_networks = ("student", "teacher", "fusion")

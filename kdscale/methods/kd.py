@@ -19,6 +19,7 @@ from kdscale.methods.losses import cross_entropy, soft_kl
 @register_method
 class KD(Distiller):
     name = "kd"
+    paper = "Hinton et al. 2015, knowledge distillation"
     description = "Hinton KD: CE plus temperature-scaled KL to a frozen teacher's logits."
     teacher_role = "frozen"
     teacher_outputs = ("logits",)

@@ -104,6 +104,7 @@ def replace_classifier(network: nn.Module, num_classes: int, zero: bool) -> None
 @register_method
 class ProKT(Distiller):
     name = "prokt"
+    paper = "Shi et al. 2021, progressive knowledge teaching"
     description = "Progressive KD: the teacher trains toward what the student can reach; two steps per iteration."
     teacher_role = "trainable"
     teacher_outputs = ()

@@ -91,6 +91,7 @@ def wrn_init(module: nn.Module) -> None:
 @register_method
 class SOKD(Distiller):
     name = "sokd"
+    paper = "Liu et al. 2021, semi-online KD"
     description = "Semi-online KD: a trainable bridge on a frozen teacher teaches the student and learns from it."
     teacher_role = "frozen"
     teacher_outputs = ("logits", "features")

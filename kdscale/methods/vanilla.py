@@ -12,6 +12,7 @@ from kdscale.methods.losses import cross_entropy
 @register_method
 class Vanilla(Distiller):
     name = "vanilla"
+    paper = "cross-entropy alone"
     description = "The student alone with cross-entropy (teacher training, baselines)."
 
     def forward_train(self, images, targets, teacher_output):

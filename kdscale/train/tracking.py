@@ -38,7 +38,11 @@ def resolve_wandb_mode(configured: str) -> str:
 
 
 def run_tags(cfg: ExperimentConfig) -> list[str]:
-    tags = [f"method:{cfg.method.name}", f"dataset:{cfg.experiment.dataset}", f"student:{cfg.student.name}"]
+    from kdscale.methods import get_method_class
+
+    paper = get_method_class(cfg.method.name).paper
+    tags = [f"method:{cfg.method.name}", f"paper:{paper}"[:64], f"dataset:{cfg.experiment.dataset}",
+            f"student:{cfg.student.name}"]
     if cfg.teacher is not None:
         tags.append(f"teacher:{cfg.teacher.name}")
     return tags + list(cfg.wandb.tags)

@@ -1,0 +1,63 @@
+"""Pinned short loss curves: every method's loss terms over its first steps on fixed tiny
+data, so that a refactor cannot change the math silently.
+
+``python tests/loss_curves.py --write`` regenerates ``tests/golden/loss_curves.json``; do
+that only for a change of the math that is meant (and say so in the commit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from method_helpers import batch, build_method  # noqa: E402
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "loss_curves.json")
+STEPS = 3
+# name -> (method, teacher, params, epoch)
+CASES = {
+    "vanilla": ("vanilla", None, {}, 0),
+    "kd": ("kd", "resnet20", {}, 0),
+    "at": ("at", "resnet20", {}, 0),
+    "dml": ("dml", None, {}, 0),
+    "ctkd": ("ctkd", "resnet20", {}, 0),
+    "prokt": ("prokt", "resnet20", {}, 0),
+    "prokt-converged-dual": ("prokt", "resnet20", {"teacher_init": "converged", "dual": True}, 0),
+    "ffcl-epoch40": ("ffcl", "resnet20", {}, 40),
+    "sokd": ("sokd", "wrn_16_2", {}, 0),
+}
+
+
+def loss_curve(case: str) -> list[dict[str, float]]:
+    """Per step, every loss term's value (summed over the step's phases)."""
+    name, teacher, params, epoch = CASES[case]
+    method, frozen = build_method(name, "resnet8", teacher, **params)
+    method.set_epoch(epoch)
+    optimizers = {phase: torch.optim.SGD([{k: v for k, v in g.items() if k != "lr_scale"}
+                                          for g in method.optimizer_groups(phase)], lr=0.05, momentum=0.9,
+                                         weight_decay=5e-4)
+                  for phase in method.optimizer_phases}
+    curve = []
+    for step in range(STEPS):
+        images, targets = batch(size=8, seed=100 + step)
+        terms = {}
+        for phase, optimizer in optimizers.items():
+            optimizer.zero_grad(set_to_none=True)
+            _, losses = method(images, targets, frozen(images) if frozen else None, phase=phase)
+            sum(losses.values()).backward()
+            optimizer.step()
+            terms.update({k: v.item() for k, v in losses.items()})
+        curve.append(terms)
+    return curve
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/loss_curves.py --write")
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as fh:
+        json.dump({case: loss_curve(case) for case in CASES}, fh, indent=1, sort_keys=True)
+    print(f"wrote {GOLDEN}")
