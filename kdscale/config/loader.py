@@ -1,8 +1,9 @@
 """Load an experiment config: YAML file + dotted command-line overrides -> typed schema.
 
 Validation is strict: an unknown key names the nearest valid one, a value of the wrong
-type names the expected type, and both name where the key came from (the YAML file or
-the command line). YAML is read with ``safe_load`` only: configs never execute code.
+type names the expected type, a value out of its declared range (:mod:`kdscale.config.ranges`)
+names the range, and all name where the key came from (the YAML file or the command line).
+YAML is read with ``safe_load`` only: configs never execute code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from kdscale.config.ranges import check_range
 from kdscale.config.schema import ExperimentConfig, MethodSection
 from kdscale.errors import KdscaleError
 
@@ -90,7 +92,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str, source: _Source) -> Any:
     if not isinstance(raw, dict):
         raise KdscaleError(f"{source.where(prefix.rstrip('.'))}: expected a mapping (section), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
@@ -100,6 +103,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str, source: _Source) -> Any:
             kwargs[key] = build_method_section(value, source)
         else:
             kwargs[key] = coerce(hints[key], value, full, source)
+            optional = type(None) in typing.get_args(hints[key])
+            check_range(fields[key].metadata, kwargs[key], value, source.where(full), optional)
     return cls(**kwargs)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from kdscale.config.ranges import ranged
+
 
 @dataclass
 class ExperimentSection:
@@ -30,7 +32,7 @@ class ModelSpec:
     """None (random init), ``torchvision:DEFAULT`` / ``torchvision:<ENUM>``, or a file:
     a kdscale checkpoint (``path.pt`` or ``path.pt#<network>``), a state_dict ``.pt``
     or a ``.safetensors`` file."""
-    num_classes: Optional[int] = None
+    num_classes: Optional[int] = ranged(None, "the number of classes the network predicts", ge=1)
     """Defaults to ``data.num_classes``."""
 
 
@@ -43,9 +45,9 @@ class TeacherSpec(ModelSpec):
     outputs: Optional[str] = None
     """Directory of teacher-output shards: written by ``kdscale.teach``, read when
     ``source: shards``."""
-    crops_per_image: int = 10
+    crops_per_image: int = ranged(10, "crops stored per image", ge=1)
     """Crops stored per image by ``kdscale.teach`` (R)."""
-    top_k: int = 10
+    top_k: int = ranged(10, "probabilities stored per crop", ge=1)
     """Probabilities stored per crop by ``kdscale.teach``."""
 
 
@@ -54,68 +56,73 @@ class DataSection:
     train_shards: str = ""
     """Brace pattern or glob of training tar shards, e.g. ``data/train-{000000..000099}.tar``."""
     val_shards: str = ""
-    num_classes: int = 10
-    train_samples: Optional[int] = None
+    num_classes: int = ranged(10, "the number of classes", ge=1)
+    train_samples: Optional[int] = ranged(None, "samples per epoch; null reads index.json", ge=1)
     """Samples per epoch; defaults to the count in ``index.json`` beside the shards."""
-    image_size: int = 32
+    image_size: int = ranged(32, "the side of the square input images, in pixels", ge=1)
     augment: Literal["cifar", "imagenet", "none"] = "cifar"
     """``cifar``: pad 4 + random crop + flip. ``imagenet``: random-resized crop + flip."""
-    val_resize: Optional[int] = None
+    val_resize: Optional[int] = ranged(None, "the shorter side before the validation centre crop", ge=1)
     """Shorter side before the centre crop in validation; default image_size (cifar) or
     image_size * 8/7 (imagenet)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    batch_size: int = 64
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225],
+                             metadata={"gt": 0, "what": "per-channel standard deviations the inputs are divided by"})
+    batch_size: int = ranged(64, "the per-process batch size", ge=1)
     """Per process (per GPU). The global batch is batch_size x processes x grad_accum_steps."""
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    mixup_alpha: float = 0.0
+    num_workers: int = ranged(2, "loader worker processes per rank; 0 loads in the training process", ge=0)
+    shuffle_buffer: int = ranged(1000, "samples held in the shuffle buffer", ge=1)
+    mixup_alpha: float = ranged(0.0, "Mixup's Beta(alpha, alpha); 0 disables", ge=0)
     """Mixup Beta(alpha, alpha); 0 disables. Targets become soft; the teacher sees the mixed view."""
-    cutmix_alpha: float = 0.0
+    cutmix_alpha: float = ranged(0.0, "CutMix's Beta(alpha, alpha); 0 disables", ge=0)
     """CutMix Beta(alpha, alpha); 0 disables."""
-    mix_prob: float = 1.0
+    mix_prob: float = ranged(1.0, "the probability that a batch is mixed", ge=0, le=1)
     """Probability that a batch is mixed at all."""
-    mix_switch_prob: float = 0.5
+    mix_switch_prob: float = ranged(0.5, "the probability of CutMix instead of Mixup", ge=0, le=1)
     """With both enabled: probability of CutMix instead of Mixup for a batch."""
-    max_bad_samples: int = 100
+    max_bad_samples: int = ranged(100, "bad samples a worker may skip; 0 stops at the first", ge=0)
     """Corrupt, unlabelled or unreadable samples one loader worker may skip (each named in a
     warning) before the run stops with an error."""
+    loader_timeout_s: float = ranged(600.0, "seconds a loader worker may go without a batch", gt=0)
+    """A loader worker that delivers no batch for this long is an error naming the worker."""
 
 
 @dataclass
 class OptimSection:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = ranged(0.1, "the peak learning rate", gt=0)
+    momentum: float = ranged(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = ranged(5e-4, "0 turns weight decay off", ge=0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999],
+                               metadata={"ge": 0, "lt": 1, "what": "AdamW's moment decay rates"})
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: list[float] = field(default_factory=list)
+    milestones: list[float] = field(default_factory=list,
+                                    metadata={"ge": 0, "what": "epochs at which lr is multiplied by gamma"})
     """Epochs (fractions allowed) at which the multistep schedule multiplies lr by gamma."""
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    gamma: float = ranged(0.1, "the multistep schedule's lr factor", gt=0)
+    warmup_epochs: float = ranged(0.0, "epochs of linear warm-up; 0 disables", ge=0)
     """Linear warm-up from 0 to lr over this many epochs."""
-    min_lr: float = 0.0
+    min_lr: float = ranged(0.0, "the floor of the cosine schedule", ge=0)
     """Floor of the cosine schedule."""
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 1
-    grad_accum_steps: int = 1
-    clip_grad_norm: Optional[float] = None
-    label_smoothing: float = 0.0
+    epochs: int = ranged(1, "training epochs", ge=1)
+    grad_accum_steps: int = ranged(1, "micro-batches per optimizer step; 1 does not accumulate", ge=1)
+    clip_grad_norm: Optional[float] = ranged(None, "the gradient-norm limit; null does not clip", gt=0)
+    label_smoothing: float = ranged(0.0, "0 turns label smoothing off", ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on GPU, fp32 on CPU."""
     channels_last: Optional[bool] = None
     """None: channels-last on GPU only."""
-    log_every_steps: int = 20
-    eval_every_epochs: int = 1
-    checkpoint_every_steps: int = 0
+    log_every_steps: int = ranged(20, "optimizer steps between log lines", ge=1)
+    eval_every_epochs: int = ranged(1, "epochs between validations", ge=1)
+    checkpoint_every_steps: int = ranged(0, "optimizer steps between checkpoints; 0: at each epoch's end only", ge=0)
     """0: checkpoint at the end of every epoch only."""
-    keep_checkpoints: int = 2
-    stop_after_steps: Optional[int] = None
+    keep_checkpoints: int = ranged(2, "checkpoints kept in the run directory", ge=1)
+    stop_after_steps: Optional[int] = ranged(None, "null trains to the end of the schedule", ge=1)
     """Stop (with a checkpoint) after this many optimizer steps without changing the
     schedule, as a preempted job would; resume continues from there."""
     resume: bool = True
@@ -123,8 +130,17 @@ class TrainSection:
     preempt_file: Optional[str] = None
     """When this file appears (the Slurm scripts create it on the preemption signal), every
     rank stops at the same step with a checkpoint; default: ``$KDSCALE_PREEMPT_FILE``."""
-    preempt_check_steps: int = 5
+    preempt_check_steps: int = ranged(5, "optimizer steps between looks for the preemption file", ge=1)
     """How often (optimizer steps) rank 0 looks for ``preempt_file`` and tells the others."""
+    stall_timeout_s: float = ranged(900.0, "seconds a rank may go without progress", gt=0)
+    """No optimizer step, validation or checkpoint on a rank for this long: the rank dumps
+    every thread's stack, says what it waited for, and exits non-zero."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: ``stop`` ends the run with an error naming the step and each term
+    (the last good checkpoint is kept, nothing is exported); ``skip`` skips the step and
+    counts it."""
+    max_nonfinite_skips: int = ranged(10, "non-finite steps in a row before the run stops", ge=1)
+    """With nonfinite=skip: stop after this many non-finite steps in a row."""
 
 
 @dataclass
@@ -141,7 +157,7 @@ class DistributedSection:
     """``replicated``: every rank runs a full frozen-teacher replica on its micro-batch.
     ``zero3``: the frozen teacher's parameters are partitioned across ranks (teachers too
     big for one device); every rank then runs the same forward calls."""
-    timeout_s: int = 1800
+    timeout_s: int = ranged(1800, "the collective timeout in seconds", ge=1)
     """Collective timeout: a rank that stops answering ends the job after this long."""
 
 
@@ -152,7 +168,7 @@ class WandbSection:
     project: str = "kdscale"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-    init_timeout_s: float = 60.0
+    init_timeout_s: float = ranged(60.0, "seconds wandb may take to start", gt=0)
     """How long an online start may take before kdscale falls back to offline logging."""
 
 

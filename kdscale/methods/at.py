@@ -39,8 +39,8 @@ class AT(Distiller):
 
     @dataclass
     class Params:
-        beta: float = 1000.0
-        ce_weight: float = 1.0
+        beta: float = field(default=1000.0, metadata={"ge": 0})
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
         mode: Literal["code", "paper"] = "code"
         student_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)

@@ -57,15 +57,15 @@ class CTKD(Distiller):
     @dataclass
     class Params:
         scratch_teacher: str = ""
-        gamma: float = 0.03
+        gamma: float = field(default=0.03, metadata={"ge": 0})
         hint: Literal["mse_sum", "kl"] = "mse_sum"
-        temperature: float = 4.0
-        beta: float = 1000.0
+        temperature: float = field(default=4.0, metadata={"gt": 0})
+        beta: float = field(default=1000.0, metadata={"ge": 0})
         at_mode: Literal["code", "paper"] = "code"
         at_target: Literal["scratch", "student", "both"] = "scratch"
         share_stem: bool = True
-        ce_weight: float = 1.0
-        scratch_ce_weight: float = 1.0
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        scratch_ce_weight: float = field(default=1.0, metadata={"ge": 0})
         student_layers: list[str] = field(default_factory=list)
         scratch_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)

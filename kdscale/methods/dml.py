@@ -33,9 +33,9 @@ class DML(Distiller):
     @dataclass
     class Params:
         peers: list[str] = field(default_factory=list)
-        temperature: float = 1.0
-        ce_weight: float = 1.0
-        kl_weight: float = 1.0
+        temperature: float = field(default=1.0, metadata={"gt": 0})
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        kl_weight: float = field(default=1.0, metadata={"ge": 0})
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)

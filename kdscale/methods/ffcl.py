@@ -38,7 +38,7 @@ Fusion gradients flow back into both networks (``detach_fusion_inputs: false``),
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -100,17 +100,17 @@ class FFCL(Distiller):
 
     @dataclass
     class Params:
-        temperature: float = 3.0
-        ce_weight: float = 1.0
-        fused_weight: float = 1.0
-        ensemble_weight: float = 1.0
-        rampup_epochs: float = 80.0
-        fusion_weight_decay: Optional[float] = 1e-5
+        temperature: float = field(default=3.0, metadata={"gt": 0})
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        fused_weight: float = field(default=1.0, metadata={"ge": 0})
+        ensemble_weight: float = field(default=1.0, metadata={"ge": 0})
+        rampup_epochs: float = field(default=80.0, metadata={"ge": 0})
+        fusion_weight_decay: Optional[float] = field(default=1e-5, metadata={"ge": 0})
         """None: the networks' ``optim.weight_decay``."""
-        mutual_weight: float = 1.0
-        at_beta: float = 1000.0
-        pk_weight: float = 0.5
-        pk_correct_prob: float = 0.9
+        mutual_weight: float = field(default=1.0, metadata={"ge": 0})
+        at_beta: float = field(default=1000.0, metadata={"ge": 0})
+        pk_weight: float = field(default=0.5, metadata={"ge": 0})
+        pk_correct_prob: float = field(default=0.9, metadata={"ge": 0, "le": 1})
         detach_fusion_inputs: bool = False
 
     def __init__(self, student, params, ctx):

@@ -10,7 +10,7 @@ the paper; ``t_squared: false`` turns it off for comparisons with code that omit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kdscale.methods.base import Distiller, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
@@ -26,9 +26,9 @@ class KD(Distiller):
 
     @dataclass
     class Params:
-        temperature: float = 4.0
-        ce_weight: float = 0.1
-        kd_weight: float = 0.9
+        temperature: float = field(default=4.0, metadata={"gt": 0})
+        ce_weight: float = field(default=0.1, metadata={"ge": 0})
+        kd_weight: float = field(default=0.9, metadata={"ge": 0})
         t_squared: bool = True
 
     def forward_train(self, images, targets, teacher_output):

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -113,18 +113,18 @@ class ProKT(Distiller):
 
     @dataclass
     class Params:
-        lam: float = 0.35
-        temperature: float = 1.0
-        kl_weight: float = 1.0
-        ce_weight: float = 0.0
-        teacher_lr_scale: float = 0.1
+        lam: float = field(default=0.35, metadata={"ge": 0, "le": 1})
+        temperature: float = field(default=1.0, metadata={"gt": 0})
+        kl_weight: float = field(default=1.0, metadata={"ge": 0})
+        ce_weight: float = field(default=0.0, metadata={"ge": 0})
+        teacher_lr_scale: float = field(default=0.1, metadata={"ge": 0})
         target_bn: Literal["batch", "running"] = "batch"
         teacher_init: Literal["generic", "converged", "scratch"] = "generic"
         zero_classifier: bool = True
         dual: bool = False
-        dual_eps: float = 1.0
-        dual_lr: float = 1e-3
-        dual_beta0: float = 1.0
+        dual_eps: float = field(default=1.0, metadata={"ge": 0})
+        dual_lr: float = field(default=1e-3, metadata={"ge": 0})
+        dual_beta0: float = field(default=1.0, metadata={"ge": 0})
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)

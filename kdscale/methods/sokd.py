@@ -99,12 +99,12 @@ class SOKD(Distiller):
 
     @dataclass
     class Params:
-        temperature: float = 4.0
-        ce_weight: float = 1.0
-        kd_weight: float = 1.0
-        kbm_ce_weight: float = 1.0
-        kbm_teacher_weight: float = 1.0
-        kbm_student_weight: float = 1.0
+        temperature: float = field(default=4.0, metadata={"gt": 0})
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        kd_weight: float = field(default=1.0, metadata={"ge": 0})
+        kbm_ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        kbm_teacher_weight: float = field(default=1.0, metadata={"ge": 0})
+        kbm_student_weight: float = field(default=1.0, metadata={"ge": 0})
         bridge_input: str = ""
         bridge_layers: list[str] = field(default_factory=list)
 
