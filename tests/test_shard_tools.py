@@ -99,3 +99,110 @@ def test_verify_reports_bad_samples_by_key_and_shard(image_tree, tmp_path, capsy
     assert "train-000002.tar: sample wronglabel in" in report and "label 9 outside data.num_classes=3" in report
     assert "train-000002.tar: sample zebra/img_0 duplicates the one in" in report
     assert "train-000000.tar: checksum differs from" in report
+
+
+def _cut_points(path) -> dict[str, int]:
+    """Byte offsets to truncate a shard at: inside a header, at a member boundary (a
+    streaming reader sees a shorter valid archive there), inside member data, just
+    before the end-of-archive marker, and inside the marker."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    last = members[-1]
+    marker = last.offset_data + -(-last.size // 512) * 512
+    big = max(members, key=lambda m: m.size)
+    return {"empty": 0, "inside header": members[1].offset + 100, "member boundary": members[1].offset,
+            "inside data": big.offset_data + big.size // 2, "before marker": marker,
+            "inside marker": marker + 700, "between marker blocks": marker + 512}
+
+
+def _verify(pattern, *extra):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["shards", "verify", pattern, "--workers", "1", "--quiet", *extra])
+    assert exit_info.value.code == 1
+
+
+def _assert_every_cut_fails(out, shard, fix, capsys):
+    """Truncate ``shard`` at each cut point; verify must fail naming it, with and without index.json."""
+    pristine = (out / shard).read_bytes()
+    num_classes = str(json.load(open(out / "index.json"))["num_classes"])
+    for where, offset in _cut_points(out / shard).items():
+        (out / shard).write_bytes(pristine[:offset])
+        _verify(str(out / "*.tar"))
+        report = capsys.readouterr().out
+        assert f"{shard}: incomplete tar:" in report, (where, report)
+        assert f"{shard}: {offset} bytes, {out / 'index.json'} records {len(pristine)} (truncated)" in report
+        assert fix in report, (where, report)
+        os.rename(out / "index.json", out / "index.hidden")
+        try:  # the tar layout alone tells, with no index.json to compare against
+            _verify(str(out / "*.tar"), "--num-classes", num_classes)
+            report = capsys.readouterr().out
+            assert f"{shard}: incomplete tar:" in report and "fix: re-write the shard" in report, (where, report)
+        finally:
+            os.rename(out / "index.hidden", out / "index.json")
+    (out / shard).write_bytes(pristine)
+    cli(["shards", "verify", str(out / "*.tar"), "--workers", "1", "--quiet"])
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_index_records_size_and_checksum_of_every_shard(image_tree, tmp_path):
+    from kdscale.data.shards import file_sha256
+    from kdscale.data.synth import write_synthetic_shards
+
+    synth, folder = tmp_path / "synth", tmp_path / "folder"
+    write_synthetic_shards(str(synth), num_classes=3, train_samples=10, val_samples=4, image_size=16,
+                           samples_per_shard=4, progress=False)
+    cli(["shards", "from-folder", str(image_tree[0]), "--out", str(folder), "--max-count", "6", "--quiet"])
+    for out in (synth, folder):
+        index = json.load(open(out / "index.json"))
+        for split in index["splits"].values():
+            assert [r["name"] for r in split["records"]] == split["shards"]
+            assert sum(r["samples"] for r in split["records"]) == split["samples"]
+            for record in split["records"]:
+                assert record["bytes"] == os.path.getsize(out / record["name"])
+                assert record["sha256"] == file_sha256(str(out / record["name"]))
+
+
+def test_verify_fails_synthetic_shards_truncated_anywhere(tmp_path, capsys):
+    from kdscale.data.synth import write_synthetic_shards
+
+    out = tmp_path / "synth"
+    write_synthetic_shards(str(out), num_classes=3, train_samples=10, val_samples=4, image_size=16,
+                           samples_per_shard=4, progress=False)
+    cli(["shards", "verify", str(out / "*.tar"), "--workers", "1", "--quiet"])
+    assert "verified 4 shards: 0 problem(s)" in capsys.readouterr().out
+    _assert_every_cut_fails(out, "train-000001.tar", "re-write the set with the same `kdscale shards synth`", capsys)
+
+
+def test_verify_fails_folder_shards_truncated_anywhere_and_from_folder_repairs(image_tree, tmp_path, capsys):
+    out = tmp_path / "folder"
+    args = ["shards", "from-folder", str(image_tree[0]), "--out", str(out), "--max-count", "6", "--quiet"]
+    cli(args)
+    _assert_every_cut_fails(out, "train-000002.tar", "re-run the same `kdscale shards from-folder`", capsys)
+    pristine = (out / "train-000000.tar").read_bytes()
+    (out / "train-000000.tar").write_bytes(pristine[:1024])
+    cli(args)  # the advertised fix: the resumable conversion rewrites the cut shard (new pax mtimes)
+    assert os.path.getsize(out / "train-000000.tar") == len(pristine)
+    cli(["shards", "verify", str(out / "*.tar"), "--workers", "1", "--quiet"])
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_verify_reads_index_files_without_records(tmp_path, capsys):
+    """A synthetic set written before index.json held records still verifies, and a cut
+    shard still fails on its tar layout."""
+    from kdscale.data.synth import write_synthetic_shards
+
+    out = tmp_path / "old"
+    write_synthetic_shards(str(out), num_classes=3, train_samples=8, val_samples=4, image_size=16,
+                           samples_per_shard=4, progress=False)
+    index = json.load(open(out / "index.json"))
+    for split in index["splits"].values():
+        del split["records"]
+    (out / "index.json").write_text(json.dumps(index))
+    cli(["shards", "verify", str(out / "*.tar"), "--workers", "1", "--quiet"])
+    assert "0 problem(s)" in capsys.readouterr().out
+    data = (out / "val-000000.tar").read_bytes()
+    (out / "val-000000.tar").write_bytes(data[:_cut_points(out / "val-000000.tar")["before marker"]])
+    _verify(str(out / "*.tar"))
+    assert "val-000000.tar: incomplete tar: ends at byte" in capsys.readouterr().out

@@ -5,23 +5,115 @@ Runs come from offline wandb run files (a kdscale run dir, its ``wandb`` dir or 
 ``offline-run-*`` dir; resumed sessions of one run are merged) or, with ``--project``,
 from a wandb project online. The plot is drawn with Pillow, so no plotting library is
 needed.
+
+The wandb files of a run that was killed are incomplete: the killed session's file may
+hold nothing at all, and the resumed session starts at the checkpoint it resumed from.
+The trainer's own ``metrics.jsonl`` (one line per logged step, flushed at once) is the
+complete record, so where it has steps the wandb history lacks, the history is rebuilt
+from it, step by step, with wandb's values kept where both have a step. A run with no
+history anywhere is left out with a one-line note instead of showing as an empty row.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 from kdscale.errors import KdscaleError
 
+METRICS_FILE = "metrics.jsonl"
 
-def runs_from_dirs(paths: list[str]) -> list[dict]:
+
+def _note(text: str) -> None:
+    print(f"kdscale compare: {text}", file=sys.stderr, flush=True)
+
+
+def read_metrics_jsonl(path: str) -> dict[int, dict]:
+    """Step -> metrics, from the trainer's ``metrics.jsonl`` (``{"step": N, **metrics}``
+    per ``Tracker.log`` call; see :mod:`kdscale.train.tracking`).
+
+    Lines sharing a step (train and validation metrics are logged separately; a resumed
+    run logs again the steps after its checkpoint) are merged, later values winning, as
+    in wandb. A torn line (the writer killed mid-line) is skipped. Lines with ``teach/``
+    metrics come from a ``kdscale teach`` job that shared the run dir and are left out.
+    """
+    steps: dict[int, dict] = {}
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                continue
+            if any(key.startswith("teach/") for key in row):
+                continue
+            step = row.pop("step")
+            steps.setdefault(step, {}).update(row)
+    return steps
+
+
+def fill_from_metrics_jsonl(runs: list[dict]) -> None:
+    """Rebuild the history of runs whose run dir's ``metrics.jsonl`` has steps their wandb
+    files lack. The file holds no run id, so it is used only where exactly one training
+    run (job type ``train``, or unknown for a session killed before it said) lives in
+    that run dir."""
+    by_dir: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("run_dir") and run.get("job_type") in ("train", None):
+            by_dir.setdefault(run["run_dir"], []).append(run)
+    for run_dir, candidates in by_dir.items():
+        path = os.path.join(run_dir, METRICS_FILE)
+        if len(candidates) != 1 or not os.path.isfile(path):
+            continue
+        run = candidates[0]
+        if any("_step" not in row for row in run["history"]):
+            continue  # rows that cannot be placed by step: keep wandb's history as it is
+        logged = read_metrics_jsonl(path)
+        if not set(logged) - {row["_step"] for row in run["history"]}:
+            continue
+        rows = {step: {"_step": step, **metrics} for step, metrics in logged.items()}
+        for row in run["history"]:
+            rows.setdefault(row["_step"], {}).update(row)
+        run["history"] = [rows[step] for step in sorted(rows)]
+        run["history_from"] = path
+
+
+def run_from_metrics_jsonl(run_dir: str) -> dict | None:
+    """A run tracked without wandb (``wandb.mode=disabled``): its history from ``metrics.jsonl``."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return None
+    logged = read_metrics_jsonl(path)
+    return {"id": "-", "name": os.path.basename(os.path.abspath(run_dir)), "group": None, "job_type": None,
+            "tags": [], "config": {}, "history": [{"_step": s, **logged[s]} for s in sorted(logged)],
+            "files": [], "empty_files": [], "run_dir": run_dir, "history_from": path}
+
+
+def runs_from_dirs(paths: list[str], note=_note) -> list[dict]:
+    """The runs under ``paths`` that logged at least one step."""
     from kdscale.analysis.wandb_files import read_runs
 
     runs = []
     for path in paths:
         found = read_runs(path)
         if not found:
-            raise KdscaleError(f"{path}: no wandb run files (run-*.wandb) found; was the run tracked with "
-                               f"wandb.mode=disabled?")
-        runs += found
+            alone = run_from_metrics_jsonl(path)
+            if alone is None:
+                raise KdscaleError(f"{path}: no wandb run files (run-*.wandb) and no {METRICS_FILE} found; "
+                                   f"is this a kdscale run directory?")
+            found = [alone]
+        fill_from_metrics_jsonl(found)
+        for run in found:
+            if run["history"]:
+                runs.append(run)
+                continue
+            sessions = ", ".join(os.path.basename(os.path.dirname(f)) for f in run["empty_files"]) or "none"
+            note(f"skipped run {run['id']} in {path}: no history in its wandb sessions ({sessions}; killed before "
+                 f"wandb wrote any?) nor in a {METRICS_FILE} of its run dir")
+    if not runs:
+        raise KdscaleError(f"no run under {', '.join(paths)} logged any step; nothing to compare")
     return runs
 
 

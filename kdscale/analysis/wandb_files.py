@@ -5,6 +5,11 @@ magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte heade
 little-endian length, type: full/first/middle/last) and a piece of a serialized
 ``wandb_internal_pb2.Record``. This reads the run's metadata (id, group, job type, tags,
 config) and its history rows, which is what ``kdscale compare`` and the tests need.
+
+A session killed before wandb flushed anything leaves a file of just the header (or
+less); it reads as a session with no records. Its run id is taken from the file name
+(``run-<id>.wandb``), so it is grouped with the other sessions of its run instead of
+showing up as a run of its own with no id.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def iter_record_bytes(path: str):
     with open(path, "rb") as fh:
         data = fh.read()
+    if len(data) < len(HEADER) and HEADER.startswith(data):
+        return  # killed before the header was complete: no records
     if not data.startswith(HEADER):
         raise ValueError(f"{path} is not a wandb run file (bad header)")
     pos, pending = len(HEADER), b""
@@ -52,17 +59,31 @@ def iter_record_bytes(path: str):
             pending = b""
 
 
+def session_run_id(path: str) -> str | None:
+    """The run id in a session file's name, ``run-<id>.wandb``."""
+    name = os.path.basename(path)
+    return (name[4:-6] or None) if name.startswith("run-") and name.endswith(".wandb") else None
+
+
+def session_run_dir(path: str) -> str | None:
+    """The kdscale run dir of a session file (``<run dir>/wandb/offline-run-*/run-<id>.wandb``:
+    the trainer starts wandb with ``dir=<run dir>``), or None for files elsewhere."""
+    wandb_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return os.path.dirname(wandb_dir) if os.path.basename(wandb_dir) == "wandb" else None
+
+
 def read_run_file(path: str) -> dict:
     """{"id", "group", "job_type", "tags", "config", "history": [row, ...]} of one file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run = {"id": None, "group": None, "job_type": None, "tags": [], "config": {}, "history": [], "files": [path]}
+    run = {"id": session_run_id(path), "group": None, "job_type": None, "tags": [], "config": {}, "history": [],
+           "files": [path], "run_dir": session_run_dir(path)}
     for raw in iter_record_bytes(path):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.update(id=record.run.run_id, group=record.run.run_group or record.run.group,
+            run.update(id=record.run.run_id or run["id"], group=record.run.run_group or record.run.group,
                        job_type=record.run.job_type, tags=list(record.run.tags), name=record.run.display_name)
             for item in record.run.config.update:
                 run["config"][item.key] = json.loads(item.value_json)
@@ -84,14 +105,34 @@ def offline_run_files(path: str) -> list[str]:
     return sorted(files, key=lambda f: os.path.basename(os.path.dirname(f)))
 
 
+METADATA = ("group", "job_type", "tags", "config", "name", "run_dir")
+
+
 def read_runs(path: str) -> list[dict]:
-    """Runs found under ``path``; files of the same run id (resumed sessions) are merged."""
+    """Runs found under ``path``; sessions of the same run id (resumed runs) are merged.
+
+    ``files`` lists the sessions holding history, oldest first; sessions without a
+    single history record (a killed session, often a 7-byte file) are listed in
+    ``empty_files`` and add nothing. A run whose sessions are all empty is still
+    returned, with an empty history, so the caller can say so or fill it from
+    ``metrics.jsonl``. Metadata comes from the first session that has it.
+    """
     merged: dict[str, dict] = {}
     for file in offline_run_files(path):
-        run = read_run_file(file)
-        if run["id"] in merged:
-            merged[run["id"]]["history"] += run["history"]
-            merged[run["id"]]["files"] += run["files"]
+        session = read_run_file(file)
+        run = merged.setdefault(session["id"], {"id": session["id"], "history": [], "files": [],
+                                                "empty_files": []})
+        for key in METADATA:
+            if not run.get(key) and session.get(key):
+                run[key] = session[key]
+        if session["history"]:
+            run["history"] += session["history"]
+            run["files"].append(file)
         else:
-            merged[run["id"]] = run
+            run["empty_files"].append(file)
+    for run in merged.values():
+        run.setdefault("config", {})
+        run.setdefault("tags", [])
+        for key in METADATA:
+            run.setdefault(key, None)
     return list(merged.values())

@@ -3,7 +3,8 @@ labels) to webdataset tar shards, in parallel, resumable, with a JSON index.
 
 Layout written: ``<out>/<split>-NNNNNN.tar`` holding ``<key>.<ext>`` (the original image
 bytes, not re-encoded) and ``<key>.cls`` (the class index), and ``<out>/index.json`` with
-the class names, and per split the sample count, shard list, per-shard counts and sha256.
+the class names, and per split the sample count, shard list and per-shard records
+(samples, bytes, sha256; see :mod:`kdscale.data.shards`).
 Keys are ``<class folder>/<file stem>`` (dots replaced), stable across runs, which is
 what teacher-output shards are keyed by.
 
@@ -14,14 +15,13 @@ rerun skips the shards already done, so an interrupted conversion resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from kdscale.data.shards import INDEX_FILE
+from kdscale.data.shards import INDEX_FILE, shard_record
 from kdscale.errors import KdscaleError
 from kdscale.progress import progress_bar
 
@@ -100,14 +100,6 @@ def plan_shards(items: list[Item], max_count: int, max_bytes: int) -> list[list[
     return shards
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(path: str, items: list[Item]) -> dict:
     import webdataset as wds
 
@@ -118,8 +110,7 @@ def write_shard(path: str, items: list[Item]) -> dict:
                 data = fh.read()
             ext = IMAGE_SUFFIXES[os.path.splitext(item.path)[1].lower()]
             sink.write({"__key__": item.key, ext: data, "cls": str(item.label)})
-    record = {"name": os.path.basename(path), "samples": len(items), "bytes": os.path.getsize(tmp),
-              "sha256": _sha256(tmp)}
+    record = shard_record(tmp, len(items)) | {"name": os.path.basename(path)}
     with open(path + ".json.tmp", "w") as fh:
         json.dump(record, fh)
     os.replace(tmp, path)
@@ -155,6 +146,7 @@ def write_folder_shards(items: list[Item], classes: list[str], out: str, split: 
             records[path] = future.result()
             bar.update(records[path]["samples"])
     bar.close()
+    index["generator"] = "kdscale from-folder"
     index["classes"] = classes
     index["num_classes"] = len(classes) if classes else max(i.label for i in items) + 1
     ordered = [records[p] for p in paths]

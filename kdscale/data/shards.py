@@ -1,8 +1,17 @@
-"""Shard lists: expand a brace pattern or glob into tar files, with clear errors."""
+"""Shard lists: expand a brace pattern or glob into tar files, with clear errors; and the
+per-shard records of ``index.json``.
+
+Every ``index.json`` kdscale writes (``shards synth`` and ``shards from-folder``) lists,
+per split, ``records``: one ``{"name", "samples", "bytes", "sha256"}`` per shard. The
+byte size makes a truncated shard obvious without reading it; the sha256 catches damage
+that keeps the size. Older index files may lack ``records`` (synthetic sets) or single
+fields; readers here treat a missing field as "not recorded", never as a mismatch.
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 
@@ -53,3 +62,44 @@ def samples_from_index(shards: list[str], split: str) -> int | None:
     if names != set(entry["shards"]):
         return None  # a subset or another set of shards: the recorded count does not apply
     return int(entry["samples"])
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_record(path: str, samples: int) -> dict:
+    """The ``index.json`` record of a finished shard file."""
+    return {"name": os.path.basename(path), "samples": samples, "bytes": os.path.getsize(path),
+            "sha256": file_sha256(path)}
+
+
+def read_index(index_path: str) -> dict:
+    with open(index_path) as fh:
+        return json.load(fh)
+
+
+def index_records(index: dict) -> dict[str, dict]:
+    """Shard name -> its record, over all splits (empty for index files without records)."""
+    return {r["name"]: r for split in index.get("splits", {}).values() for r in split.get("records", [])
+            if isinstance(r, dict) and "name" in r}
+
+
+def rewrite_hint(index: dict | None) -> str:
+    """How to get a sound copy of a damaged shard, for the generator that wrote ``index``.
+
+    from-folder only rewrites shards whose size or sample count differs from their
+    record, so a shard damaged in place must be deleted first: the hint always says so.
+    """
+    generator = (index or {}).get("generator", "")
+    if generator == "kdscale synth":
+        return ("fix: re-write the set with the same `kdscale shards synth` arguments "
+                "(the same seed gives the same samples)")
+    if generator == "kdscale from-folder" or (index or {}).get("classes") is not None:
+        return ("fix: delete the shard and re-run the same `kdscale shards from-folder` command (it is resumable: "
+                "it writes only the missing shards)")
+    return "fix: re-write the shard from its source"

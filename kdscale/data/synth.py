@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from kdscale.data.shards import INDEX_FILE
+from kdscale.data.shards import INDEX_FILE, shard_record
 from kdscale.progress import progress_bar
 
 
@@ -41,7 +41,12 @@ def synth_image(class_layout: np.ndarray, rng: np.random.Generator, distractors:
 def write_synthetic_shards(out_dir: str, num_classes: int = 10, train_samples: int = 5000,
                            val_samples: int = 1000, image_size: int = 32, samples_per_shard: int = 500,
                            difficulty: float = 0.5, seed: int = 0, progress: bool = True) -> dict:
-    """Write ``train-NNNNNN.tar`` and ``val-NNNNNN.tar`` shards and ``index.json``."""
+    """Write ``train-NNNNNN.tar`` and ``val-NNNNNN.tar`` shards and ``index.json``.
+
+    The index records each shard's sample count, byte size and sha256 (the same
+    ``records`` as ``shards from-folder``), so ``shards verify`` can tell a damaged or
+    truncated shard from a sound one.
+    """
     import webdataset as wds
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -51,7 +56,7 @@ def write_synthetic_shards(out_dir: str, num_classes: int = 10, train_samples: i
              "seed": seed, "splits": {}}
     for split, count in (("train", train_samples), ("val", val_samples)):
         split_rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-        shards = []
+        shards, records = [], []
         bar = progress_bar(total=count, desc=f"synth {split}", unit="img", disable=not progress)
         for start in range(0, count, samples_per_shard):
             name = f"{split}-{len(shards):06d}.tar"
@@ -64,11 +69,12 @@ def write_synthetic_shards(out_dir: str, num_classes: int = 10, train_samples: i
                     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
                     sink.write({"__key__": f"{split}{i:08d}", "jpg": buffer.getvalue(), "cls": str(label)})
                     bar.update(1)
+            records.append(shard_record(tmp, min(start + samples_per_shard, count) - start) | {"name": name})
             os.replace(tmp, os.path.join(out_dir, name))
             shards.append(name)
         bar.close()
         last = len(shards) - 1
-        index["splits"][split] = {"samples": count, "shards": shards,
+        index["splits"][split] = {"samples": count, "shards": shards, "records": records,
                                   "pattern": f"{split}-{{000000..{last:06d}}}.tar"}
     tmp_index = os.path.join(out_dir, INDEX_FILE + ".tmp")
     with open(tmp_index, "w") as fh:

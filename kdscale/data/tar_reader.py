@@ -6,10 +6,15 @@ directly (plus GNU long names and pax ``path`` records), streams from anything
 webdataset's ``gopen`` can open (local files, ``pipe:``, http, s3 through a pipe), and
 groups members into samples by key the way webdataset does: the key is the member path
 up to the first dot of its file name, the rest is the field name.
+
+The streaming reader stops quietly at a zero block or a clean end of file, as tar
+readers do, so a shard cut exactly at a member boundary reads as a shorter, valid one.
+:func:`tar_layout_problem` is the strict check ``kdscale shards verify`` uses instead.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 
@@ -97,3 +102,64 @@ def iter_samples(url: str) -> Iterator[dict]:
             yield current
     finally:
         stream.close()
+
+
+def _header_checksum_ok(header: bytes) -> bool:
+    """ustar checksum: the byte sum of the header with its checksum field read as spaces
+    (unsigned per POSIX; some old writers summed signed bytes, so either is accepted)."""
+    text = _field(header, 148, 156).strip(b" \0")
+    try:
+        recorded = int(text, 8)
+    except ValueError:
+        return False
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b >= 128)
+    return recorded in (unsigned, signed)
+
+
+def tar_layout_problem(path: str) -> str | None:
+    """Why the local tar file ``path`` is not a complete archive, or None if it is.
+
+    Walks the headers only (member data is skipped with seeks, so it costs one header
+    read per member) and requires what every tar writer produces: whole 512-byte
+    headers with valid checksums, member data and padding inside the file, and the
+    end-of-archive marker (two zero blocks). That catches a cut at any byte offset up to
+    the end of the marker. Past the marker, writers pad to a record size (10 KiB for
+    Python's ``tarfile``); a cut there is caught only if it leaves a partial block, and
+    otherwise loses no data (the size and checksum in ``index.json`` still catch it).
+    """
+    end = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = 0
+        while True:
+            fh.seek(pos)
+            header = fh.read(512)
+            if not header and pos == 0:
+                return "the file is empty: it was cut short or never written"
+            if not header:
+                return (f"ends at byte {pos}, after the last member, without the end-of-archive marker "
+                        f"(two 512-byte zero blocks): the file was cut short")
+            if header == bytes(len(header)):  # the end-of-archive marker, or what is left of it
+                rest = fh.read(512)
+                if rest.strip(b"\0"):
+                    return (f"a zero block at byte {pos} is followed by more data: a damaged header or an "
+                            f"incomplete end-of-archive marker (readers stop there and drop the rest)")
+                if len(header) + len(rest) < 1024:
+                    return (f"ends at byte {end}, inside the end-of-archive marker that starts at byte {pos}: "
+                            f"the file was cut short")
+                if end % 512:
+                    return f"ends at byte {end}, inside a block after the end-of-archive marker: the file was cut short"
+                return None
+            if len(header) < 512:
+                return f"ends at byte {end}, inside the tar header that starts at byte {pos}: the file was cut short"
+            if not _header_checksum_ok(header):
+                return f"the tar header at byte {pos} has a bad checksum: the file is damaged or cut and rejoined"
+            size = _size(header)
+            name = _field(header, 0, 100).decode("utf-8", "replace")
+            data_end = pos + 512 + size
+            if data_end > end:
+                return (f"member {name} (header at byte {pos}) runs past the end of the file: it needs {size} "
+                        f"bytes of data, {max(0, end - pos - 512)} are there; the file was cut short")
+            pos = data_end + (-size) % 512
+            if pos > end:
+                return f"ends at byte {end}, inside the padding of member {name}: the file was cut short"
