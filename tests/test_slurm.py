@@ -34,7 +34,7 @@ def tiny_ctkd_env(synth_data, tmp_path, extra: str = "") -> dict:
     overrides = (f"student.name=resnet8 teacher.name=resnet20 teacher.weights={teacher} "
                  f"data.train_shards={synth_data}/train-*.tar data.val_shards={synth_data}/val-*.tar "
                  "data.num_classes=10 data.image_size=32 data.batch_size=16 data.num_workers=1 data.shuffle_buffer=64 "
-                 "method.student_layers=[layer2,layer3] method.teacher_layers=[layer2,layer3] "
+                 "method.scratch_layers=[layer2,layer3] method.teacher_layers=[layer2,layer3] "
                  "optim.lr=0.05 train.log_every_steps=1 train.checkpoint_every_steps=0 " + extra)
     return {"KDSCALE_OVERRIDES": overrides, "KDSCALE_OUTPUT": str(tmp_path / "runs"), "WANDB_MODE": "offline",
             "KDSCALE_CPU_PROCS_PER_NODE": "1", "KDSCALE_REPO": ROOT}
@@ -64,7 +64,7 @@ def test_ctkd_job_on_two_nodes(cluster, synth_data, tmp_path):
     assert run["group"] == "ctkd-imagenet-r34-r18" and run["job_type"] == "train"
     assert "method:ctkd" in run["tags"]
     logged = set().union(*run["history"])
-    assert {"train/loss_path", "train/loss_at", "train/loss_scratch_ce", "val/student_top1",
+    assert {"train/loss_hint", "train/loss_at_scratch", "train/loss_scratch_ce", "val/student_top1",
             "val/scratch_teacher_top1", "val/teacher_top1"} <= logged
 
 

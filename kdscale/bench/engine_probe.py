@@ -72,7 +72,7 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
         teacher_output = frozen(images) if frozen else None
         step_total = 0.0
         for phase in distiller.optimizer_phases:
-            terms = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext)
+            terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext)
             step_total += sum(t.detach() for t in terms.values())
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
     trainable = sum(p.numel() for p in distiller.parameters())
@@ -90,11 +90,11 @@ def run_teacher(ctx: DistContext) -> dict:
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = reference(images)
-    frozen = FrozenTeacher(teacher, ["features.2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
+    frozen = FrozenTeacher(teacher, ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
     out = frozen(images)
     total = sum(p.numel() for p in reference.parameters())
     return {"max_abs_diff": (out.logits - expected).abs().max().item(), "local_parameters": frozen.local_parameter_count(),
-            "total_parameters": total, "feature_shape": list(out.features["features.2"].shape)}
+            "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ broadcast them).
 
 from __future__ import annotations
 
+import multiprocessing
 import random
+import signal
 import sys
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -36,8 +38,8 @@ class Batch(NamedTuple):
     images: torch.Tensor
     targets: torch.Tensor
     keys: list[str]
-    skipped: tuple[int, int]
-    """(worker id, bad samples this worker has skipped so far)."""
+    bad_samples: int
+    """Bad samples this worker found (for the first time this epoch) while making this batch."""
     teacher_probs: torch.Tensor | None = None
     """Soft labels replayed from teacher-output shards, (B, classes)."""
 
@@ -47,14 +49,36 @@ class BadSample(Exception):
 
 
 class BadSampleLog:
-    """Counts skipped samples of one worker, names each in a warning, and stops the run
-    with a clear error past ``limit``."""
+    """Bad samples of one loader worker: each is named in a warning the first time it is
+    seen, counted once per epoch (a worker may cycle over its shards more than once), and
+    the run stops with a clear error past ``limit`` distinct bad samples."""
 
     def __init__(self, limit: int):
-        self.limit, self.count = limit, 0
+        self.limit = limit
+        self.seen: set[str] = set()
+        self.seen_this_epoch: set[str] = set()
+        self.pending = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def new_epoch(self) -> None:
+        self.seen_this_epoch = set()
+
+    def take(self) -> int:
+        """Bad samples found since the last call (for the batch being made)."""
+        pending, self.pending = self.pending, 0
+        return pending
 
     def skip(self, what: str) -> None:
-        self.count += 1
+        if what in self.seen_this_epoch:
+            return
+        self.seen_this_epoch.add(what)
+        self.pending += 1
+        if what in self.seen:
+            return
+        self.seen.add(what)
         print(f"kdscale: warning: skipped {what} ({self.count} skipped by this loader worker)",
               file=sys.stderr, flush=True)
         if self.count > self.limit:
@@ -126,22 +150,26 @@ def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog, num_classes: in
 
 
 class TrainStream(IterableDataset):
-    """``batches_per_rank`` full batches for one rank and one epoch."""
+    """``batches_per_rank`` full batches per epoch for one rank, from epoch ``epoch`` (after
+    ``skip_batches`` of it) through epoch ``epochs - 1``: one loader serves the whole run, so
+    its workers start once."""
 
     def __init__(self, shards: list[str], data: DataSection, *, seed: int, epoch: int, rank: int,
-                 world_size: int, batches_per_rank: int, skip_batches: int = 0, teacher_outputs: str | None = None):
+                 world_size: int, batches_per_rank: int, skip_batches: int = 0, epochs: int | None = None,
+                 teacher_outputs: str | None = None):
         self.shards, self.data, self.teacher_outputs = list(shards), data, teacher_outputs
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.first_epoch, self.end_epoch = epoch, epoch + 1 if epochs is None else epochs
         self.batches_per_rank, self.skip_batches = batches_per_rank, skip_batches
         self.decoder = SampleDecoder(data, train=True)
 
-    def _rng(self, *parts) -> random.Random:
-        return random.Random("/".join(str(p) for p in (self.seed, self.epoch, self.rank) + parts))
+    def _rng(self, epoch: int, *parts) -> random.Random:
+        return random.Random("/".join(str(p) for p in (self.seed, epoch, self.rank) + parts))
 
-    def _cycle(self, shards: list[str], worker: int, bad: BadSampleLog) -> Iterator[tuple]:
+    def _cycle(self, shards: list[str], epoch: int, stream_id: int, bad: BadSampleLog) -> Iterator[tuple]:
         for cycle in range(1 << 62):
             order = list(shards)
-            self._rng(worker, "cycle", cycle).shuffle(order)
+            self._rng(epoch, stream_id, "cycle", cycle).shuffle(order)
             seen = 0
             for item in valid_samples(self._raw(order, bad), self.data.num_classes, bad):
                 seen += 1
@@ -161,9 +189,9 @@ class TrainStream(IterableDataset):
             except (OSError, ValueError) as err:
                 bad.skip(f"the rest of shard {shard}: {type(err).__name__}: {err}")
 
-    def _shuffled(self, samples: Iterator[tuple], worker: int) -> Iterator[tuple]:
+    def _shuffled(self, samples: Iterator[tuple], rng: random.Random) -> Iterator[tuple]:
         size = max(1, self.data.shuffle_buffer)
-        rng, buffer = self._rng(worker, "buffer"), []
+        buffer = []
         for sample in samples:
             if len(buffer) < size:
                 buffer.append(sample)
@@ -174,37 +202,55 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
-        # Batch g of this rank is made by stream g % workers (its (g // workers)-th batch).
-        # DataLoader's round robin always starts at worker 0, so after skipping k batches
-        # worker w plays stream (w + k) % workers, whose next batch is the k + w-th.
-        stream_id = (worker + self.skip_batches) % workers
+        bad = BadSampleLog(self.data.max_bad_samples)
+        # DataLoader hands out batches round robin from worker 0: the j-th batch it yields
+        # (counted from this loader's start) comes from worker j % workers. Batch b of an
+        # epoch is made by stream b % workers of that epoch, so in each epoch a worker plays
+        # the stream whose batches land on its turns.
+        yielded = 0
+        for epoch in range(self.first_epoch, self.end_epoch):
+            skip = self.skip_batches if epoch == self.first_epoch else 0
+            stream_id = (worker + skip - yielded) % workers
+            bad.new_epoch()
+            yield from self._epoch(epoch, stream_id, workers, skip, bad)
+            yielded += self.batches_per_rank - skip
+
+    def _epoch(self, epoch: int, stream_id: int, workers: int, skip_batches: int,
+               bad: BadSampleLog) -> Iterator[Batch]:
         order = list(self.shards)
-        random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        random.Random(f"{self.seed}/{epoch}/shards").shuffle(order)
         mine = order[self.rank::self.world_size][stream_id::workers]
         count = len(range(stream_id, self.batches_per_rank, workers))
-        skip = len(range(stream_id, self.skip_batches, workers))
-        bad = BadSampleLog(self.data.max_bad_samples)
-        stream = self._shuffled(self._cycle(mine, stream_id, bad), stream_id)
+        skip = len(range(stream_id, skip_batches, workers))
+        stream = self._shuffled(self._cycle(mine, epoch, stream_id, bad), self._rng(epoch, stream_id, "buffer"))
         size = self.data.batch_size
         for b in range(count):
             raw = [next(stream) for _ in range(size)]
-            if b < skip:
+            if b < skip:  # resuming: the same samples are drawn, nothing is decoded
                 continue
-            keys, images, labels, soft = [], [], [], []
-            for i, item in enumerate(raw):
-                rng = self._rng(stream_id, "sample", b * size + i)
-                decoded = decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
-                while decoded is None:  # replace an undecodable image by the next sample
-                    item = next(stream)
-                    decoded = decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
-                if item[4] is not None:
-                    decoded, probs = decoded
-                    soft.append(probs)
-                images.append(decoded)
-                keys.append(item[0])
-                labels.append(item[2])
-            yield Batch(torch.stack(images), torch.tensor(labels), keys, (worker, bad.count),
-                        torch.stack(soft) if soft else None)
+            slots = [self._decode(item, self._rng(epoch, stream_id, "sample", b * size + i), bad)
+                     for i, item in enumerate(raw)]
+            good = [i for i, decoded in enumerate(slots) if decoded is not None]
+            if not good:
+                raise KdscaleError(f"every sample of a batch is undecodable (e.g. {raw[0][0]} in {raw[0][3]}); "
+                                   f"check the shards with `kdscale shards verify`")
+            for i, decoded in enumerate(slots):
+                if decoded is None:
+                    # An undecodable image is replaced by the next good sample of the same
+                    # batch, augmented afresh. The replacement never depends on the stream
+                    # position, so a resumed run (which skips batches undecoded) draws the
+                    # same samples as one that never stopped.
+                    j = next((k for k in good if k > i), good[0])
+                    raw[i] = raw[j]
+                    slots[i] = self._decode(raw[j], self._rng(epoch, stream_id, "sample", b * size + i, "again"),
+                                            bad)
+            images = [s[0] if raw[i][4] is not None else s for i, s in enumerate(slots)]
+            soft = [s[1] for i, s in enumerate(slots) if raw[i][4] is not None]
+            yield Batch(torch.stack(images), torch.tensor([item[2] for item in raw]), [item[0] for item in raw],
+                        bad.take(), torch.stack(soft) if soft else None)
+
+    def _decode(self, item: tuple, rng: random.Random, bad: BadSampleLog):
+        return decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
 
 
 class ValStream(IterableDataset):
@@ -227,17 +273,17 @@ class ValStream(IterableDataset):
                 continue
             batch.append((item[0], image, item[2]))
             if len(batch) == self.data.batch_size:
-                yield self._collate(batch, (worker, bad.count))
+                yield self._collate(batch, bad.take())
                 batch = []
-        if batch or bad.count:
-            yield self._collate(batch, (worker, bad.count))
+        if batch or bad.pending:
+            yield self._collate(batch, bad.take())
 
-    def _collate(self, batch, skipped) -> Batch:
-        if not batch:  # only reports the skipped count
+    def _collate(self, batch, bad_samples: int) -> Batch:
+        if not batch:  # only reports the bad samples
             size = self.data.image_size
-            return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), [], skipped)
+            return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long), [], bad_samples)
         keys, images, labels = zip(*batch)
-        return Batch(torch.stack(images), torch.tensor(labels), list(keys), skipped)
+        return Batch(torch.stack(images), torch.tensor(labels), list(keys), bad_samples)
 
 
 def check_shard_count(shards: list[str], key: str, world_size: int, workers: int) -> None:
@@ -248,7 +294,31 @@ def check_shard_count(shards: list[str], key: str, world_size: int, workers: int
             f"needs its own shard. Write at least {needed} shards, or lower data.num_workers")
 
 
+def worker_context():
+    """Loader workers are forked from a clean forkserver, never from the training process:
+    a fork of a process with live threads (wandb, OpenTelemetry, the watchdog) can copy a
+    held lock into the child, which then hangs for good at start-up (seen here). The server
+    imports this module (and torch) once, so a worker starts in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGUSR1 to their rank: a terminal's Ctrl-C (and
+    Slurm's ``--signal``) reach every process of the job, and a worker that died of them
+    would turn a clean stop into a crash. SIGTERM keeps its default: it is how the loader
+    itself ends a worker that does not stop when asked."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(stream: IterableDataset, data: DataSection, pin_memory: bool) -> DataLoader:
+    """A loader over a stream that batches itself; a worker that delivers no batch for
+    ``data.loader_timeout_s`` is an error, not a hang."""
     workers = data.num_workers
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers > 0 else None)
+    if workers == 0:
+        return DataLoader(stream, batch_size=None, pin_memory=pin_memory)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
+                      multiprocessing_context=worker_context(), timeout=data.loader_timeout_s,
+                      worker_init_fn=_ignore_stop_signals)

@@ -83,5 +83,11 @@ class DistContext:
             dist.broadcast(tensor, src=src)
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_process_group()
+
+
+def shutdown_process_group() -> None:
+    """End the process group if one is up (every entry point does, in a ``finally``: a rank
+    that exits with its group alive can abort in the group's destructor)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

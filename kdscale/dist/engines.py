@@ -25,6 +25,13 @@ from kdscale.methods import Distiller
 from kdscale.train.optim import build_optimizer, set_lr
 
 
+def all_finite(loss: torch.Tensor, ctx: DistContext) -> bool:
+    """Whether the loss is finite on every rank (a collective when distributed), decided
+    before any backward so that all ranks skip or stop together."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1).to(ctx.device)
+    return ctx.all_reduce(bad, "max").item() == 0
+
+
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for state in optimizer.state.values()
                for v in state.values() if torch.is_tensor(v))
@@ -46,13 +53,22 @@ class DDPEngine:
         self.optimizers = {phase: build_optimizer(distiller.optimizer_groups(phase), cfg.optim)
                            for phase in self.phases}
 
-    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast):
+    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
+                   proceed=None):
+        """Forward, backward and (when ``sync``) the optimizer step of one phase; returns
+        (loss terms, went on). ``proceed(loss)`` (default :func:`all_finite`; a collective,
+        so every rank gets the same answer) decides before the backward: when it says no,
+        no rank takes a backward or a step, and the window's accumulated gradients are dropped."""
+        proceed = proceed or (lambda loss: all_finite(loss, self.ctx))
         accum = self.cfg.train.grad_accum_steps
         no_sync = self.model.no_sync if (not sync and self.ctx.distributed) else contextlib.nullcontext
         with no_sync():
             with autocast():
                 _logits, losses = self.model(images, targets, teacher_output, phase=phase)
                 loss = sum(losses.values())
+            if not proceed(loss):
+                self.optimizers[phase].zero_grad(set_to_none=True)
+                return losses, False
             (loss / accum).backward()
         if sync:
             optimizer = self.optimizers[phase]
@@ -62,7 +78,7 @@ class DDPEngine:
                                                self.cfg.train.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return losses
+        return losses, True
 
     # -- measurement --------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
@@ -116,7 +132,11 @@ class DeepSpeedEngine:
             self.engines[phase] = engine
         self.model = self.engines[self.phases[0]] if len(self.phases) == 1 else distiller
 
-    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast):
+    def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
+                   proceed=None):
+        """As :meth:`DDPEngine.micro_step`; a "no" from ``proceed`` skips DeepSpeed's backward
+        and step alike (so it needs ``grad_accum_steps=1``)."""
+        proceed = proceed or (lambda loss: all_finite(loss, self.ctx))
         engine = self.engines[phase]
         with autocast():
             if len(self.phases) == 1:
@@ -124,11 +144,13 @@ class DeepSpeedEngine:
             else:  # the phase's engine owns only its module; the Distiller routes the phase
                 _logits, losses = self.distiller.forward_phase(phase, images, targets, teacher_output)
             loss = sum(losses.values())
+        if not proceed(loss):
+            return losses, False
         engine.backward(loss)  # DeepSpeed scales by 1/accumulation and steps at the boundary
         for group, scale in zip(engine.optimizer.param_groups, self.lr_scales[phase]):
             group["lr"] = lr * scale
         engine.step()
-        return losses
+        return losses, True
 
     def optimizer_state_bytes(self) -> int:
         return sum(_state_bytes(engine.optimizer.optimizer) for engine in self.engines.values())

@@ -121,13 +121,21 @@ def teach(cfg: ExperimentConfig) -> dict:
     from kdscale.train.tracking import Tracker
 
     ctx = DistContext.from_env(cfg.distributed.timeout_s)
-    tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
-    start = time.perf_counter()
-    summary = TeacherOutputWriter(cfg, ctx).run()
-    summary["images_per_s"] = summary["samples_written"] / max(1e-9, time.perf_counter() - start)
-    tracker.log({"teach/samples_written": summary["samples_written"], "teach/shards_written": summary["shards_written"],
-                 "perf/images_per_s": summary["images_per_s"]}, 0)
-    tracker.finish()
+    tracker = None
+    failed = True
+    try:
+        tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
+        start = time.perf_counter()
+        summary = TeacherOutputWriter(cfg, ctx).run()
+        summary["images_per_s"] = summary["samples_written"] / max(1e-9, time.perf_counter() - start)
+        tracker.log({"teach/samples_written": summary["samples_written"],
+                     "teach/shards_written": summary["shards_written"],
+                     "perf/images_per_s": summary["images_per_s"]}, 0)
+        failed = False
+    finally:  # flush the tracker and end the process group, also after a failure
+        if tracker is not None:
+            tracker.finish(failed=failed)
+        ctx.shutdown()
     if ctx.is_main:
         print(f"kdscale: teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
               f"shards ({summary['shards_reused']} already done) in {summary['outputs']}", flush=True)

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from kdscale.errors import exit_on_user_error
+from kdscale.errors import KdscaleError, exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +28,31 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     with exit_on_user_error():
         from kdscale.config import load_config
+        from kdscale.dist.context import shutdown_process_group
+        from kdscale.lifecycle.watchdog import Watchdog
         from kdscale.train.loop import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        # Started before the process group, so a start-up that hangs or outlives its launcher ends too.
+        watchdog = Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
+        trainer = None
         try:
-            return Trainer(cfg).train()
+            trainer = Trainer(cfg, watchdog=watchdog)
+            summary = trainer.train()
         except Exception as err:
-            if os.environ.get("WORLD_SIZE", "1") != "1":
+            if os.environ.get("WORLD_SIZE", "1") != "1" and not isinstance(err, KdscaleError):
                 print(f"kdscale: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}",
                       file=sys.stderr, flush=True)
             raise
+        finally:  # flush wandb and metrics, release the run directory, end the process group
+            if trainer is not None:
+                trainer.close()
+            else:
+                watchdog.stop()
+                shutdown_process_group()
+        if trainer.signals.exit_code():
+            raise SystemExit(trainer.signals.exit_code())  # interrupted by SIGINT/SIGTERM: not a success
+        return summary
 
 
 if __name__ == "__main__":

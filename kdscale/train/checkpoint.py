@@ -3,8 +3,9 @@
 Two layouts under ``<run>/checkpoints/``:
 - DDP: ``step-<8 digits>.pt``, one file written by rank 0;
 - DeepSpeed ZeRO: ``step-<8 digits>/``, a directory of per-rank shards plus ``meta.pt``.
-Both are written under a ``.tmp`` name and renamed only when complete, so a crash
-mid-write never leaves a checkpoint that looks complete. They hold every trainable
+Both are written under a temporary name unique to the writer (``.tmp-<pid>``) and renamed
+only when complete (after an fsync), so a crash mid-write never leaves a checkpoint that
+looks complete; the run-directory lock's holder removes the leftovers of killed writers. They hold every trainable
 network, the optimizers, the step, the data position, RNG states, the wandb run id, the
 strategy and world size, and the resolved config. Metadata is read with
 ``weights_only=True``; a checkpoint that fails to load is skipped with a warning and the
@@ -60,7 +61,7 @@ def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
     """One file (DDP); called on rank 0 only."""
     os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
     path = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}.pt")
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
         torch.save({CHECKPOINT_MARKER: 1, **state}, fh)
         fh.flush()
@@ -74,7 +75,7 @@ def save_sharded_checkpoint(run_dir: str, write_shards, meta: dict, step: int, k
     """A directory of shards (DeepSpeed); called on every rank. ``write_shards(dir)`` is
     the collective that writes each rank's part."""
     final = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}")
-    tmp = final + ".tmp"
+    tmp = f"{final}.tmp-{step}"  # every rank must name the same directory; the run lock keeps out other jobs
     if ctx.is_main:
         _remove(tmp)
         os.makedirs(tmp)
@@ -88,6 +89,12 @@ def save_sharded_checkpoint(run_dir: str, write_shards, meta: dict, step: int, k
         _prune(run_dir, keep)
     ctx.barrier()
     return final
+
+
+def remove_stale_temporaries(run_dir: str) -> None:
+    """Delete half-written checkpoints of writers that were killed (call with the run lock held)."""
+    for path in glob.glob(os.path.join(checkpoint_dir(run_dir), "step-*.tmp*")):
+        _remove(path)
 
 
 def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:

@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from kdscale.data.loader import Batch
 from kdscale.methods import Distiller
 from kdscale.train.teachers import FrozenTeacher
 
@@ -46,17 +47,17 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
         names = list(probe) + (["teacher"] if teacher is not None else [])
         # Per name: top-1 hits, top-5 hits; then agreement hits, samples scored, samples skipped.
         counts = torch.zeros(2 * len(names) + 3, dtype=torch.float64, device=device)
-        dummy = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [], (0, 0))
+        dummy = Batch(torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long), [], 0)
         batches = _lockstep(loader, ctx, dummy) if lockstep else ((b, True) for b in loader)
-        skipped: dict[int, int] = {}
+        skipped = 0
         for batch, real in batches:
-            images, targets, (worker, bad) = batch[0], batch[1], batch[3]
+            images, targets = batch.images, batch.targets
             if real:
-                skipped[worker] = bad
+                skipped += batch.bad_samples
             if images.shape[0] == 0:  # a batch that only reports skipped samples
                 if not lockstep:
                     continue
-                images, targets, real = dummy[0], dummy[1], False
+                images, targets, real = dummy.images, dummy.targets, False
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -75,7 +76,7 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
             if teacher is not None:
                 counts[-3] += (outputs["student"].argmax(1) == outputs["teacher"].argmax(1)).sum()
             counts[-2] += targets.numel()
-        counts[-1] = sum(skipped.values())
+        counts[-1] = skipped
     finally:
         distiller.train(was_training)
     ctx.all_reduce(counts, "sum")

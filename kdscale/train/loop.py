@@ -2,7 +2,11 @@
 the Distiller, frozen teachers run beside it, rank 0 tracks.
 
 Resuming picks the newest complete checkpoint in the run directory and continues the
-same schedule, data stream (skipping the batches already seen) and wandb run.
+same schedule, data stream (skipping the batches already seen) and wandb run. One loader
+serves the whole run (its workers start once). A run owns its directory (a lock), stops
+on any signal at a step every rank agrees on with a checkpoint, ends on a stall instead
+of hanging (:mod:`kdscale.lifecycle`), and never takes an optimizer step on a non-finite
+loss (``train.nonfinite``).
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import time
 
 import torch
@@ -23,20 +26,31 @@ from kdscale.dist.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
+from kdscale.lifecycle.run_lock import lock_for_ranks
+from kdscale.lifecycle.stop import StopSignals
+from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.methods import TeacherOutput
+from kdscale.progress import ProgressBar
 from kdscale.train import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
 from kdscale.train.optim import lr_at
-from kdscale.progress import ProgressBar
+from kdscale.train.resume import ResumeMixin
 from kdscale.train.setup import Runtime, build_distiller, plan_data
 from kdscale.train.tracking import Tracker
+from kdscale.train.window import MetricsWindow, describe_losses
 
 
-class Trainer:
-    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None):
+class Trainer(ResumeMixin):
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None):
         self.cfg = cfg
+        self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
         self.ctx = ctx or DistContext.from_env(cfg.distributed.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
+        self.watchdog.rank = self.rank
+        self.tracker: Tracker | None = None
+        self.lock = lock_for_ranks(self.ctx, cfg.run_dir)
+        if self.is_main:
+            ckpt.remove_stale_temporaries(cfg.run_dir)  # left by a writer that was killed
         self.resolved = config_to_dict(cfg)
         self.strategy = resolve_strategy(cfg)
         if self.is_main:
@@ -52,6 +66,9 @@ class Trainer:
         if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
+        if cfg.train.nonfinite == "skip" and self.strategy != "ddp" and cfg.train.grad_accum_steps != 1:
+            raise KdscaleError("train.nonfinite=skip under ZeRO needs train.grad_accum_steps=1 (DeepSpeed counts "
+                               "the accumulation itself); use train.nonfinite=stop or train.grad_accum_steps=1")
         resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
         if resumed is not None:
             self._check_resumable(*resumed)
@@ -60,67 +77,21 @@ class Trainer:
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}
         self.last_saved_step = -1
+        self.teacher_best: float | None = None
+        self.throughput: float | None = None
+        self.failure: str | None = None
+        self.preempt_seen = self.stop_agreed = False
+        self.nonfinite_skipped = 0
+        self.signals = StopSignals(self.rank)
         if resumed is not None:
             run_id = self._restore(*resumed)
         self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
-
-    # -- checkpoints ----------------------------------------------------------------
-    def _check_resumable(self, path: str, state: dict) -> None:
-        saved = state.get("strategy", "ddp")
-        if saved != self.strategy:
-            raise KdscaleError(f"checkpoint {path} was written under {saved}, this run uses {self.strategy}; resume "
-                               f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
-                               f"weights from the old run's export/student.safetensors")
-        if saved != "ddp" and state.get("world_size") != self.world:
-            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
-                               f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
-
-    def _restore(self, path: str, state: dict) -> str | None:
-        try:
-            if self.strategy == "ddp":
-                self.engine.load_checkpoint_state(state)
-            else:
-                self.engine.load_sharded(path)
-                for name, buffer in self.distiller.named_buffers():
-                    buffer.copy_(state["buffers"][name])
-        except (RuntimeError, KeyError) as err:
-            raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
-                               f"({str(err).splitlines()[0]}); use another experiment.name or train.resume=false") from None
-        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
-        self.last_metrics = dict(state.get("metrics", {}))
-        self.last_saved_step = self.step
-        if state.get("world_size") != self.world:
-            if self.is_main:
-                print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the "
-                      f"epoch's data split restarts (no sample is lost; the order differs)", flush=True)
-            self.batches_done = 0
-        ckpt.restore_rng_state(state["rng"])
-        if self.is_main:
-            print(f"kdscale: resumed from {path} at step {self.step} (epoch {self.epoch}, "
-                  f"batch {self.batches_done})", flush=True)
-        return state.get("wandb_run_id")
-
-    def save(self) -> None:
-        if self.step == self.last_saved_step:
-            return
-        self.sync_buffers()
-        meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
-                "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
-                "world_size": self.world, "strategy": self.strategy, "metrics": self.last_metrics}
-        keep = self.cfg.train.keep_checkpoints
-        if self.strategy == "ddp":
-            if self.is_main:
-                ckpt.save_checkpoint(self.cfg.run_dir, {**self.engine.state_for_checkpoint(), **meta}, self.step, keep)
-            self.ctx.barrier()
-        else:
-            meta["buffers"] = {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}
-            ckpt.save_sharded_checkpoint(self.cfg.run_dir, self.engine.save_sharded, meta, self.step, keep, self.ctx)
-        self.last_saved_step = self.step
+        self.watchdog.progress()
 
     # -- the loop -------------------------------------------------------------------
     def _train_loader(self):
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
-                             epoch=self.epoch, rank=self.rank, world_size=self.world,
+                             epoch=self.epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
                              batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
                              teacher_outputs=self.teacher_outputs_dir)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
@@ -140,55 +111,81 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
 
+    def _next_batch(self, loader, window: MetricsWindow):
+        fetch_start = time.perf_counter()
+        with self.watchdog.waiting("waiting for a batch from the data loader"):
+            try:
+                batch = next(loader)
+            except RuntimeError as err:
+                if "timed out" not in str(err):
+                    raise
+                raise KdscaleError(f"a data loader worker of rank {self.rank} delivered no batch for "
+                                   f"{self.cfg.data.loader_timeout_s:g} s (data.loader_timeout_s): {err}") from None
+        window.wait += time.perf_counter() - fetch_start
+        return batch
+
+    def _teacher_output(self, batch, images, targets):
+        probs = batch.teacher_probs
+        if probs is not None:
+            probs = probs.to(self.runtime.device, non_blocking=True)
+        if mixing_enabled(self.cfg.data):
+            draw = self.cfg.experiment.seed
+            for part in (self.rank, self.epoch, self.batches_done):
+                draw = (draw * 1_000_003 + part) % 2**62
+            gen = torch.Generator().manual_seed(draw)
+            images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
+        if probs is not None:  # replayed from teacher-output shards
+            return images, targets, TeacherOutput(probs.clamp_min(1e-12).log())
+        if self.teacher is None:
+            return images, targets, None
+        with self.watchdog.waiting("running the frozen teacher"):
+            return images, targets, self.teacher(images)
+
     def train(self) -> dict:
+        with self.signals:
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, accum = self.cfg.train, self.cfg.train.grad_accum_steps
         stop_at = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
-        window = {"start": time.perf_counter(), "wait": 0.0, "images": 0, "losses": {}, "count": 0}
+        window = MetricsWindow()
         fail_at = int(os.environ.get("KDSCALE_FAIL_AT_STEP", "-1")), int(os.environ.get("KDSCALE_FAIL_RANK", "-1"))
-        stopped_early = False
-        self.preempted = False
+        stopped_early, self.preempted, nonfinite_run = False, False, 0
         preempt_file = cfg.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
-        self.teacher_best = None
         if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
+        loader = iter(self._train_loader()) if self.epoch < cfg.epochs and self.step < stop_at else None
         while self.epoch < cfg.epochs and self.step < stop_at and not self.preempted:
             self.distiller.set_epoch(self.epoch)
-            loader = iter(self._train_loader())
-            self.skipped: dict[int, int] = {}
-            while True:
-                fetch_start = time.perf_counter()
-                batch = next(loader, None)
-                window["wait"] += time.perf_counter() - fetch_start
-                if batch is None:
-                    break
+            window.bad_samples_epoch = 0
+            while self.batches_done < self.plan.micro_batches_per_epoch:
+                batch = self._next_batch(loader, window)
+                window.bad_samples_epoch += batch.bad_samples
                 images, targets = self._to_device(batch.images, batch.targets)
-                self.skipped[batch.skipped[0]] = batch.skipped[1]
-                probs = batch.teacher_probs
-                if probs is not None:
-                    probs = probs.to(self.runtime.device, non_blocking=True)
-                if mixing_enabled(self.cfg.data):
-                    draw = self.cfg.experiment.seed
-                    for part in (self.rank, self.epoch, self.batches_done):
-                        draw = (draw * 1_000_003 + part) % 2**62
-                    gen = torch.Generator().manual_seed(draw)
-                    images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
-                if probs is not None:  # replayed from teacher-output shards
-                    teacher_output = TeacherOutput(probs.clamp_min(1e-12).log())
-                else:
-                    teacher_output = self.teacher(images) if self.teacher is not None else None
+                images, targets, teacher_output = self._teacher_output(batch, images, targets)
                 sync = (self.batches_done + 1) % accum == 0
                 lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
-                for phase in self.phases:
-                    losses = self.engine.micro_step(phase, images, targets, teacher_output, sync, lr, self._autocast)
-                    for name, value in losses.items():
-                        window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
+                finite = True
+                with self.watchdog.waiting("in the training step (forward, backward, gradient all-reduce)"):
+                    for phase in self.phases:
+                        losses, phase_finite = self.engine.micro_step(phase, images, targets, teacher_output, sync,
+                                                                      lr, self._autocast, self._proceed)
+                        finite = finite and phase_finite
+                        if not phase_finite:
+                            break
+                        window.add_losses(losses)
+                if not finite:
+                    nonfinite_run += 1
+                    self._on_nonfinite(losses, nonfinite_run)
+                elif sync:
+                    nonfinite_run = 0
                 self.batches_done += 1
-                window["images"] += images.shape[0] * self.world
-                window["count"] += 1
+                window.images += images.shape[0] * self.world
                 if not sync:
                     continue
                 self.step += 1
+                self.watchdog.progress()
                 if self.step == fail_at[0] and self.rank == fail_at[1]:  # fault injection for the tests
                     raise RuntimeError(f"injected failure at step {self.step} (KDSCALE_FAIL_AT_STEP)")
                 if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
@@ -196,26 +193,54 @@ class Trainer:
                 bar.update(self.step)
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                     self.save()
-                if preempt_file and self.step % cfg.preempt_check_steps == 0 and self._preempt_requested(preempt_file):
+                if preempt_file and self.is_main and self.step % cfg.preempt_check_steps == 0:
+                    self.preempt_seen = os.path.exists(preempt_file)  # the others learn it at the next step
+                if self.stop_agreed:
                     self.preempted = True
                     break
                 if self.step >= stop_at:
                     break
             if self.batches_done >= self.plan.micro_batches_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-                if self.epoch == cfg.epochs or self.epoch % cfg.eval_every_epochs == 0:
+                # Asked to stop: the checkpoint now, this epoch's validation is skipped (but the last).
+                if self.epoch == cfg.epochs or (self.epoch % cfg.eval_every_epochs == 0 and not self.preempted):
                     self._record_validation(bar)
                 self.save()
             elif self.step >= stop_at or self.preempted:
                 stopped_early = True
                 self.save()
+        del loader  # ends the loader's workers
         if self.preempted and self.is_main:
-            print(f"kdscale: preempted: checkpoint at step {self.step} written; relaunch to resume", flush=True)
+            why = f"{self.signals.name} received" if self.signals.received else "preempted"
+            print(f"kdscale: {why}: stopped at step {self.step} with a checkpoint; run the same command again to "
+                  f"resume from it", flush=True)
         bar.close()
         return self._finish(stopped_early)
 
+    def _on_nonfinite(self, losses: dict, in_a_row: int) -> None:
+        """Nothing was stepped on this micro-batch; stop, or count it under ``skip``."""
+        cfg = self.cfg.train
+        terms = describe_losses(losses)
+        where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
+        if cfg.nonfinite == "skip" and in_a_row <= cfg.max_nonfinite_skips:
+            self.nonfinite_skipped += 1
+            if self.is_main:
+                print(f"kdscale: warning: non-finite loss at {where} ({terms}): step skipped "
+                      f"({in_a_row} in a row)", flush=True)
+            return
+        last = (ckpt.list_checkpoints(self.cfg.run_dir) or ["none"])[-1]
+        reason = (f"{in_a_row} non-finite steps in a row (train.max_nonfinite_skips={cfg.max_nonfinite_skips})"
+                  if cfg.nonfinite == "skip" else "the loss is not finite")
+        self.failure = (f"{reason} at {where}: {terms}; the last good checkpoint is kept ({last}) and nothing is "
+                        f"exported; lower optim.lr, check the method's temperatures and weights, or set "
+                        f"train.nonfinite=skip")
+        self._finish(stopped_early=True)
+        raise KdscaleError(self.failure)
+
     def _record_validation(self, bar: ProgressBar) -> None:
-        self.last_metrics = self.validate()
+        with self.watchdog.waiting("validating"):
+            self.last_metrics = self.validate()
+        self.watchdog.progress()
         self.tracker.log({**self.last_metrics, "epoch": self.epoch}, self.step)
         bar.write(self._format_metrics(self.last_metrics))
         accuracy = self.last_metrics.get("val/teacher_top1")
@@ -227,30 +252,22 @@ class Trainer:
                   f"it: check the teacher's lr (e.g. method.teacher_lr_scale)", flush=True)
         self.teacher_best = max(accuracy, self.teacher_best or accuracy)
 
-    def _preempt_requested(self, path: str) -> bool:
-        """Rank 0 looks for the file; all ranks learn the answer at the same step."""
-        flag = torch.tensor([1.0 if self.is_main and os.path.exists(path) else 0.0], device=self.ctx.device)
-        return self.ctx.all_reduce(flag, "max").item() > 0
+    def _proceed(self, loss: torch.Tensor) -> bool:
+        """The one collective of a micro-step, before its backward: is the loss finite on every
+        rank, and has any rank been asked to stop (a signal, or the preemption file seen by
+        rank 0)? Every rank gets the same answers at the same micro-step."""
+        local = torch.zeros(2, device=self.ctx.device)
+        local[0] = (~torch.isfinite(loss.detach())).any()
+        local[1] = float(self.signals.received is not None or self.preempt_seen)
+        nonfinite, stop = self.ctx.all_reduce(local, "max").tolist()
+        self.stop_agreed = self.stop_agreed or stop > 0
+        return nonfinite == 0
 
-    def _log_window(self, window: dict, lr: float, bar: ProgressBar) -> None:
-        elapsed = max(1e-9, time.perf_counter() - window["start"])
-        names = sorted(window["losses"])
-        metrics = {}
-        if names:
-            values = torch.stack([window["losses"][n] / window["count"] for n in names]).float()
-            values = self.ctx.all_reduce(values.to(self.ctx.device), "mean")
-            metrics = {f"train/loss_{n}": v for n, v in zip(names, values.tolist())}
-        metrics["train/loss"] = sum(metrics.values())
-        metrics.update({"train/lr": lr, "train/epoch": self.epoch, "perf/images_per_s": window["images"] / elapsed,
-                        "data/skipped_samples": sum(self.skipped.values()),
-                        "perf/data_wait_frac": window["wait"] / elapsed,
-                        "mem/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
-        if self.runtime.device.type == "cuda":
-            metrics["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    def _log_window(self, window: MetricsWindow, lr: float, bar: ProgressBar) -> None:
+        metrics = window.metrics(self.ctx, lr, self.epoch, self.runtime.device)
         self.tracker.log(metrics, self.step)
         bar.set_postfix(loss=metrics["train/loss"], img_s=metrics["perf/images_per_s"])
         self.throughput = metrics["perf/images_per_s"]
-        window.update(start=time.perf_counter(), wait=0.0, images=0, losses={}, count=0)
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BN statistics): each rank updated them from
@@ -271,38 +288,53 @@ class Trainer:
 
     def ranks_agree(self) -> bool | None:
         """Whether every rank holds the same trained weights (None under ZeRO-3, where each
-        holds only its partition)."""
+        holds only its partition). NaN equals NaN here: equal weights, whatever they hold."""
         if self.engine.shards_parameters:
             return None
         flat = torch.cat([p.detach().double().flatten() for p in self.distiller.parameters()])
         signature = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(self.ctx.device)
         gathered = self.ctx.gather(signature)
-        return bool((gathered == gathered[0]).all())
+        same = (gathered == gathered[0]) | (gathered.isnan() & gathered[0].isnan())
+        return bool(same.all())
 
     def _finish(self, stopped_early: bool) -> dict:
+        failure = self.failure
         agree = self.ranks_agree()
         if agree is False and self.is_main:
             print("kdscale: warning: the ranks ended with different weights; gradient synchronisation failed",
                   flush=True)
-        completed = not stopped_early and self.step >= self.total_steps
+        completed = not stopped_early and failure is None and self.step >= self.total_steps
         student_state = self.engine.gathered_student_state() if completed else None  # a collective under ZeRO-3
         summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,
                    "method": self.cfg.method.name, "strategy": self.strategy, "step": self.step,
                    "total_steps": self.total_steps, "epoch": self.epoch, "completed": completed,
-                   "images_per_s": getattr(self, "throughput", None), "metrics": self.last_metrics,
+                   "images_per_s": self.throughput, "metrics": self.last_metrics,
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
-                   "world_size": self.world, "ranks_agree": agree, "preempted": self.preempted}
+                   "world_size": self.world, "ranks_agree": agree, "preempted": self.preempted,
+                   "stopped_by": self.signals.name, "error": failure,
+                   "nonfinite_skipped": self.nonfinite_skipped}
         if self.is_main:
             if student_state is not None:
                 summary["export"] = self._export(student_state)
             path = os.path.join(self.cfg.run_dir, "summary.json")
-            with open(path + ".tmp", "w") as fh:
+            with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
                 json.dump(summary, fh, indent=2)
-            os.replace(path + ".tmp", path)
-        self.tracker.finish()
+            os.replace(f"{path}.tmp-{os.getpid()}", path)
+        self.tracker.finish(failed=failure is not None)
         self.ctx.barrier()
         return summary
+
+    def close(self) -> None:
+        """Flush the trackers, end the watchdog, release the run directory and the process
+        group; safe to call after a failure and more than once."""
+        if self.tracker is not None:
+            self.tracker.finish(failed=True)  # a no-op after a clean finish
+        self.watchdog.stop()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.ctx.shutdown()
 
     def _export(self, state: dict) -> str:
         """The student alone, as safetensors, loadable into the plain model."""
@@ -310,6 +342,6 @@ class Trainer:
 
         path = os.path.join(self.cfg.run_dir, "export", "student.safetensors")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_file(state, f"{path}.tmp-{os.getpid()}")
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
         return path

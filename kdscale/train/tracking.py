@@ -97,10 +97,12 @@ class Tracker:
             return None
         return f"wandb sync {os.path.join(self.run_dir, 'wandb', f'offline-run-*-{self.run_id}')}"
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Flush and close (idempotent); a failed run is marked so in wandb (exit code 1)."""
         if not self.is_main:
             return
-        self._jsonl.close()
+        if not self._jsonl.closed:
+            self._jsonl.close()
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)
             self.run = None

@@ -1,0 +1,65 @@
+"""The Trainer's checkpoint side: whether a checkpoint fits this run, restoring it, and
+writing one (one file by rank 0 under DDP, DeepSpeed's shards under ZeRO)."""
+
+from __future__ import annotations
+
+from kdscale.errors import KdscaleError
+from kdscale.train import checkpoint as ckpt
+
+
+class ResumeMixin:
+    def _check_resumable(self, path: str, state: dict) -> None:
+        saved = state.get("strategy", "ddp")
+        if saved != self.strategy:
+            raise KdscaleError(f"checkpoint {path} was written under {saved}, this run uses {self.strategy}; resume "
+                               f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
+                               f"weights from the old run's export/student.safetensors")
+        if saved != "ddp" and state.get("world_size") != self.world:
+            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
+                               f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
+
+    def _restore(self, path: str, state: dict) -> str | None:
+        try:
+            if self.strategy == "ddp":
+                self.engine.load_checkpoint_state(state)
+            else:
+                self.engine.load_sharded(path)
+                for name, buffer in self.distiller.named_buffers():
+                    buffer.copy_(state["buffers"][name])
+        except (RuntimeError, KeyError) as err:
+            raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
+                               f"({str(err).splitlines()[0]}); use another experiment.name or train.resume=false") from None
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.last_metrics = dict(state.get("metrics", {}))
+        self.last_saved_step = self.step
+        if state.get("world_size") != self.world:
+            if self.is_main:
+                print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the "
+                      f"epoch's data split restarts (no sample is lost; the order differs)", flush=True)
+            self.batches_done = 0
+        ckpt.restore_rng_state(state["rng"])
+        if self.is_main:
+            print(f"kdscale: resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                  f"batch {self.batches_done})", flush=True)
+        return state.get("wandb_run_id")
+
+    def save(self) -> None:
+        if self.step == self.last_saved_step:
+            return
+        with self.watchdog.waiting("writing a checkpoint"):
+            self.sync_buffers()
+            meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
+                    "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
+                    "world_size": self.world, "strategy": self.strategy, "metrics": self.last_metrics}
+            keep = self.cfg.train.keep_checkpoints
+            if self.strategy == "ddp":
+                if self.is_main:
+                    ckpt.save_checkpoint(self.cfg.run_dir, {**self.engine.state_for_checkpoint(), **meta}, self.step,
+                                         keep)
+                self.ctx.barrier()
+            else:
+                meta["buffers"] = {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}
+                ckpt.save_sharded_checkpoint(self.cfg.run_dir, self.engine.save_sharded, meta, self.step, keep,
+                                             self.ctx)
+        self.watchdog.progress()
+        self.last_saved_step = self.step

@@ -1,0 +1,47 @@
+"""What the loop logs between two log steps: mean loss terms (over ranks), throughput,
+data wait, bad samples (summed over ranks), memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+
+def describe_losses(losses: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{name}={value.detach().float().item():.4g}" for name, value in losses.items())
+
+
+class MetricsWindow:
+    def __init__(self):
+        self.bad_samples_epoch = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.wait, self.images, self.count = time.perf_counter(), 0.0, 0, 0
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.losses[name] = self.losses.get(name, 0.0) + value.detach()
+        self.count += 1
+
+    def metrics(self, ctx, lr: float, epoch: int, device: torch.device) -> dict[str, float]:
+        """The window's metrics (a collective: every rank calls it at the same step); resets."""
+        elapsed = max(1e-9, time.perf_counter() - self.start)
+        names = sorted(self.losses)
+        count = max(1, self.count)
+        values = [self.losses[n] / count for n in names]
+        reduced = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in values]
+                              + [torch.tensor(float(self.bad_samples_epoch))]).to(ctx.device)
+        reduced = ctx.all_reduce(reduced, "sum")
+        metrics = {f"train/loss_{n}": v / ctx.world_size for n, v in zip(names, reduced[:-1].tolist())}
+        metrics["train/loss"] = sum(metrics.values())
+        metrics.update({"train/lr": lr, "train/epoch": epoch, "perf/images_per_s": self.images / elapsed,
+                        "data/skipped_samples": reduced[-1].item(), "perf/data_wait_frac": self.wait / elapsed,
+                        "mem/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        if device.type == "cuda":
+            metrics["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.reset()
+        return metrics
