@@ -10,6 +10,8 @@ import pytest
 
 from kdscale.cli import main as cli
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 RATIOS = ["overhead_kdscale_vs_hand_written", "online_kd_vs_student_only", "online_kd_flop_bound",
           "shard_kd_vs_student_only", "online_kd_fraction_of_bound", "kdscale_vs_torchdistill",
           "webdataset_vs_imagefolder", "replay_vs_webdataset", "zero1_optimizer_state_vs_ddp",
@@ -50,6 +52,8 @@ def test_ratios_come_from_the_measurements(bench):
         rounds = sorted(entry["rounds"])
         assert entry["images_per_s"] == pytest.approx(rounds[len(rounds) // 2]), name
     data = {k: v["images_per_s"] for k, v in result["data"]["throughput"].items()}
+    startup = result["data"]["worker_startup_s"]
+    assert startup["forkserver"] > 0 and startup["fork"] > 0  # --workers 2 by default
     assert ratios["webdataset_vs_imagefolder"] == pytest.approx(data["kdscale_webdataset"] / data["torchvision_imagefolder"])
     memory = result["memory"]["per_rank_bytes"]
     assert ratios["zero2_optimizer_state_vs_ddp"] == pytest.approx(memory["zero2"][0]["optimizer_state_bytes"]

@@ -3,11 +3,15 @@ offline wandb runs, a teacher then a KD student (tiny setting, same code path)."
 
 from __future__ import annotations
 
+import pytest
+
 import glob
 import json
 import os
 
 from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
 
 
 def test_demo_script_end_to_end(tmp_path):

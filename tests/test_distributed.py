@@ -11,6 +11,8 @@ import torch
 from conftest import ROOT, base_overrides, run_cli
 from kdscale.models import build_model
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 
 @pytest.mark.parametrize("method, extra", [
     ("prokt", ["teacher.name=resnet20"]),  # two optimizer phases under DDP

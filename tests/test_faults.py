@@ -16,6 +16,8 @@ import torch
 
 from conftest import PYTHON, ROOT, base_overrides
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
 
 
@@ -247,3 +249,38 @@ def test_diverged_run_fails_loudly_and_exports_nothing(synth_data, tmp_path, pol
     assert not (tmp_path / "nan" / "export").exists()
     if policy == "skip":
         assert summary["nonfinite_skipped"] == 2
+
+
+def test_full_disk_while_writing_a_checkpoint(synth_data, tmp_path):
+    """A run directory on a 2 MB file system: the third checkpoint does not fit. The run
+    stops with one line, the older checkpoints stay loadable, and once there is space the
+    same command resumes from the newest complete one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        args = overrides(synth_data, disk, "full", "train.epochs=2", "train.checkpoint_every_steps=2",
+                         "train.keep_checkpoints=5", "wandb.mode=disabled")
+        failed = subprocess.run([PYTHON, "-m", "kdscale.train", *args], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        errors = [line for line in failed.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+        assert "kdscale: error: no space left on the device of" in errors[0] and "is intact" in errors[0]
+        checkpoints = sorted((disk / "full" / "checkpoints").iterdir())
+        assert checkpoints and not [p for p in checkpoints if ".tmp" in p.name]
+        for path in checkpoints:
+            torch.load(path, weights_only=True)
+        newest = int(checkpoints[-1].name[5:13])
+        assert not (disk / "full" / "export").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = subprocess.run([PYTHON, "-m", "kdscale.train", *args], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"at step {newest} " in resumed.stdout
+        assert json.load(open(disk / "full" / "summary.json"))["completed"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -1,7 +1,9 @@
-"""ProKT never destroys its teacher: on the synthetic task with a converged teacher, over 3
-seeds, through ``kdscale.train``, the teacher's top-1 never falls more than 10 points below
-its start, and the student (CE weight 0: it learns from the teacher alone) ends within 1
-point of the student trained alone, or above it (means over the seeds)."""
+"""ProKT never destroys its teacher: on the synthetic task with a converged teacher (at
+``method.teacher_lr_scale=0.03``, the setting docs/methods.md gives for converged teachers),
+over 3 seeds, through ``kdscale.train``, the teacher's top-1 never falls more than 10 points
+below its start, and the student (CE weight 0: it learns from the teacher alone) ends within
+1 point of the student trained alone, or above it (means over the seeds). Run with ``-s``
+to print the curves that docs/methods.md quotes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 from conftest import base_overrides
 from kdscale.data.synth import write_synthetic_shards
 from kdscale.train.__main__ import main as train_main
+
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
 
 SEEDS = (0, 1, 2)
 EPOCHS = 6
@@ -33,7 +37,7 @@ def task(tmp_path_factory):
     write_synthetic_shards(data, num_classes=10, train_samples=1920, val_samples=640, image_size=16,
                            samples_per_shard=480, difficulty=0.2, seed=11, progress=False)
     out = str(tmp_path_factory.mktemp("prokt-runs"))
-    teacher, _ = _run(data, out, "teacher", "method.name=vanilla", "student.name=resnet20", "train.epochs=12")
+    teacher, _ = _run(data, out, "teacher", "method.name=vanilla", "student.name=resnet20", "train.epochs=24")
     return data, out, teacher
 
 
@@ -48,8 +52,11 @@ def test_prokt_keeps_its_converged_teacher_and_teaches(task):
         alone.append(summary["metrics"]["val/student_top1"])
         summary, history = _run(data, out, f"prokt-{seed}", "method.name=prokt", "student.name=resnet8",
                                 "teacher.name=resnet20", f"teacher.weights={teacher['export']}",
-                                "method.teacher_init=converged", f"experiment.seed={seed}", f"train.epochs={EPOCHS}")
+                                "method.teacher_init=converged", "method.teacher_lr_scale=0.03",
+                                f"experiment.seed={seed}", f"train.epochs={EPOCHS}")
         teacher_curve = [entry["val/teacher_top1"] for entry in history]
+        print(f"seed {seed}: teacher top-1 by epoch {[round(v, 1) for v in teacher_curve]}, student "
+              f"{summary['metrics']['val/student_top1']:.1f} (alone {alone[-1]:.1f})")
         assert teacher_curve[0] == pytest.approx(start, abs=0.01)  # evaluated at step 0, before any update
         assert min(teacher_curve) >= start - 10, (seed, teacher_curve)
         taught.append(summary["metrics"]["val/student_top1"])

@@ -16,6 +16,8 @@ from kdscale.analysis.wandb_files import read_runs
 from kdscale.models import build_model
 from slurm_cluster import SlurmCluster, slurm_available
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

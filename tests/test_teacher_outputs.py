@@ -20,6 +20,8 @@ from kdscale.models import build_model
 from kdscale.teach.__main__ import main as teach_main
 from kdscale.train.loop import Trainer
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 R, K = 3, 5
 
 

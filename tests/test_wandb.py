@@ -13,6 +13,8 @@ from kdscale.analysis.wandb_files import read_runs
 from kdscale.cli import main as cli
 from kdscale.train.loop import Trainer
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 
 def offline_overrides(synth_data, tmp_path, name, *extra):
     overrides = [o for o in base_overrides(synth_data, str(tmp_path), name=name) if not o.startswith("wandb.")]

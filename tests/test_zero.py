@@ -18,6 +18,8 @@ from kdscale.errors import KdscaleError
 from kdscale.models import build_model
 from kdscale.train.loop import Trainer
 
+pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
+
 WORKER = os.path.join(ROOT, "kdscale", "bench", "engine_probe.py")
 ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
 COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt"),

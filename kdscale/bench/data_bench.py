@@ -65,9 +65,31 @@ def bench_data(data_dir: str, image_size: int, batch: int, workers: int, batches
     if teacher_outputs:
         candidates["kdscale_teacher_shard_replay"] = (epoch_of(lambda: kdscale_loader(teacher_outputs)),
                                                       batch * batches)
+    startup = worker_startup(kdscale_loader, section) if workers else None
     results = interleaved_throughput(candidates, torch.device("cpu"), steps=1, rounds=rounds, warmup=1)
     speed = {name: r["images_per_s"] for name, r in results.items()}
     ratios = {"webdataset_vs_imagefolder": speed["kdscale_webdataset"] / speed["torchvision_imagefolder"]}
     if teacher_outputs:
         ratios["replay_vs_webdataset"] = speed["kdscale_teacher_shard_replay"] / speed["kdscale_webdataset"]
-    return {"throughput": results, "ratios": ratios, "workers": workers, "batch": batch, "image_size": image_size}
+    return {"throughput": results, "ratios": ratios, "workers": workers, "batch": batch, "image_size": image_size,
+            "worker_startup_s": startup}
+
+
+def worker_startup(make_loader_fn, section: DataSection, repeats: int = 3) -> dict[str, float]:
+    """Seconds from a new loader to its first batch: kdscale's forkserver workers (the
+    server is started by the first loader of a process and reused) against plain fork."""
+    import time
+
+    def first_batch(loader) -> float:
+        start = time.perf_counter()
+        iterator = iter(loader)
+        next(iterator)
+        del iterator
+        return time.perf_counter() - start
+
+    first_batch(make_loader_fn())  # the forkserver starts once per process
+    forkserver = min(first_batch(make_loader_fn()) for _ in range(repeats))
+    stream = make_loader_fn().dataset
+    fork = min(first_batch(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=section.num_workers,
+                                                       multiprocessing_context="fork")) for _ in range(repeats))
+    return {"forkserver": forkserver, "fork": fork}

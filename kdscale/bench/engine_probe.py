@@ -110,7 +110,10 @@ def main() -> None:
         with open(out_path, "w") as fh:
             json.dump(gathered, fh)
     ctx.barrier()
+    ctx.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    from kdscale.lifecycle.exit import run_then_exit
+
+    run_then_exit(main)

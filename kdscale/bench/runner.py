@@ -73,6 +73,10 @@ def format_report(result: dict) -> str:
         if section in result:
             lines += ["", f"{section} throughput (images/s, median of rounds):"]
             lines += [f"- {name}: {r['images_per_s']:.1f}" for name, r in result[section]["throughput"].items()]
+    startup = result.get("data", {}).get("worker_startup_s")
+    if startup:
+        lines += ["", f"loader start-up to the first batch: {startup['forkserver']:.2f} s with forkserver workers "
+                      f"(kdscale), {startup['fork']:.2f} s with forked ones"]
     if result.get("compute", {}).get("first_batch_loss"):
         losses = result["compute"]["first_batch_loss"]
         lines += ["", "first-batch KD loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items())]

@@ -17,4 +17,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from kdscale.lifecycle.exit import run_then_exit
+
+    run_then_exit(main)

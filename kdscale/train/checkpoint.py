@@ -14,6 +14,7 @@ next older one is tried.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import random
@@ -23,6 +24,7 @@ import warnings
 
 import torch
 
+from kdscale.errors import KdscaleError
 from kdscale.models.weights import CHECKPOINT_MARKER
 
 _NAME = re.compile(r"step-(\d{8})(\.pt)?$")
@@ -62,10 +64,19 @@ def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
     os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
     path = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}.pt")
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save({CHECKPOINT_MARKER: 1, **state}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({CHECKPOINT_MARKER: 1, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        _remove(tmp)
+        if getattr(err, "errno", None) != errno.ENOSPC and shutil.disk_usage(checkpoint_dir(run_dir)).free > 2**26:
+            raise
+        previous = (list_checkpoints(run_dir) or ["none"])[-1]
+        raise KdscaleError(f"no space left on the device of {run_dir} while writing checkpoint {path}; the newest "
+                           f"complete checkpoint ({previous}) is intact: free space (or lower "
+                           f"train.keep_checkpoints) and run the same command again to resume") from None
     os.replace(tmp, path)
     _prune(run_dir, keep)
     return path

@@ -1,0 +1,48 @@
+"""The ProKT teacher-stability figures of docs/methods.md: a converged resnet20 teacher on
+the synthetic task of tests/test_prokt_stability.py, then 6 epochs of ProKT (resnet8
+student) per setting of ``method.target_bn`` x ``method.teacher_lr_scale`` (seed 0),
+printing the teacher's and the student's top-1 after each epoch.
+
+    .venv/bin/python tests/prokt_study.py [OUT_DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import base_overrides  # noqa: E402
+from kdscale.data.synth import write_synthetic_shards  # noqa: E402
+from kdscale.train.__main__ import main as train_main  # noqa: E402
+
+SETTINGS = [("batch", 0.03), ("running", 0.03), ("batch", 0.1), ("batch", 0.3), ("running", 0.3)]
+
+
+def run(data: str, out: str, name: str, *extra: str) -> tuple[dict, list]:
+    summary = train_main(base_overrides(data, out, name=name) + [
+        "data.image_size=16", "data.batch_size=64", "optim.lr=0.1", "optim.weight_decay=5e-4",
+        "train.log_every_steps=25", *extra])
+    history = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    return summary, [(round(h.get("val/teacher_top1", -1), 1), round(h["val/student_top1"], 1))
+                     for h in history if "val/student_top1" in h]
+
+
+def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="prokt-study-")
+    data = os.path.join(out, "data")
+    write_synthetic_shards(data, num_classes=10, train_samples=1920, val_samples=640, image_size=16,
+                           samples_per_shard=480, difficulty=0.2, seed=11, progress=False)
+    teacher, _ = run(data, out, "teacher", "method.name=vanilla", "student.name=resnet20", "train.epochs=24")
+    print(f"converged teacher: {teacher['metrics']['val/student_top1']:.1f}", flush=True)
+    for target_bn, scale in SETTINGS:
+        _, curve = run(data, out, f"prokt-{target_bn}-{scale}", "method.name=prokt", "student.name=resnet8",
+                       "teacher.name=resnet20", f"teacher.weights={teacher['export']}", "method.teacher_init=converged",
+                       f"method.target_bn={target_bn}", f"method.teacher_lr_scale={scale}", "train.epochs=6")
+        print(f"target_bn={target_bn} teacher_lr_scale={scale}: (teacher, student) top-1 by epoch {curve}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
