@@ -95,3 +95,17 @@ def test_resume_into_another_model_is_a_clear_error(synth_data, tmp_path):
                         "train.stop_after_steps=2", name="same")).train()
     with pytest.raises(KdscaleError, match=r"checkpoint .*step-00000002.pt does not fit this config's networks"):
         Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet20", "data.train_samples=128", name="same"))
+
+
+def test_an_in_process_trainer_leaves_no_watchdog_or_lock_behind(synth_data, tmp_path):
+    """A watchdog left running would end its host process 15 minutes later; a lock left held
+    would refuse the next run on the directory."""
+    import threading
+
+    cfg = make_config(synth_data, str(tmp_path), "student.name=resnet8", "train.stop_after_steps=2", name="once")
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.close()
+    assert not [t for t in threading.enumerate() if t.name == "kdscale-watchdog" and t.is_alive()]
+    Trainer(make_config(synth_data, str(tmp_path), "student.name=resnet8", "train.stop_after_steps=3",
+                        name="once")).train()  # the same directory: the lock was released

@@ -47,6 +47,8 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def progress(self) -> None:
         """Something finished: an optimizer step, a validation, a checkpoint."""

@@ -34,16 +34,19 @@ from kdscale.progress import ProgressBar
 from kdscale.train import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
 from kdscale.train.optim import lr_at
-from kdscale.train.resume import ResumeMixin
+from kdscale.train.saving import SavingMixin
 from kdscale.train.setup import Runtime, build_distiller, plan_data
 from kdscale.train.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
-class Trainer(ResumeMixin):
+class Trainer(SavingMixin):
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None):
         self.cfg = cfg
-        self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
+        # A watchdog of its own runs only while train() does (an entry point passes one that
+        # already covers start-up).
+        self.own_watchdog = watchdog is None
+        self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0"))
         self.ctx = ctx or DistContext.from_env(cfg.distributed.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         self.watchdog.rank = self.rank
@@ -142,8 +145,15 @@ class Trainer(ResumeMixin):
             return images, targets, self.teacher(images)
 
     def train(self) -> dict:
-        with self.signals:
-            return self._train()
+        if self.own_watchdog:
+            self.watchdog.progress()
+            self.watchdog.start()
+        try:
+            with self.signals:
+                return self._train()
+        finally:
+            if self.own_watchdog:
+                self.watchdog.stop()
 
     def _train(self) -> dict:
         cfg, accum = self.cfg.train, self.cfg.train.grad_accum_steps
@@ -181,7 +191,7 @@ class Trainer(ResumeMixin):
                 elif sync:
                     nonfinite_run = 0
                 self.batches_done += 1
-                window.images += images.shape[0] * self.world
+                window.add_batch(images.shape[0] * self.world)
                 if not sync:
                     continue
                 self.step += 1
@@ -335,13 +345,3 @@ class Trainer(ResumeMixin):
             self.lock.release()
             self.lock = None
         self.ctx.shutdown()
-
-    def _export(self, state: dict) -> str:
-        """The student alone, as safetensors, loadable into the plain model."""
-        from safetensors.torch import save_file
-
-        path = os.path.join(self.cfg.run_dir, "export", "student.safetensors")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(state, f"{path}.tmp-{os.getpid()}")
-        os.replace(f"{path}.tmp-{os.getpid()}", path)
-        return path

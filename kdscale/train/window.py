@@ -23,8 +23,12 @@ class MetricsWindow:
         self.losses: dict[str, torch.Tensor] = {}
 
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        """One phase's terms of the current micro-batch (:meth:`add_batch` counts the batch)."""
         for name, value in losses.items():
             self.losses[name] = self.losses.get(name, 0.0) + value.detach()
+
+    def add_batch(self, images: int) -> None:
+        self.images += images
         self.count += 1
 
     def metrics(self, ctx, lr: float, epoch: int, device: torch.device) -> dict[str, float]:

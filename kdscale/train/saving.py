@@ -1,13 +1,16 @@
-"""The Trainer's checkpoint side: whether a checkpoint fits this run, restoring it, and
-writing one (one file by rank 0 under DDP, DeepSpeed's shards under ZeRO)."""
+"""What the Trainer writes and reads back: checkpoints (whether one fits this run,
+restoring it, writing one: one file by rank 0 under DDP, DeepSpeed's shards under ZeRO)
+and the student's export."""
 
 from __future__ import annotations
+
+import os
 
 from kdscale.errors import KdscaleError
 from kdscale.train import checkpoint as ckpt
 
 
-class ResumeMixin:
+class SavingMixin:
     def _check_resumable(self, path: str, state: dict) -> None:
         saved = state.get("strategy", "ddp")
         if saved != self.strategy:
@@ -63,3 +66,13 @@ class ResumeMixin:
                                              self.ctx)
         self.watchdog.progress()
         self.last_saved_step = self.step
+
+    def _export(self, state: dict) -> str:
+        """The student alone, as safetensors, loadable into the plain model."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.cfg.run_dir, "export", "student.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(state, f"{path}.tmp-{os.getpid()}")
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+        return path
