@@ -6,7 +6,7 @@ import torch
 
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps, build_model
-from kdscale.train.teachers import FrozenTeacher
+from kdscale.runtime.teachers import FrozenTeacher
 
 NUM_CLASSES = 10
 

@@ -17,7 +17,8 @@ from kdscale.errors import KdscaleError
 from kdscale.models import build_model
 from kdscale.train.__main__ import main as train_main
 from kdscale.train.loop import Trainer
-from kdscale.train.setup import Runtime, build_distiller
+from kdscale.runtime.device import Runtime
+from kdscale.train.setup import build_distiller
 
 EXPECTED = {
     "vanilla": ({"ce"}, {"student"}),

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_config
 from kdscale.models import build_model
-from kdscale.train.checkpoint import list_checkpoints
+from kdscale.runtime.checkpoint import list_checkpoints
 from kdscale.train.loop import Trainer
 
 

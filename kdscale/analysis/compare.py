@@ -31,7 +31,7 @@ def _note(text: str) -> None:
 
 def read_metrics_jsonl(path: str) -> dict[int, dict]:
     """Step -> metrics, from the trainer's ``metrics.jsonl`` (``{"step": N, **metrics}``
-    per ``Tracker.log`` call; see :mod:`kdscale.train.tracking`).
+    per ``Tracker.log`` call; see :mod:`kdscale.runtime.tracking`).
 
     Lines sharing a step (train and validation metrics are logged separately; a resumed
     run logs again the steps after its checkpoint) are merged, later values winning, as

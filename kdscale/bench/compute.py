@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from kdscale.bench.timing import forward_flops, interleaved_throughput
 from kdscale.config import load_config
-from kdscale.dist.context import DistContext
+from kdscale.runtime.context import DistContext
 from kdscale.dist.engines import DDPEngine
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import build_model
-from kdscale.train.teachers import FrozenTeacher
+from kdscale.runtime.teachers import FrozenTeacher
 
 T, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 0.05
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from kdscale.config import load_config
-from kdscale.dist.context import DistContext
+from kdscale.runtime.context import DistContext
 from kdscale.dist.engines import make_engine
 from kdscale.methods import MethodContext, get_method_class
-from kdscale.train.teachers import FrozenTeacher
+from kdscale.runtime.teachers import FrozenTeacher
 
 GLOBAL_BATCH, STEPS, CLASSES = 8, 5, 10
 

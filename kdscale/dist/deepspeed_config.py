@@ -91,9 +91,3 @@ def build_deepspeed_config(cfg: ExperimentConfig, stage: int, world_size: int) -
     ds["zero_allow_untested_optimizer"] = True  # kdscale hands DeepSpeed plain torch optimizers
     ds.setdefault("steps_per_print", 10**9)
     return ds
-
-
-def deepspeed_teacher_config(micro_batch: int) -> dict:
-    """ZeRO-3 parameter partitioning for a frozen teacher: no optimizer, no gradients."""
-    return {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
-            "steps_per_print": 10**9}

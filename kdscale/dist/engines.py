@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
-from kdscale.dist.context import DistContext
+from kdscale.runtime.context import DistContext
 from kdscale.methods import Distiller
-from kdscale.train.optim import build_optimizer, set_lr
+from kdscale.runtime import checkpoint as ckpt
+from kdscale.runtime.optim import build_optimizer, set_lr
 
 
 def all_finite(loss: torch.Tensor, ctx: DistContext) -> bool:
@@ -40,6 +41,8 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 class DDPEngine:
     strategy = "ddp"
     shards_parameters = False
+    resumes_on_any_world_size = True
+    counts_accumulation_itself = False
 
     def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
         self.distiller, self.ctx, self.cfg = distiller, ctx, cfg
@@ -96,12 +99,18 @@ class DDPEngine:
         optimizer step, so this is the peak between backward and step)."""
         return sum(p.numel() * p.element_size() for p in self.distiller.parameters() if p.requires_grad)
 
-    # -- checkpoints (see kdscale.train.checkpoint) ---------------------------------
+    # -- checkpoints (see kdscale.runtime.checkpoint) ---------------------------------
     def state_for_checkpoint(self) -> dict:
         return {"model": self.distiller.state_dict(),
                 "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()}}
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None:
+        """One file, written by rank 0 (every rank holds the same weights)."""
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(run_dir, {**self.state_for_checkpoint(), **meta}, step, keep)
+        self.ctx.barrier()
+
+    def restore(self, path: str, state: dict) -> None:
         self.distiller.load_state_dict(state["model"])
         for phase, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][phase])
@@ -112,6 +121,8 @@ class DDPEngine:
 
 class DeepSpeedEngine:
     shards_parameters = False
+    resumes_on_any_world_size = False  # DeepSpeed's shards fit the world size that wrote them
+    counts_accumulation_itself = True
 
     def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext, stage: int, ds_config: dict):
         import deepspeed
@@ -188,12 +199,19 @@ class DeepSpeedEngine:
         for phase, engine in self.engines.items():
             engine.save_checkpoint(directory, tag=phase)
 
-    def load_sharded(self, directory: str) -> None:
+    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None:
+        """A directory of every rank's shards plus the metadata (a collective)."""
+        meta = {**meta, "buffers": {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}}
+        ckpt.save_sharded_checkpoint(run_dir, self.save_sharded, meta, step, keep, self.ctx)
+
+    def restore(self, path: str, state: dict) -> None:
         for phase, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(directory, tag=phase, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint for {phase!r} in {directory}")
+            loaded, _ = engine.load_checkpoint(path, tag=phase, load_module_strict=True,
+                                               load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint for {phase!r} in {path}")
+        for name, buffer in self.distiller.named_buffers():
+            buffer.copy_(state["buffers"][name])
 
     def gathered_student_state(self) -> dict[str, torch.Tensor]:
         """The full student on every rank (gathers ZeRO-3 partitions; a collective)."""
@@ -204,6 +222,11 @@ class DeepSpeedEngine:
 
         with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}
+
+
+def engine_class(strategy: str) -> type:
+    """The engine that runs ``strategy`` (for its class-level properties, before building it)."""
+    return DDPEngine if strategy == "ddp" else DeepSpeedEngine
 
 
 def make_engine(strategy: str, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):

@@ -58,13 +58,14 @@ def _describe(text: str) -> str:
         return "holder unknown"
 
 
-def lock_for_ranks(ctx, run_dir: str) -> RunLock | None:
-    """Rank 0 takes ``run_dir``'s lock and every rank of ``ctx`` learns whether it did: rank 0
-    raises the refusal, the others exit quietly with the same status."""
+def lock_for_ranks(ctx, run_dir: str, held: RunLock | None = None) -> RunLock | None:
+    """Rank 0 takes ``run_dir``'s lock (unless it already ``held`` it) and every rank of
+    ``ctx`` learns whether it did: rank 0 raises the refusal, the others exit quietly with
+    the same status."""
     import torch
 
-    lock, refusal = None, None
-    if ctx.is_main:
+    lock, refusal = held, None
+    if ctx.is_main and lock is None:
         try:
             lock = RunLock(run_dir).acquire()
         except KdscaleError as err:

@@ -4,11 +4,11 @@ teacher-output shards for ``teacher.source: shards`` training."""
 from __future__ import annotations
 
 from kdscale.errors import exit_on_user_error
-from kdscale.train.__main__ import build_parser
+from kdscale.config.arguments import experiment_parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = experiment_parser("kdscale teach", "Write teacher-output shards.").parse_args(argv)
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.teach.writer import teach

@@ -21,12 +21,12 @@ from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.data.teacher_outputs import META_FILE, companion_path, crop_boxes, encode_record, replay_crop
-from kdscale.dist.context import DistContext
+from kdscale.runtime.context import DistContext
 from kdscale.errors import KdscaleError
 from kdscale.models import build_model
 from kdscale.progress import progress_bar
-from kdscale.train.setup import Runtime
-from kdscale.train.teachers import FrozenTeacher
+from kdscale.runtime.device import Runtime
+from kdscale.runtime.teachers import FrozenTeacher
 
 
 class TeacherOutputWriter:
@@ -118,7 +118,7 @@ def teach(cfg: ExperimentConfig) -> dict:
     import time
 
     from kdscale.config import config_to_dict
-    from kdscale.train.tracking import Tracker
+    from kdscale.runtime.tracking import Tracker
 
     ctx = DistContext.from_env(cfg.distributed.timeout_s)
     tracker = None

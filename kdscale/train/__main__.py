@@ -7,37 +7,34 @@ the traceback, and the launcher then stops the other ranks.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
 
+from kdscale.config.arguments import experiment_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdscale train", description="Train or distill a classifier.")
-    parser.add_argument("--config", "-c", help="experiment YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 data.batch_size=256")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = experiment_parser("kdscale train", "Train or distill a classifier.").parse_args(argv)
     # torch.distributed's deprecation notices fire on every ZeRO collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     with exit_on_user_error():
         from kdscale.config import load_config
-        from kdscale.dist.context import shutdown_process_group
+        from kdscale.runtime.context import shutdown_process_group
+        from kdscale.lifecycle.run_lock import RunLock
         from kdscale.lifecycle.watchdog import Watchdog
-        from kdscale.train.loop import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        # Rank 0 takes the run directory before the heavy imports: a second job is refused at once.
+        lock = RunLock(cfg.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
         # Started before the process group, so a start-up that hangs or outlives its launcher ends too.
         watchdog = Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
         trainer = None
         try:
-            trainer = Trainer(cfg, watchdog=watchdog)
+            from kdscale.train.loop import Trainer
+
+            trainer = Trainer(cfg, watchdog=watchdog, lock=lock)
             summary = trainer.train()
         except Exception as err:
             if os.environ.get("WORLD_SIZE", "1") != "1" and not isinstance(err, KdscaleError):
@@ -49,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
                 trainer.close()
             else:
                 watchdog.stop()
+                if lock is not None:
+                    lock.release()
                 shutdown_process_group()
         if trainer.signals.exit_code():
             raise SystemExit(trainer.signals.exit_code())  # interrupted by SIGINT/SIGTERM: not a success

@@ -9,7 +9,7 @@ import torch
 
 from kdscale.data.loader import Batch
 from kdscale.methods import Distiller
-from kdscale.train.teachers import FrozenTeacher
+from kdscale.runtime.teachers import FrozenTeacher
 
 
 def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:

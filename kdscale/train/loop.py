@@ -22,26 +22,28 @@ from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import TrainStream, ValStream, make_loader
 from kdscale.data.mixing import mix_batch, mixing_enabled
-from kdscale.dist.context import DistContext
+from kdscale.runtime.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
-from kdscale.lifecycle.run_lock import lock_for_ranks
+from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
 from kdscale.lifecycle.stop import StopSignals
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.methods import TeacherOutput
 from kdscale.progress import ProgressBar
-from kdscale.train import checkpoint as ckpt
+from kdscale.runtime import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
-from kdscale.train.optim import lr_at
+from kdscale.runtime.optim import lr_at
 from kdscale.train.saving import SavingMixin
-from kdscale.train.setup import Runtime, build_distiller, plan_data
-from kdscale.train.tracking import Tracker
+from kdscale.runtime.device import Runtime
+from kdscale.train.setup import build_distiller, plan_data
+from kdscale.runtime.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
 class Trainer(SavingMixin):
-    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None):
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None,
+                 lock: RunLock | None = None):
         self.cfg = cfg
         # A watchdog of its own runs only while train() does (an entry point passes one that
         # already covers start-up).
@@ -51,7 +53,7 @@ class Trainer(SavingMixin):
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         self.watchdog.rank = self.rank
         self.tracker: Tracker | None = None
-        self.lock = lock_for_ranks(self.ctx, cfg.run_dir)
+        self.lock = lock_for_ranks(self.ctx, cfg.run_dir, lock)
         if self.is_main:
             ckpt.remove_stale_temporaries(cfg.run_dir)  # left by a writer that was killed
         self.resolved = config_to_dict(cfg)
@@ -69,13 +71,13 @@ class Trainer(SavingMixin):
         if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
-        if cfg.train.nonfinite == "skip" and self.strategy != "ddp" and cfg.train.grad_accum_steps != 1:
-            raise KdscaleError("train.nonfinite=skip under ZeRO needs train.grad_accum_steps=1 (DeepSpeed counts "
-                               "the accumulation itself); use train.nonfinite=stop or train.grad_accum_steps=1")
         resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
         if resumed is not None:
             self._check_resumable(*resumed)
         self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx)
+        if cfg.train.nonfinite == "skip" and self.engine.counts_accumulation_itself and cfg.train.grad_accum_steps > 1:
+            raise KdscaleError(f"train.nonfinite=skip under {self.strategy} needs train.grad_accum_steps=1 (DeepSpeed "
+                               f"counts the accumulation itself); use train.nonfinite=stop or train.grad_accum_steps=1")
         self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}

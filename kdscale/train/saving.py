@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 
+from kdscale.dist.engines import engine_class
 from kdscale.errors import KdscaleError
-from kdscale.train import checkpoint as ckpt
+from kdscale.runtime import checkpoint as ckpt
 
 
 class SavingMixin:
@@ -17,18 +18,13 @@ class SavingMixin:
             raise KdscaleError(f"checkpoint {path} was written under {saved}, this run uses {self.strategy}; resume "
                                f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
                                f"weights from the old run's export/student.safetensors")
-        if saved != "ddp" and state.get("world_size") != self.world:
+        if not engine_class(self.strategy).resumes_on_any_world_size and state.get("world_size") != self.world:
             raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
                                f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
 
     def _restore(self, path: str, state: dict) -> str | None:
         try:
-            if self.strategy == "ddp":
-                self.engine.load_checkpoint_state(state)
-            else:
-                self.engine.load_sharded(path)
-                for name, buffer in self.distiller.named_buffers():
-                    buffer.copy_(state["buffers"][name])
+            self.engine.restore(path, state)
         except (RuntimeError, KeyError) as err:
             raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
                                f"({str(err).splitlines()[0]}); use another experiment.name or train.resume=false") from None
@@ -54,16 +50,7 @@ class SavingMixin:
             meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
                     "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
                     "world_size": self.world, "strategy": self.strategy, "metrics": self.last_metrics}
-            keep = self.cfg.train.keep_checkpoints
-            if self.strategy == "ddp":
-                if self.is_main:
-                    ckpt.save_checkpoint(self.cfg.run_dir, {**self.engine.state_for_checkpoint(), **meta}, self.step,
-                                         keep)
-                self.ctx.barrier()
-            else:
-                meta["buffers"] = {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}
-                ckpt.save_sharded_checkpoint(self.cfg.run_dir, self.engine.save_sharded, meta, self.step, keep,
-                                             self.ctx)
+            self.engine.write_checkpoint(self.cfg.run_dir, meta, self.step, self.cfg.train.keep_checkpoints)
         self.watchdog.progress()
         self.last_saved_step = self.step
 

@@ -18,26 +18,8 @@ from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
-from kdscale.train.teachers import FrozenTeacher
-
-
-@dataclasses.dataclass
-class Runtime:
-    """Device-dependent choices, resolved once."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    channels_last: bool
-
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig, device: torch.device) -> "Runtime":
-        on_gpu = device.type == "cuda"
-        precision = cfg.train.precision
-        if precision == "bf16" and not on_gpu:
-            warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
-        use_bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
-        channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else on_gpu
-        return cls(device, torch.bfloat16 if use_bf16 else None, channels_last)
+from kdscale.runtime.device import Runtime
+from kdscale.runtime.teachers import FrozenTeacher
 
 
 @dataclasses.dataclass

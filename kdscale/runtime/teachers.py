@@ -18,6 +18,12 @@ from kdscale.methods.base import TeacherOutput
 from kdscale.models.features import FeatureTaps
 
 
+def zero3_teacher_config(micro_batch: int) -> dict:
+    """DeepSpeed ZeRO-3 parameter partitioning for a frozen teacher: no optimizer, no gradients."""
+    return {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
+            "steps_per_print": 10**9}
+
+
 class FrozenTeacher:
     """Runs the frozen teacher on this rank's micro-batch.
 
@@ -40,10 +46,8 @@ class FrozenTeacher:
         if self.lockstep:
             import deepspeed
 
-            from kdscale.dist.deepspeed_config import deepspeed_teacher_config
-
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-            self.engine, *_ = deepspeed.initialize(model=self.model, config=deepspeed_teacher_config(micro_batch))
+            self.engine, *_ = deepspeed.initialize(model=self.model, config=zero3_teacher_config(micro_batch))
             self.engine.eval()
 
     def local_parameter_count(self) -> int:

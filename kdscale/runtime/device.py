@@ -1,0 +1,29 @@
+"""Device-dependent choices of a run (precision, memory format), resolved once."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from kdscale.config.schema import ExperimentConfig
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Device-dependent choices, resolved once."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, device: torch.device) -> "Runtime":
+        on_gpu = device.type == "cuda"
+        precision = cfg.train.precision
+        if precision == "bf16" and not on_gpu:
+            warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
+        use_bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+        channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else on_gpu
+        return cls(device, torch.bfloat16 if use_bf16 else None, channels_last)
