@@ -284,3 +284,20 @@ def test_full_disk_while_writing_a_checkpoint(synth_data, tmp_path):
         assert json.load(open(disk / "full" / "summary.json"))["completed"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_kill9_of_one_rank_ends_the_job(synth_data, tmp_path):
+    log = tmp_path / "job.log"
+    job = start(overrides(synth_data, tmp_path, "onerank", "train.epochs=20", "data.num_workers=1"), log, ranks=2)
+    wait_for_steps(tmp_path / "onerank", 2, job, log)
+    table = processes()
+    family = descendants(job.pid)
+    ranks = [p for p in family if "kdscale.train" in table.get(p, (0, ""))[1]]
+    assert len(ranks) == 2, table
+    os.kill(ranks[-1], signal.SIGKILL)
+    code = finish(job, 90)  # the launcher ends the other rank and reports the failure
+    assert code != 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(p in processes() for p in family):
+        time.sleep(0.5)
+    assert not [p for p in family if p in processes()]  # no rank, worker or forkserver left behind

@@ -17,7 +17,9 @@ broadcast them).
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
 import random
 import signal
 import sys
@@ -304,13 +306,32 @@ def worker_context():
     return context
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _init_worker(rank_pid: int, _worker_id: int) -> None:
     """Loader workers leave Ctrl-C and SIGUSR1 to their rank: a terminal's Ctrl-C (and
     Slurm's ``--signal``) reach every process of the job, and a worker that died of them
     would turn a clean stop into a crash. SIGTERM keeps its default: it is how the loader
-    itself ends a worker that does not stop when asked."""
+    itself ends a worker that does not stop when asked.
+
+    A forkserver worker's parent is the server, not its rank, and it holds the handle that
+    keeps the server alive, so neither notices a rank killed with -9: a thread here ends
+    the worker within 2 s of its rank (and the server follows)."""
+    import threading
+    import time
+
     for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            try:
+                os.kill(rank_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="kdscale-rank-watch", daemon=True).start()
 
 
 def make_loader(stream: IterableDataset, data: DataSection, pin_memory: bool) -> DataLoader:
@@ -321,4 +342,4 @@ def make_loader(stream: IterableDataset, data: DataSection, pin_memory: bool) ->
         return DataLoader(stream, batch_size=None, pin_memory=pin_memory)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
                       multiprocessing_context=worker_context(), timeout=data.loader_timeout_s,
-                      worker_init_fn=_ignore_stop_signals)
+                      worker_init_fn=functools.partial(_init_worker, os.getpid()))
