@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -57,7 +58,7 @@ def method_overrides(method: str, teacher_files) -> list[str]:
 @pytest.mark.parametrize("method", sorted(EXPECTED))
 def test_method_trains_through_entry_point(method, synth_data, tmp_path, teacher_files):
     summary = train_main(base_overrides(synth_data, str(tmp_path), name=method)
-                         + method_overrides(method, teacher_files))
+                         + method_overrides(method, teacher_files) + ["train.log_every_steps=1"])
     assert summary["completed"] and summary["step"] == 10
     terms, networks = EXPECTED[method]
     logged = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
@@ -65,7 +66,19 @@ def test_method_trains_through_entry_point(method, synth_data, tmp_path, teacher
     assert {k[len("train/loss_"):] for k in train_keys if k.startswith("train/loss_")} == terms
     val_keys = set().union(*(entry.keys() for entry in logged if "val/samples" in entry))
     assert {k[len("val/"):-len("_top1")] for k in val_keys if k.endswith("_top1")} - {"agreement"} == networks
-    assert all(v == v for v in logged[-1].values() if isinstance(v, float))  # no NaN
+    # Every optimizer step has its own line with every term, and nothing logged is NaN or infinite.
+    train = [entry for entry in logged if "train/loss" in entry]
+    assert [entry["step"] for entry in train] == list(range(1, 11))
+    term_keys = {f"train/loss_{term}" for term in terms}
+    assert all({k for k in entry if k.startswith("train/loss_")} == term_keys for entry in train)
+    assert_all_finite(logged)
+
+
+def assert_all_finite(logged: list[dict]) -> None:
+    """Every number in every logged line (json writes NaN and Infinity, and reads them back)."""
+    bad = [(entry.get("step"), key, value) for entry in logged for key, value in entry.items()
+           if isinstance(value, (int, float)) and not math.isfinite(value)]
+    assert not bad, f"non-finite logged metrics (step, name, value): {bad}"
 
 
 @pytest.mark.parametrize("method", ["at", "ctkd", "sokd"])

@@ -34,6 +34,22 @@ def _size(header: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header. Records are ``"<length> <key>=<value>\\n"``
+    with the length in bytes, record included, so a value may hold newlines or ``" path="``."""
+    path, pos = None, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space <= pos or not data[pos:space].isdigit() or int(data[pos:space]) <= space - pos:
+            break  # padding or a malformed record: nothing further can be read
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "replace")
+        pos += length
+    return path
+
+
 def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
     """(path, bytes) of the regular files in a tar stream."""
     long_name = None
@@ -57,9 +73,7 @@ def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
             long_name = data.split(b"\0", 1)[0].decode()
             continue
         if kind == b"x":  # pax header: take the path record if any
-            for record in data.decode("utf-8", "replace").split("\n"):
-                if " path=" in record:
-                    long_name = record.split(" path=", 1)[1]
+            long_name = _pax_path(data) or long_name
             continue
         if kind not in (b"0", b"\0", b"7"):
             long_name = None
