@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kdscale.bench.timing import interleaved_throughput
+from kdscale.bench.timing import interleaved_rounds, ratio_over_rounds, throughput_summary
 from kdscale.config.schema import DataSection
 from kdscale.data.loader import TrainStream, _samples_of, make_loader
 from kdscale.data.shards import expand_shards
@@ -31,6 +31,7 @@ def extract_to_folder(shards: list[str], root: str) -> int:
 
 def bench_data(data_dir: str, image_size: int, batch: int, workers: int, batches: int, rounds: int,
                num_classes: int, teacher_outputs: str | None) -> dict:
+    """Loader images/s per round and the per-round ratios between loaders (median and IQR)."""
     import torchvision
     from torchvision import transforms
 
@@ -66,13 +67,14 @@ def bench_data(data_dir: str, image_size: int, batch: int, workers: int, batches
         candidates["kdscale_teacher_shard_replay"] = (epoch_of(lambda: kdscale_loader(teacher_outputs)),
                                                       batch * batches)
     startup = worker_startup(kdscale_loader, section) if workers else None
-    results = interleaved_throughput(candidates, torch.device("cpu"), steps=1, rounds=rounds, warmup=1)
-    speed = {name: r["images_per_s"] for name, r in results.items()}
-    ratios = {"webdataset_vs_imagefolder": speed["kdscale_webdataset"] / speed["torchvision_imagefolder"]}
+    samples = interleaved_rounds(candidates, torch.device("cpu"), steps=1, rounds=rounds, warmup=1)
+    ratios = {"webdataset_vs_imagefolder": ratio_over_rounds(samples["kdscale_webdataset"],
+                                                             samples["torchvision_imagefolder"])}
     if teacher_outputs:
-        ratios["replay_vs_webdataset"] = speed["kdscale_teacher_shard_replay"] / speed["kdscale_webdataset"]
-    return {"throughput": results, "ratios": ratios, "workers": workers, "batch": batch, "image_size": image_size,
-            "worker_startup_s": startup}
+        ratios["replay_vs_webdataset"] = ratio_over_rounds(samples["kdscale_teacher_shard_replay"],
+                                                           samples["kdscale_webdataset"])
+    return {"throughput": throughput_summary(samples), "ratios": ratios, "workers": workers, "batch": batch,
+            "image_size": image_size, "worker_startup_s": startup}
 
 
 def worker_startup(make_loader_fn, section: DataSection, repeats: int = 3) -> dict[str, float]:

@@ -1,5 +1,8 @@
 """Benchmarks that need real processes: per-rank memory under DDP and ZeRO-1/2/3 (through
-:mod:`kdscale.bench.engine_probe`), and 1 vs 2 process training throughput."""
+:mod:`kdscale.bench.engine_probe`), and 1 vs 2 process training throughput.
+
+Memory ratios are byte counts (exact, one round, no spread). Scaling runs in rounds, each a
+1-process run followed by a 2-process run, and its ratio is taken per round."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+
+from kdscale.bench.timing import exact_ratio, ratio_over_rounds, spread
 
 
 def free_port() -> int:
@@ -29,6 +34,7 @@ def launch(processes: int, module_args: list[str], timeout: int = 900) -> subpro
 
 
 def bench_memory(out_dir: str, processes: int = 2) -> dict:
+    """Per-rank parameter, gradient and optimizer-state bytes of the probe net under each strategy."""
     out = {}
     for strategy in ("ddp", "zero1", "zero2", "zero3"):
         path = os.path.join(out_dir, f"memory-{strategy}.json")
@@ -38,23 +44,39 @@ def bench_memory(out_dir: str, processes: int = 2) -> dict:
         ranks = json.load(open(path))
         out[strategy] = [{k: r[k] for k in ("parameter_bytes", "gradient_bytes", "optimizer_state_bytes")}
                          for r in ranks]
-    ddp = out["ddp"][0]["optimizer_state_bytes"]
-    ratios = {f"{s}_optimizer_state_vs_ddp": out[s][0]["optimizer_state_bytes"] / ddp
+    return {"per_rank_bytes": out, "ratios": memory_ratios(out), "processes": processes}
+
+
+def memory_ratios(per_rank_bytes: dict[str, list[dict]]) -> dict[str, dict]:
+    """Rank 0's ZeRO bytes over DDP's: optimizer state for ZeRO-1/2/3, parameters for ZeRO-3."""
+    ddp = per_rank_bytes["ddp"][0]
+    ratios = {f"{s}_optimizer_state_vs_ddp": exact_ratio(per_rank_bytes[s][0]["optimizer_state_bytes"]
+                                                          / ddp["optimizer_state_bytes"])
               for s in ("zero1", "zero2", "zero3")}
-    ratios["zero3_parameters_vs_ddp"] = out["zero3"][0]["parameter_bytes"] / out["ddp"][0]["parameter_bytes"]
-    return {"per_rank_bytes": out, "ratios": ratios, "processes": processes}
+    ratios["zero3_parameters_vs_ddp"] = exact_ratio(per_rank_bytes["zero3"][0]["parameter_bytes"]
+                                                    / ddp["parameter_bytes"])
+    return ratios
 
 
-def bench_scaling(train_args: list[str], out_dir: str) -> dict:
-    speeds = {}
-    for processes in (1, 2):
-        name = f"scaling-{processes}"
-        result = launch(processes, ["-m", "kdscale.train", *train_args, f"experiment.name={name}",
-                                    f"experiment.output_dir={out_dir}", "train.resume=false"])
-        if result.returncode != 0:
-            raise RuntimeError(f"scaling run with {processes} process(es) failed:\n{result.stderr[-2000:]}")
-        logged = [json.loads(line) for line in open(os.path.join(out_dir, name, "metrics.jsonl"))]
-        windows = [e["perf/images_per_s"] for e in logged if "perf/images_per_s" in e][1:]  # drop warm-up
-        speeds[processes] = sum(windows) / len(windows)
-    return {"images_per_s": {str(k): v for k, v in speeds.items()},
-            "per_process_efficiency_2_vs_1": speeds[2] / 2 / speeds[1]}
+def training_images_per_s(train_args: list[str], out_dir: str, processes: int, name: str) -> float:
+    """Mean logged images/s of one training run, its first (warm-up) window left out."""
+    result = launch(processes, ["-m", "kdscale.train", *train_args, f"experiment.name={name}",
+                                f"experiment.output_dir={out_dir}", "train.resume=false"])
+    if result.returncode != 0:
+        raise RuntimeError(f"scaling run with {processes} process(es) failed:\n{result.stderr[-2000:]}")
+    logged = [json.loads(line) for line in open(os.path.join(out_dir, name, "metrics.jsonl"))]
+    windows = [e["perf/images_per_s"] for e in logged if "perf/images_per_s" in e][1:]
+    return sum(windows) / len(windows)
+
+
+def bench_scaling(train_args: list[str], out_dir: str, rounds: int) -> dict:
+    """Per round a 1-process then a 2-process training run; the per-process efficiency
+    ``(images/s of 2) / 2 / (images/s of 1)`` is taken per round (median and IQR)."""
+    speeds: dict[int, list[float]] = {1: [], 2: []}
+    for round_index in range(rounds):
+        for processes in (1, 2):
+            speeds[processes].append(training_images_per_s(train_args, out_dir, processes,
+                                                           f"scaling-{processes}-round{round_index}"))
+    per_process_two = [s / 2 for s in speeds[2]]
+    return {"images_per_s": {str(p): spread(v) for p, v in speeds.items()},
+            "ratios": {"per_process_efficiency_2_vs_1": ratio_over_rounds(per_process_two, speeds[1])}}
