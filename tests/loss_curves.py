@@ -37,9 +37,9 @@ def loss_curve(case: str) -> list[dict[str, float]]:
     method, frozen = build_method(name, "resnet8", teacher, **params)
     method.set_epoch(epoch)
     optimizers = {phase: torch.optim.SGD([{k: v for k, v in g.items() if k != "lr_scale"}
-                                          for g in method.optimizer_groups(phase)], lr=0.05, momentum=0.9,
+                                          for g in spec.param_groups()], lr=0.05, momentum=0.9,
                                          weight_decay=5e-4)
-                  for phase in method.optimizer_phases}
+                  for phase, spec in method.phases().items()}
     curve = []
     for step in range(STEPS):
         images, targets = batch(size=8, seed=100 + step)

@@ -204,7 +204,7 @@ def test_ffl_fusion_module_and_optimizer_groups():
     assert method.fusion.depthwise[0].weight.shape == (128, 1, 3, 3)
     assert method.fusion.pointwise[0].weight.shape == (64, 128, 1, 1)  # 2C -> C
     assert method.fusion.fc.in_features == 64
-    networks, fusion = method.optimizer_groups("all")
+    networks, fusion = method.phases()["all"].param_groups()
     assert fusion["weight_decay"] == 1e-5 and "weight_decay" not in networks
     assert {id(p) for p in fusion["params"]} == {id(p) for p in method.fusion.parameters()}
     assert {id(p) for g in (networks, fusion) for p in g["params"]} == {id(p) for p in method.parameters()}

@@ -64,7 +64,9 @@ def test_prokt_phase_routing():
     _, student_losses = method(images, targets, None, phase="student")
     total = sum(student_losses.values())
     assert no_grad_from(total, method.teacher) and has_grad_from(total, method.student)
-    groups = method.optimizer_groups("teacher") + method.optimizer_groups("student")
+    phases = method.phases()
+    assert list(phases) == ["teacher", "student"]
+    groups = phases["teacher"].param_groups() + phases["student"].param_groups()
     assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in method.teacher.parameters()}
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in method.parameters()}

@@ -88,7 +88,7 @@ def test_frozen_teacher_unchanged_after_training(method, synth_data, tmp_path, t
     trainer = Trainer(cfg)
     trainer.train()
     reference = torch.load(teacher_files[TEACHERS[method]], weights_only=True)
-    after = trainer.teacher.model.state_dict()
+    after = trainer.teacher.frozen.model.state_dict()
     assert all(torch.equal(after[k], reference[k]) for k in reference)
 
 

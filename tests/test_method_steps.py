@@ -46,14 +46,14 @@ def test_one_step_trains_exactly_the_intended_networks(name, teacher, params, tr
     images, targets = batch(size=8)
     frozen_before = _snapshot(frozen.model) if frozen else None
     before = {n: copy.deepcopy(list(m.parameters())) for n, m in method.named_children()}
-    for phase in method.optimizer_phases:
+    for phase, spec in method.phases().items():
         optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "lr_scale"}
-                                     for g in method.optimizer_groups(phase)], lr=0.1, momentum=0.9)
+                                     for g in spec.param_groups()], lr=0.1, momentum=0.9)
         method.zero_grad(set_to_none=True)
         _, losses = method(images, targets, frozen(images) if frozen else None, phase=phase)
         total = sum(losses.values())
         assert torch.isfinite(total), losses
-        phase_params = {id(p) for p in method.phase_module(phase).parameters()}
+        phase_params = {id(p) for p in spec.module.parameters()}
         total.backward()
         for p in method.parameters():  # a phase's loss reaches only its own networks
             if id(p) not in phase_params:

@@ -53,8 +53,6 @@ def test_fractional_warmup_epochs():
     assert [lr_at(s, 10, 20, optim) for s in (0, 1, 3, 19)] == pytest.approx([0.4, 0.8, 1.0, 1.0])
 
 
-@pytest.mark.xfail(strict=True, reason="lr_at: with a fractional number of warm-up steps W, the last warm-up step "
-                                       "(step < W) gets lr x ceil(W) / W, above the peak lr (1.2 x lr for W = 2.5)")
 def test_fractional_warmup_never_exceeds_the_peak():
     optim = OptimSection(lr=1.0, schedule="constant", warmup_epochs=0.25)
     assert max(lr_at(s, 10, 20, optim) for s in range(20)) <= 1.0

@@ -40,12 +40,12 @@ def test_kd_keeps_frozen_teacher_bit_identical(trained_teacher, synth_data, tmp_
                       "teacher.name=resnet8", f"teacher.weights={export}", "train.epochs=1", name="kd")
     trainer = Trainer(cfg)
     summary = trainer.train()
-    after = trainer.teacher.model.state_dict()
+    after = trainer.teacher.frozen.model.state_dict()
     assert after.keys() == reference.keys()
     assert all(torch.equal(after[k], reference[k]) for k in reference)  # parameters and BN buffers
-    assert all(not p.requires_grad for p in trainer.teacher.model.parameters())
+    assert all(not p.requires_grad for p in trainer.teacher.frozen.model.parameters())
     optimized = [q for opt in trainer.engine.optimizers.values() for g in opt.param_groups for q in g["params"]]
-    assert not any(p is q for p in trainer.teacher.model.parameters() for q in optimized)
+    assert not any(p is q for p in trainer.teacher.frozen.model.parameters() for q in optimized)
     metrics = summary["metrics"]
     assert metrics["val/teacher_top1"] == pytest.approx(trained_teacher["metrics"]["val/student_top1"])
     assert {"val/student_top1", "val/student_top5", "val/teacher_top5", "val/agreement_top1"} <= set(metrics)

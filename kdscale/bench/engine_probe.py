@@ -59,10 +59,11 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
     torch.manual_seed(0)
     student, teacher = PlainNet(16), PlainNet(24)
     cls = get_method_class(method_name)
-    mctx = MethodContext(num_classes=CLASSES, image_size=16, teacher=teacher, teacher_name="plain24",
+    mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
+                         teacher_role=cls.teacher_role, teacher_name="plain24",
                          teacher_pretrained=True, build_model=lambda _name: PlainNet(24))
     distiller = cls(student, cls.Params(), mctx).train()
-    frozen = FrozenTeacher(teacher, distiller.teacher_feature_layers(), ctx.device, None, False) \
+    frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
         if cls.teacher_role == "frozen" else None
     engine = make_engine(strategy, distiller, cfg, ctx)
     losses = []
@@ -71,7 +72,7 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
         images, targets = images[mine], targets[mine]
         teacher_output = frozen(images) if frozen else None
         step_total = 0.0
-        for phase in distiller.optimizer_phases:
+        for phase in distiller.phases():
             terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext)
             step_total += sum(t.detach() for t in terms.values())
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import random
 import signal
-import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdscale.config.schema import DataSection
 from kdscale.data.transforms import SampleDecoder
 from kdscale.errors import KdscaleError
+from kdscale.log import EVERY_RANK, log, setup_logging
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -81,8 +81,7 @@ class BadSampleLog:
         if what in self.seen:
             return
         self.seen.add(what)
-        print(f"kdscale: warning: skipped {what} ({self.count} skipped by this loader worker)",
-              file=sys.stderr, flush=True)
+        log.warning(f"skipped {what} ({self.count} skipped by this loader worker)", extra=EVERY_RANK)
         if self.count > self.limit:
             raise KdscaleError(f"more than data.max_bad_samples={self.limit} bad samples in one loader worker "
                                f"(last: {what}); check the shards with `kdscale shards verify`, or raise "
@@ -320,6 +319,7 @@ def _init_worker(rank_pid: int, _worker_id: int) -> None:
 
     for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    setup_logging()
 
     def watch() -> None:
         while True:

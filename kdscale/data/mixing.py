@@ -56,3 +56,12 @@ def mix_batch(images: torch.Tensor, targets: torch.Tensor, data: DataSection, ge
     if extra is not None:
         extra = lam * extra + (1 - lam) * extra[perm.to(extra.device)]
     return images, soft, extra
+
+
+def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The generator of one micro-batch's mixing draws: a function of where the batch is in
+    the run, so a resumed run draws the same."""
+    draw = seed
+    for part in (rank, epoch, batch_index):
+        draw = (draw * 1_000_003 + part) % 2**62
+    return torch.Generator().manual_seed(draw)

@@ -1,7 +1,9 @@
 """Training engines: who owns the trainable networks, their optimizers and checkpoints.
 
+Both implement :class:`Engine`, the one protocol the trainer uses.
+
 - :class:`DDPEngine` (default): the whole Distiller in one DistributedDataParallel
-  wrapper, one torch optimizer per optimizer phase. Checkpoints are one file written by
+  wrapper, one torch optimizer per phase (:meth:`Distiller.phases`). Checkpoints are one file written by
   rank 0; they resume on any number of ranks.
 - :class:`DeepSpeedEngine`: DeepSpeed ZeRO stage 1, 2 or 3 over **every** trainable
   network: one engine over the whole Distiller, or, for a method with several optimizer
@@ -15,13 +17,14 @@ Frozen teachers never enter an engine: they are not part of the Distiller.
 from __future__ import annotations
 
 import contextlib
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.runtime.context import DistContext
-from kdscale.methods import Distiller
+from kdscale.methods import Distiller, TeacherOutput
 from kdscale.runtime import checkpoint as ckpt
 from kdscale.runtime.optim import build_optimizer, set_lr
 
@@ -31,6 +34,29 @@ def all_finite(loss: torch.Tensor, ctx: DistContext) -> bool:
     before any backward so that all ranks skip or stop together."""
     bad = (~torch.isfinite(loss.detach())).any().float().reshape(1).to(ctx.device)
     return ctx.all_reduce(bad, "max").item() == 0
+
+
+class Engine(Protocol):
+    """What the trainer asks of an engine; it never asks which strategy runs."""
+
+    strategy: str
+    shards_parameters: bool
+    """ZeRO-3: each rank holds a partition of the trained parameters (forwards are collectives)."""
+    resumes_on_any_world_size: ClassVar[bool]
+    counts_accumulation_itself: ClassVar[bool]
+    """Steps at its own accumulation boundary (DeepSpeed), so a skipped micro-batch cannot be dropped alone."""
+
+    def micro_step(self, phase: str, images: torch.Tensor, targets: torch.Tensor,
+                   teacher_output: TeacherOutput | None, sync: bool, lr: float, autocast,
+                   proceed=None) -> tuple[dict[str, torch.Tensor], bool]: ...
+
+    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None: ...
+
+    def restore(self, path: str, state: dict) -> None:
+        """Load what :meth:`write_checkpoint` wrote at ``path``; ``state`` is its metadata."""
+
+    def gathered_student_state(self) -> dict[str, torch.Tensor]:
+        """The full student's weights on every rank (a collective under ZeRO-3): the export."""
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -46,15 +72,15 @@ class DDPEngine:
 
     def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
         self.distiller, self.ctx, self.cfg = distiller, ctx, cfg
-        self.phases = distiller.optimizer_phases
+        self.phases = distiller.phases()
         self.model: nn.Module = distiller
         if ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 # Several phases: each forward/backward touches only some networks.
                 find_unused_parameters=len(self.phases) > 1)
-        self.optimizers = {phase: build_optimizer(distiller.optimizer_groups(phase), cfg.optim)
-                           for phase in self.phases}
+        self.optimizers = {name: build_optimizer(phase.param_groups(), cfg.optim)
+                           for name, phase in self.phases.items()}
 
     def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
                    proceed=None):
@@ -77,7 +103,7 @@ class DDPEngine:
             optimizer = self.optimizers[phase]
             set_lr(optimizer, lr)
             if self.cfg.train.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.distiller.phase_module(phase).parameters(),
+                torch.nn.utils.clip_grad_norm_(self.phases[phase].module.parameters(),
                                                self.cfg.train.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -130,18 +156,16 @@ class DeepSpeedEngine:
         self.distiller, self.ctx, self.cfg, self.stage = distiller, ctx, cfg, stage
         self.strategy = f"zero{stage}"
         self.shards_parameters = stage == 3
-        self.phases = distiller.optimizer_phases
+        self.phases = distiller.phases()
         ctx.ensure_process_group()
         deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         self.engines, self.lr_scales = {}, {}
-        for phase in self.phases:
-            groups = distiller.optimizer_groups(phase)
-            self.lr_scales[phase] = [g.get("lr_scale", 1.0) for g in groups]
+        for name, phase in self.phases.items():
+            groups = phase.param_groups()
+            self.lr_scales[name] = [g["lr_scale"] for g in groups]
             optimizer = build_optimizer(groups, cfg.optim)
-            engine, *_ = deepspeed.initialize(model=distiller.phase_module(phase), optimizer=optimizer,
-                                              config=dict(ds_config))
-            self.engines[phase] = engine
-        self.model = self.engines[self.phases[0]] if len(self.phases) == 1 else distiller
+            self.engines[name], *_ = deepspeed.initialize(model=phase.module, optimizer=optimizer,
+                                                          config=dict(ds_config))
 
     def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
                    proceed=None):
@@ -153,7 +177,7 @@ class DeepSpeedEngine:
             if len(self.phases) == 1:
                 _logits, losses = engine(images, targets, teacher_output, phase=phase)
             else:  # the phase's engine owns only its module; the Distiller routes the phase
-                _logits, losses = self.distiller.forward_phase(phase, images, targets, teacher_output)
+                _logits, losses = self.distiller.forward_train(images, targets, teacher_output, phase)
             loss = sum(losses.values())
         if not proceed(loss):
             return losses, False

@@ -1,7 +1,8 @@
 """Distillation methods, one file each, registered by name."""
 
 from kdscale.methods import at, ctkd, dml, ffcl, kd, prokt, sokd, vanilla  # noqa: F401  (registration)
-from kdscale.methods.base import (METHODS, Distiller, MethodContext, TeacherOutput, get_method_class,
-                                  register_method)
+from kdscale.methods.base import (METHODS, Distiller, MethodContext, Phase, TeacherNeeds, TeacherOutput,
+                                  get_method_class, register_method)
 
-__all__ = ["METHODS", "Distiller", "MethodContext", "TeacherOutput", "get_method_class", "register_method"]
+__all__ = ["METHODS", "Distiller", "MethodContext", "Phase", "TeacherNeeds", "TeacherOutput", "get_method_class",
+           "register_method"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kdscale.methods.attention import AttentionToTeacher
-from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.base import Distiller, TeacherNeeds, register_method
 from kdscale.methods.losses import cross_entropy
 
 
@@ -35,7 +35,6 @@ class AT(Distiller):
     paper = "Zagoruyko & Komodakis 2017, attention transfer"
     description = "Attention transfer: match normalised spatial attention maps of a frozen teacher."
     teacher_role = "frozen"
-    teacher_outputs = ("features",)
 
     @dataclass
     class Params:
@@ -47,13 +46,13 @@ class AT(Distiller):
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
-        self.attention = AttentionToTeacher(student, ctx.teacher, params.student_layers,
+        self.attention = AttentionToTeacher(student, ctx.frozen_teacher, params.student_layers,
                                                  params.teacher_layers, ctx.image_size)
 
-    def teacher_feature_layers(self):
-        return self.attention.teacher_layers
+    def teacher_needs(self):
+        return TeacherNeeds(features=tuple(self.attention.teacher_layers))
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         logits = self.student(images)
         return logits, {

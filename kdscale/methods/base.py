@@ -6,10 +6,15 @@ bridge module) and computes named loss terms. Frozen teachers live outside it (s
 :mod:`kdscale.runtime.teachers`), so no optimizer, DDP bucket or ZeRO partition ever holds
 their parameters; the method only receives their outputs.
 
-A method says how it uses the ``teacher`` section of the config (``teacher_role``):
-- ``frozen``: a pre-trained teacher run outside the method (KD, AT, CTKD's expert, SOKD);
-- ``trainable``: the method owns and trains the teacher network (ProKT, FFCL);
-- ``none``: no teacher (vanilla, DML).
+A method author writes (copy ``kd.py``):
+- class attributes ``name``, ``paper``, ``description``, ``Params`` (a dataclass) and
+  ``teacher_role``: ``frozen`` (a pre-trained teacher run outside the method: KD, AT,
+  CTKD's expert, SOKD), ``trainable`` (the method owns and trains the teacher network:
+  ProKT, FFCL) or ``none`` (vanilla, DML);
+- :meth:`Distiller.forward_train`, returning the student's logits and the loss terms;
+- where needed: :meth:`teacher_needs` (which teacher layers to tap), :meth:`evaluation_logits`
+  (more networks to score), :meth:`phases` (several optimizer steps per iteration, or an
+  lr or weight decay of their own for some parameters).
 """
 
 from __future__ import annotations
@@ -34,6 +39,38 @@ class TeacherOutput:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What a method reads from the frozen teacher for each batch."""
+
+    logits: bool = False
+    features: tuple[str, ...] = ()
+    """Module paths of the frozen teacher whose outputs are tapped (forward hooks)."""
+
+    def describe(self) -> str:
+        """``logits``, ``features``, both, or ``none``."""
+        return ", ".join((["logits"] if self.logits else []) + (["features"] if self.features else [])) or "none"
+
+
+@dataclass
+class Phase:
+    """One optimizer step per iteration: the module it trains and how.
+
+    ``lr_scale`` multiplies the scheduled lr of every group; ``groups`` (optional) splits
+    the module's parameters into optimizer groups with settings of their own (e.g.
+    ``{"params": [...], "weight_decay": 1e-5}``); together they must hold every trainable
+    parameter of ``module`` once."""
+
+    module: nn.Module
+    lr_scale: float = 1.0
+    groups: list[dict] | None = None
+
+    def param_groups(self) -> list[dict]:
+        groups = self.groups or [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
+        return [{**group, "params": list(group["params"]), "lr_scale": group.get("lr_scale", 1.0) * self.lr_scale}
+                for group in groups]
+
+
 @dataclass
 class NoParams:
     """A method without parameters of its own."""
@@ -41,20 +78,41 @@ class NoParams:
 
 @dataclass
 class MethodContext:
-    """What a method may use to build itself."""
+    """What a method may use to build itself.
+
+    A teacher network reaches the method under the name of its role: ``frozen_teacher``
+    (read-only: shapes, layer names; it is run outside the method) or ``trained_teacher``
+    (the method makes it a child and trains it). Reading one that this run does not have
+    is a configuration error, raised with the fix."""
 
     num_classes: int
     image_size: int
+    method_name: str = ""
     student_name: str = ""
     teacher_name: str = ""
     label_smoothing: float = 0.0
-    teacher: nn.Module | None = None
+    teacher_network: nn.Module | None = None
+    teacher_role: str = "none"
     teacher_pretrained: bool = False
-    """Whether ``teacher`` was loaded from ``teacher.weights``."""
-    """The frozen teacher (read-only, for shapes and architecture), or the trainable
-    teacher the method must own, by ``teacher_role``."""
+    """Whether the teacher network was loaded from ``teacher.weights``."""
     build_model: Callable[[str], nn.Module] | None = None
     """Builds another network by model name, with ``num_classes`` outputs (DML peers)."""
+
+    def _teacher(self, role: str) -> nn.Module:
+        if self.teacher_network is not None and self.teacher_role == role:
+            return self.teacher_network
+        if role == "frozen":
+            raise KdscaleError(f"method {self.method_name!r} needs features: use teacher.source=online "
+                               f"(teacher.source=shards replays the teacher's logits only, not its layers)")
+        raise KdscaleError(f"method {self.method_name!r} trains a teacher network: set teacher.name")
+
+    @property
+    def frozen_teacher(self) -> nn.Module:
+        return self._teacher("frozen")
+
+    @property
+    def trained_teacher(self) -> nn.Module:
+        return self._teacher("trainable")
 
 
 class Distiller(nn.Module):
@@ -71,13 +129,6 @@ class Distiller(nn.Module):
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"
-    teacher_outputs: ClassVar[tuple[str, ...]] = ()
-    """What the method reads from a frozen teacher: ``logits`` and/or ``features``."""
-    trainable_networks: ClassVar[tuple[str, ...]] = ("student",)
-    """Names of the child networks the method trains (for ``kdscale methods``)."""
-    optimizer_phases: ClassVar[tuple[str, ...]] = ("all",)
-    """One optimizer step per phase and iteration, in this order. Only methods whose
-    paper updates networks one after the other (ProKT) have more than one."""
 
     def __init__(self, student: nn.Module, params, ctx: MethodContext):
         super().__init__()
@@ -87,47 +138,43 @@ class Distiller(nn.Module):
         self.epoch = 0
 
     # -- the contract ---------------------------------------------------------------
-    def forward_train(self, images: torch.Tensor, targets: torch.Tensor,
-                      teacher_output: TeacherOutput | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Student logits and the loss terms of one step (of the only phase)."""
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor, teacher_output: TeacherOutput | None,
+                      phase: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The logits of the network ``phase`` trains (the student's by default) and the loss
+        terms of that phase. ``teacher_output`` is the frozen teacher's for these images
+        (online or replayed), None when :meth:`teacher_needs` asks for nothing."""
         raise NotImplementedError
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """What :meth:`forward_train` reads from the frozen teacher. Default: its logits when
+        the method has a frozen teacher (``teacher_role = "frozen"``), else nothing."""
+        return TeacherNeeds(logits=self.teacher_role == "frozen")
+
+    def phases(self) -> dict[str, Phase]:
+        """The optimizer steps of one iteration, in order: one step of everything (default).
+        Every trainable parameter is in exactly one phase. Only methods whose authors
+        update networks one after the other (ProKT) have more than one."""
+        return {"all": Phase(self)}
+
+    def evaluation_logits(self, images: torch.Tensor,
+                          teacher_output: TeacherOutput | None = None) -> dict[str, torch.Tensor]:
+        """Logits of every trainable network scored in evaluation (``val/<name>_top1``).
+        Called in eval mode without gradients, with the frozen teacher's output if any."""
+        return {"student": self.student(images)}
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer before each epoch's steps (0-based, also after a resume);
         methods whose weights follow the epoch (FFCL's ramp-up) read ``self.epoch``."""
         self.epoch = epoch
 
-    def forward_phase(self, phase: str, images, targets, teacher_output):
-        """Loss terms of one optimizer phase; multi-phase methods override this."""
-        return self.forward_train(images, targets, teacher_output)
-
-    def forward_test(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student(images)
-
-    def evaluation_logits(self, images: torch.Tensor,
-                          teacher_output: TeacherOutput | None = None) -> dict[str, torch.Tensor]:
-        """Logits of every trainable network scored in evaluation (``val/<name>_top1``).
-        Called in eval mode without gradients, with the frozen teacher's output if any."""
-        return {"student": self.forward_test(images)}
-
-    def teacher_feature_layers(self) -> list[str]:
-        """Module paths of the frozen teacher whose outputs the method needs."""
-        return []
-
-    def optimizer_groups(self, phase: str) -> list[dict]:
-        """Parameter groups of the optimizer that steps in ``phase``; ``lr_scale``
-        multiplies the scheduled lr. Every trainable parameter is in exactly one phase."""
-        return [{"params": [p for p in self.phase_module(phase).parameters() if p.requires_grad], "lr_scale": 1.0}]
-
-    def phase_module(self, phase: str) -> nn.Module:
-        """The module whose parameters ``phase`` trains (one DeepSpeed engine each)."""
-        return self
-
     # -- plumbing -------------------------------------------------------------------
-    def forward(self, images, targets=None, teacher_output=None, phase: str = "all"):
-        if self.training:
-            return self.forward_phase(phase, images, targets, teacher_output)
-        return self.forward_test(images)
+    def forward(self, images, targets, teacher_output=None, phase: str = "all"):
+        """What DDP and DeepSpeed wrap: one phase's training forward."""
+        return self.forward_train(images, targets, teacher_output, phase)
+
+    def trained_networks(self) -> list[str]:
+        """Names of the child modules that hold trainable parameters."""
+        return [name for name, child in self.named_children() if any(p.requires_grad for p in child.parameters())]
 
 
 METHODS: dict[str, type[Distiller]] = {}

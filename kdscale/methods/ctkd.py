@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kdscale.methods.attention import AttentionToTeacher
-from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.base import Distiller, TeacherNeeds, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.stem import share_stem
 
@@ -51,8 +51,6 @@ class CTKD(Distiller):
     description = ("Collaborative teaching (not curriculum temperature): a scratch-teacher branch guides each step, "
                    "a frozen expert guides attention.")
     teacher_role = "frozen"
-    teacher_outputs = ("features",)
-    trainable_networks = ("student", "scratch_teacher")
 
     @dataclass
     class Params:
@@ -77,16 +75,16 @@ class CTKD(Distiller):
             if params.share_stem else []
         self.attention = {}
         if params.at_target in ("scratch", "both"):
-            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, ctx.teacher, params.scratch_layers,
+            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, ctx.frozen_teacher, params.scratch_layers,
                                                               params.teacher_layers, ctx.image_size, "scratch")
         if params.at_target in ("student", "both"):
-            self.attention["at_student"] = AttentionToTeacher(student, ctx.teacher, params.student_layers,
+            self.attention["at_student"] = AttentionToTeacher(student, ctx.frozen_teacher, params.student_layers,
                                                               params.teacher_layers, ctx.image_size, "student")
 
-    def teacher_feature_layers(self):
-        return next(iter(self.attention.values())).teacher_layers
+    def teacher_needs(self):
+        return TeacherNeeds(features=tuple(next(iter(self.attention.values())).teacher_layers))
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         scratch_logits = self.scratch_teacher(images)
         logits = self.student(images)

@@ -28,7 +28,6 @@ class DML(Distiller):
     name = "dml"
     paper = "Zhang et al. 2018, deep mutual learning"
     description = "Deep mutual learning: peers trained from scratch, each matching the others' predictions."
-    trainable_networks = ("student", "peer1..peerK")
 
     @dataclass
     class Params:
@@ -45,7 +44,7 @@ class DML(Distiller):
     def _networks(self):
         return [("", self.student)] + [(f"peer{k}_", peer) for k, peer in enumerate(self.peers, start=1)]
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         networks = self._networks()
         logits = [net(images) for _, net in networks]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.base import Distiller, Phase, register_method
 from kdscale.methods.losses import attention_transfer, cross_entropy, soft_kl, soft_kl_to_probs
 from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
 
@@ -96,7 +96,6 @@ class FFCL(Distiller):
     paper = "Li et al. 2021, feature-fusion collaborative learning"
     description = "Feature-fusion collaborative learning: teacher and student learn together through a fused head."
     teacher_role = "trainable"
-    trainable_networks = ("student", "teacher", "fusion")
 
     @dataclass
     class Params:
@@ -115,7 +114,7 @@ class FFCL(Distiller):
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
-        self.teacher = ctx.teacher.requires_grad_(True)
+        self.teacher = ctx.trained_teacher.requires_grad_(True)
         self.num_classes = ctx.num_classes
         s_stages = residual_stages(student, "student")
         t_stages = residual_stages(self.teacher, "teacher")
@@ -128,12 +127,12 @@ class FFCL(Distiller):
         self.s_taps = FeatureTaps(student, self.s_mid + self.s_layers, "student")
         self.t_taps = FeatureTaps(self.teacher, self.t_mid + self.t_layers, "teacher")
 
-    def optimizer_groups(self, phase):
+    def phases(self):
         networks = [p for name, p in self.named_parameters() if not name.startswith("fusion.")]
-        fusion = {"params": list(self.fusion.parameters()), "lr_scale": 1.0}
+        fusion = {"params": list(self.fusion.parameters())}
         if self.params.fusion_weight_decay is not None:
             fusion["weight_decay"] = self.params.fusion_weight_decay
-        return [{"params": networks, "lr_scale": 1.0}, fusion]
+        return {"all": Phase(self, groups=[{"params": networks}, fusion])}
 
     def _fused(self, s_features, t_features):
         s_last, t_last = s_features[self.s_layers[0]], t_features[self.t_layers[0]]
@@ -141,7 +140,7 @@ class FFCL(Distiller):
             s_last, t_last = s_last.detach(), t_last.detach()
         return self.fusion(t_last, s_last)
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p, t = self.params, self.params.temperature
         ramp = sigmoid_rampup(self.epoch, p.rampup_epochs)
         z_s, z_t = self.student(images), self.teacher(images)

@@ -22,7 +22,6 @@ class KD(Distiller):
     paper = "Hinton et al. 2015, knowledge distillation"
     description = "Hinton KD: CE plus temperature-scaled KL to a frozen teacher's logits."
     teacher_role = "frozen"
-    teacher_outputs = ("logits",)
 
     @dataclass
     class Params:
@@ -31,7 +30,7 @@ class KD(Distiller):
         kd_weight: float = field(default=0.9, metadata={"ge": 0})
         t_squared: bool = True
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         logits = self.student(images)
         teacher_logits = teacher_output.logits.detach()

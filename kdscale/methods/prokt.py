@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from kdscale.errors import KdscaleError
-from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.base import Distiller, Phase, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
 
 
@@ -110,9 +110,6 @@ class ProKT(Distiller):
     paper = "Shi et al. 2021, progressive knowledge teaching"
     description = "Progressive KD: the teacher trains toward what the student can reach; two steps per iteration."
     teacher_role = "trainable"
-    teacher_outputs = ()
-    trainable_networks = ("student", "teacher")
-    optimizer_phases = ("teacher", "student")
 
     @dataclass
     class Params:
@@ -131,7 +128,7 @@ class ProKT(Distiller):
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
-        self.teacher = ctx.teacher.requires_grad_(True)
+        self.teacher = ctx.trained_teacher.requires_grad_(True)
         if params.teacher_init == "scratch" and ctx.teacher_pretrained:
             raise KdscaleError("method.teacher_init=scratch trains the teacher from random weights, but "
                                "teacher.weights is set; remove teacher.weights or use method.teacher_init=converged")
@@ -142,12 +139,8 @@ class ProKT(Distiller):
             replace_classifier(self.teacher, ctx.num_classes, params.zero_classifier)
         self.register_buffer("dual_beta", torch.tensor(float(params.dual_beta0)))
 
-    def phase_module(self, phase):
-        return {"teacher": self.teacher, "student": self.student}[phase]
-
-    def optimizer_groups(self, phase):
-        scale = self.params.teacher_lr_scale if phase == "teacher" else 1.0
-        return [{"params": list(self.phase_module(phase).parameters()), "lr_scale": scale}]
+    def phases(self):
+        return {"teacher": Phase(self.teacher, lr_scale=self.params.teacher_lr_scale), "student": Phase(self.student)}
 
     def target_logits(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The other network's logits as a target (no gradient), per ``target_bn``."""
@@ -155,7 +148,7 @@ class ProKT(Distiller):
         with torch.no_grad(), mode(network):
             return network(images)
 
-    def forward_phase(self, phase, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         if phase == "teacher":
             student_logits = self.target_logits(self.student, images)
@@ -174,7 +167,7 @@ class ProKT(Distiller):
             logits = self.student(images)
             return logits, {"kd": p.kl_weight * soft_kl(teacher_logits, logits, p.temperature),
                             "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing)}
-        raise ValueError(f"prokt has no phase {phase!r}")
+        raise ValueError(f"prokt steps in two phases, 'teacher' then 'student'; got phase {phase!r}")
 
     def evaluation_logits(self, images, teacher_output=None):
         return {"student": self.student(images), "teacher": self.teacher(images)}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kdscale.errors import KdscaleError
-from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.base import Distiller, TeacherNeeds, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.features import check_layer_paths, feature_shapes, residual_stages
 
@@ -94,8 +94,6 @@ class SOKD(Distiller):
     paper = "Liu et al. 2021, semi-online KD"
     description = "Semi-online KD: a trainable bridge on a frozen teacher teaches the student and learns from it."
     teacher_role = "frozen"
-    teacher_outputs = ("logits", "features")
-    trainable_networks = ("student", "kbm")
 
     @dataclass
     class Params:
@@ -110,15 +108,15 @@ class SOKD(Distiller):
 
     def __init__(self, student, params, ctx):
         super().__init__(student, params, ctx)
-        default_input, default_layers = default_bridge(ctx.teacher)
+        default_input, default_layers = default_bridge(ctx.frozen_teacher)
         self.bridge_input = params.bridge_input or default_input
-        self.kbm = build_bridge(ctx.teacher, self.bridge_input, params.bridge_layers or default_layers,
+        self.kbm = build_bridge(ctx.frozen_teacher, self.bridge_input, params.bridge_layers or default_layers,
                                 ctx.num_classes, ctx.image_size)
 
-    def teacher_feature_layers(self):
-        return [self.bridge_input]
+    def teacher_needs(self):
+        return TeacherNeeds(logits=True, features=(self.bridge_input,))
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         p, t = self.params, self.params.temperature
         kbm_logits = self.kbm(teacher_output.features[self.bridge_input].detach())
         logits = self.student(images)

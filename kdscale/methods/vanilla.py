@@ -15,6 +15,6 @@ class Vanilla(Distiller):
     paper = "cross-entropy alone"
     description = "The student alone with cross-entropy (teacher training, baselines)."
 
-    def forward_train(self, images, targets, teacher_output):
+    def forward_train(self, images, targets, teacher_output, phase="all"):
         logits = self.student(images)
         return logits, {"ce": cross_entropy(logits, targets, self.label_smoothing)}

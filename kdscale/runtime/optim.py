@@ -31,7 +31,7 @@ def lr_at(step: int, steps_per_epoch: int, total_steps: int, optim: OptimSection
     epoch = step / steps_per_epoch
     warmup_steps = optim.warmup_epochs * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
-        return optim.lr * (step + 1) / warmup_steps
+        return optim.lr * min(1.0, (step + 1) / warmup_steps)  # a fractional last warm-up step stops at the peak
     if optim.schedule == "multistep":
         return optim.lr * optim.gamma ** sum(1 for m in optim.milestones if epoch >= m)
     if optim.schedule == "cosine":

@@ -12,9 +12,9 @@ import json
 import netrc
 import os
 import secrets
-import sys
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.log import log
 
 
 def has_wandb_api_key() -> bool:
@@ -76,9 +76,8 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - bad key, unreachable server, ...
             if self.mode != "online":
                 raise
-            print(f"kdscale: warning: wandb could not start online ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:300]}); logging offline instead; sync later with `wandb sync`",
-                  file=sys.stderr, flush=True)
+            log.warning(f"wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                        f"logging offline instead; sync later with `wandb sync`")
             self.mode = "offline"
             # The failed attempt keeps the id busy in wandb's service: the offline run gets its own.
             self.run_id = kwargs["id"] = secrets.token_hex(4)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from kdscale.errors import exit_on_user_error
 from kdscale.config.arguments import experiment_parser
+from kdscale.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = experiment_parser("kdscale teach", "Write teacher-output shards.").parse_args(argv)
+    setup_logging()
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.teach.writer import teach

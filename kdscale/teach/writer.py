@@ -18,6 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.log import log
 from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.data.teacher_outputs import META_FILE, companion_path, crop_boxes, encode_record, replay_crop
@@ -136,7 +137,6 @@ def teach(cfg: ExperimentConfig) -> dict:
         if tracker is not None:
             tracker.finish(failed=failed)
         ctx.shutdown()
-    if ctx.is_main:
-        print(f"kdscale: teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
-              f"shards ({summary['shards_reused']} already done) in {summary['outputs']}", flush=True)
+    log.info(f"teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
+             f"shards ({summary['shards_reused']} already done) in {summary['outputs']}")
     return summary

@@ -8,17 +8,18 @@ the traceback, and the launcher then stops the other ranks.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 from kdscale.config.arguments import experiment_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
+from kdscale.log import log, setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = experiment_parser("kdscale train", "Train or distill a classifier.").parse_args(argv)
     # torch.distributed's deprecation notices fire on every ZeRO collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    setup_logging()
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.runtime.context import shutdown_process_group
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary = trainer.train()
         except Exception as err:
             if os.environ.get("WORLD_SIZE", "1") != "1" and not isinstance(err, KdscaleError):
-                print(f"kdscale: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}",
-                      file=sys.stderr, flush=True)
+                log.error(f"rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}")
             raise
         finally:  # flush wandb and metrics, release the run directory, end the process group
             if trainer is not None:

@@ -21,15 +21,16 @@ import torch
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import TrainStream, ValStream, make_loader
-from kdscale.data.mixing import mix_batch, mixing_enabled
+from kdscale.data.mixing import batch_generator, mix_batch, mixing_enabled
 from kdscale.runtime.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
+from kdscale.lifecycle.fault_injection import InjectedFailure
 from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
 from kdscale.lifecycle.stop import StopSignals
 from kdscale.lifecycle.watchdog import Watchdog
-from kdscale.methods import TeacherOutput
+from kdscale.log import log, setup_logging
 from kdscale.progress import ProgressBar
 from kdscale.runtime import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
@@ -37,6 +38,7 @@ from kdscale.runtime.optim import lr_at
 from kdscale.train.saving import SavingMixin
 from kdscale.runtime.device import Runtime
 from kdscale.train.setup import build_distiller, plan_data
+from kdscale.train.teacher_source import teacher_source
 from kdscale.runtime.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
 
@@ -51,6 +53,7 @@ class Trainer(SavingMixin):
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0"))
         self.ctx = ctx or DistContext.from_env(cfg.distributed.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
+        setup_logging(self.rank)
         self.watchdog.rank = self.rank
         self.tracker: Tracker | None = None
         self.lock = lock_for_ranks(self.ctx, cfg.run_dir, lock)
@@ -58,19 +61,17 @@ class Trainer(SavingMixin):
             ckpt.remove_stale_temporaries(cfg.run_dir)  # left by a writer that was killed
         self.resolved = config_to_dict(cfg)
         self.strategy = resolve_strategy(cfg)
-        if self.is_main:
-            print(f"kdscale: resolved config ({self.world} process(es), {self.strategy}, device {self.ctx.device}):\n"
-                  f"{format_config(cfg)}", flush=True)
+        log.info(f"resolved config ({self.world} process(es), {self.strategy}, device {self.ctx.device}):\n"
+                 f"{format_config(cfg)}")
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
         self.runtime = Runtime.from_config(cfg, self.ctx.device)
         self.plan = plan_data(cfg, self.world)
-        self.distiller, self.teacher = build_distiller(cfg, self.runtime, self.world)
-        self.phases = self.distiller.optimizer_phases
-        from_shards = cfg.teacher is not None and cfg.teacher.source == "shards"
-        self.teacher_outputs_dir = cfg.teacher.outputs if from_shards else None
-        if len(self.phases) > 1 and cfg.train.grad_accum_steps != 1:
+        self.distiller, frozen = build_distiller(cfg, self.runtime, self.world)
+        self.teacher = teacher_source(cfg, frozen, self.watchdog)
+        self.phase_names = tuple(self.distiller.phases())
+        if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
-                               f"({', '.join(self.phases)}); set train.grad_accum_steps=1")
+                               f"({', '.join(self.phase_names)}); set train.grad_accum_steps=1")
         resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
         if resumed is not None:
             self._check_resumable(*resumed)
@@ -79,42 +80,34 @@ class Trainer(SavingMixin):
             raise KdscaleError(f"train.nonfinite=skip under {self.strategy} needs train.grad_accum_steps=1 (DeepSpeed "
                                f"counts the accumulation itself); use train.nonfinite=stop or train.grad_accum_steps=1")
         self.total_steps = self.plan.steps_per_epoch * cfg.train.epochs
+        self.stop_at = min(self.total_steps, cfg.train.stop_after_steps or self.total_steps)
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}
         self.last_saved_step = -1
         self.teacher_best: float | None = None
         self.throughput: float | None = None
         self.failure: str | None = None
-        self.preempt_seen = self.stop_agreed = False
-        self.nonfinite_skipped = 0
+        self.preempt_file = cfg.train.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
+        self.preempt_seen = self.stop_agreed = self.preempted = self.stopped_early = False
+        self.nonfinite_skipped = self.nonfinite_in_a_row = 0
+        self.injected_failure = InjectedFailure()
         self.signals = StopSignals(self.rank)
         if resumed is not None:
             run_id = self._restore(*resumed)
         self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
         self.watchdog.progress()
 
-    # -- the loop -------------------------------------------------------------------
+    # -- data -----------------------------------------------------------------------
     def _train_loader(self):
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
                              epoch=self.epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
                              batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
-                             teacher_outputs=self.teacher_outputs_dir)
+                             teacher_outputs=self.teacher.outputs_dir)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
     def _val_loader(self):
         stream = ValStream(self.plan.val_shards, self.cfg.data, rank=self.rank, world_size=self.world)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
-
-    def _to_device(self, images, targets):
-        images = images.to(self.runtime.device, non_blocking=True)
-        if self.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets.to(self.runtime.device, non_blocking=True)
-
-    def _autocast(self):
-        if self.runtime.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
 
     def _next_batch(self, loader, window: MetricsWindow):
         fetch_start = time.perf_counter()
@@ -127,25 +120,29 @@ class Trainer(SavingMixin):
                 raise KdscaleError(f"a data loader worker of rank {self.rank} delivered no batch for "
                                    f"{self.cfg.data.loader_timeout_s:g} s (data.loader_timeout_s): {err}") from None
         window.wait += time.perf_counter() - fetch_start
+        window.bad_samples_epoch += batch.bad_samples
         return batch
 
-    def _teacher_output(self, batch, images, targets):
-        probs = batch.teacher_probs
-        if probs is not None:
-            probs = probs.to(self.runtime.device, non_blocking=True)
+    def _inputs(self, batch):
+        """The micro-batch on the device, mixed (Mixup/CutMix) before any network sees it:
+        (images, targets, replayed teacher probabilities or None)."""
+        device = self.runtime.device
+        images = batch.images.to(device, non_blocking=True)
+        if self.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = batch.targets.to(device, non_blocking=True)
+        probs = batch.teacher_probs.to(device, non_blocking=True) if batch.teacher_probs is not None else None
         if mixing_enabled(self.cfg.data):
-            draw = self.cfg.experiment.seed
-            for part in (self.rank, self.epoch, self.batches_done):
-                draw = (draw * 1_000_003 + part) % 2**62
-            gen = torch.Generator().manual_seed(draw)
+            gen = batch_generator(self.cfg.experiment.seed, self.rank, self.epoch, self.batches_done)
             images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
-        if probs is not None:  # replayed from teacher-output shards
-            return images, targets, TeacherOutput(probs.clamp_min(1e-12).log())
-        if self.teacher is None:
-            return images, targets, None
-        with self.watchdog.waiting("running the frozen teacher"):
-            return images, targets, self.teacher(images)
+        return images, targets, probs
 
+    def _autocast(self):
+        if self.runtime.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
+
+    # -- the loop -------------------------------------------------------------------
     def train(self) -> dict:
         if self.own_watchdog:
             self.watchdog.progress()
@@ -157,77 +154,79 @@ class Trainer(SavingMixin):
             if self.own_watchdog:
                 self.watchdog.stop()
 
+    def _work_left(self) -> bool:
+        return self.epoch < self.cfg.train.epochs and self.step < self.stop_at and not self.preempted
+
     def _train(self) -> dict:
-        cfg, accum = self.cfg.train, self.cfg.train.grad_accum_steps
-        stop_at = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
         window = MetricsWindow()
-        fail_at = int(os.environ.get("KDSCALE_FAIL_AT_STEP", "-1")), int(os.environ.get("KDSCALE_FAIL_RANK", "-1"))
-        stopped_early, self.preempted, nonfinite_run = False, False, 0
-        preempt_file = cfg.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
         if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
-        loader = iter(self._train_loader()) if self.epoch < cfg.epochs and self.step < stop_at else None
-        while self.epoch < cfg.epochs and self.step < stop_at and not self.preempted:
-            self.distiller.set_epoch(self.epoch)
-            window.bad_samples_epoch = 0
-            while self.batches_done < self.plan.micro_batches_per_epoch:
-                batch = self._next_batch(loader, window)
-                window.bad_samples_epoch += batch.bad_samples
-                images, targets = self._to_device(batch.images, batch.targets)
-                images, targets, teacher_output = self._teacher_output(batch, images, targets)
-                sync = (self.batches_done + 1) % accum == 0
-                lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
-                finite = True
-                with self.watchdog.waiting("in the training step (forward, backward, gradient all-reduce)"):
-                    for phase in self.phases:
-                        losses, phase_finite = self.engine.micro_step(phase, images, targets, teacher_output, sync,
-                                                                      lr, self._autocast, self._proceed)
-                        finite = finite and phase_finite
-                        if not phase_finite:
-                            break
-                        window.add_losses(losses)
-                if not finite:
-                    nonfinite_run += 1
-                    self._on_nonfinite(losses, nonfinite_run)
-                elif sync:
-                    nonfinite_run = 0
-                self.batches_done += 1
-                window.add_batch(images.shape[0] * self.world)
-                if not sync:
-                    continue
-                self.step += 1
-                self.watchdog.progress()
-                if self.step == fail_at[0] and self.rank == fail_at[1]:  # fault injection for the tests
-                    raise RuntimeError(f"injected failure at step {self.step} (KDSCALE_FAIL_AT_STEP)")
-                if self.step % cfg.log_every_steps == 0 or self.step == stop_at:
-                    self._log_window(window, lr, bar)
-                bar.update(self.step)
-                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
-                    self.save()
-                if preempt_file and self.is_main and self.step % cfg.preempt_check_steps == 0:
-                    self.preempt_seen = os.path.exists(preempt_file)  # the others learn it at the next step
-                if self.stop_agreed:
-                    self.preempted = True
-                    break
-                if self.step >= stop_at:
-                    break
-            if self.batches_done >= self.plan.micro_batches_per_epoch:
-                self.epoch, self.batches_done = self.epoch + 1, 0
-                # Asked to stop: the checkpoint now, this epoch's validation is skipped (but the last).
-                if self.epoch == cfg.epochs or (self.epoch % cfg.eval_every_epochs == 0 and not self.preempted):
-                    self._record_validation(bar)
-                self.save()
-            elif self.step >= stop_at or self.preempted:
-                stopped_early = True
-                self.save()
+        loader = iter(self._train_loader()) if self._work_left() else None
+        self._start_epoch(window)
+        while self._work_left():
+            batch = self._next_batch(loader, window)
+            stepped, lr = self._step(batch, window)
+            self._after_step(stepped, lr, window, bar)
         del loader  # ends the loader's workers
-        if self.preempted and self.is_main:
+        if self.preempted:
             why = f"{self.signals.name} received" if self.signals.received else "preempted"
-            print(f"kdscale: {why}: stopped at step {self.step} with a checkpoint; run the same command again to "
-                  f"resume from it", flush=True)
+            log.info(f"{why}: stopped at step {self.step} with a checkpoint; run the same command again to "
+                     f"resume from it")
         bar.close()
-        return self._finish(stopped_early)
+        return self._finish(self.stopped_early)
+
+    def _start_epoch(self, window: MetricsWindow) -> None:
+        self.distiller.set_epoch(self.epoch)
+        window.bad_samples_epoch = 0
+
+    def _step(self, batch, window: MetricsWindow) -> tuple[bool, float]:
+        """One micro-batch through every phase; (whether it ended an optimizer step, lr)."""
+        images, targets, probs = self._inputs(batch)
+        teacher_output = self.teacher(images, probs)
+        sync = (self.batches_done + 1) % self.cfg.train.grad_accum_steps == 0
+        lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
+        with self.watchdog.waiting("in the training step (forward, backward, gradient all-reduce)"):
+            for phase in self.phase_names:
+                losses, went_on = self.engine.micro_step(phase, images, targets, teacher_output, sync, lr,
+                                                         self._autocast, self._proceed)
+                if not went_on:
+                    break
+                window.add_losses(losses)
+        if not went_on:
+            self.nonfinite_in_a_row += 1
+            self._on_nonfinite(losses, self.nonfinite_in_a_row)
+        elif sync:
+            self.nonfinite_in_a_row = 0
+        self.batches_done += 1
+        window.add_batch(images.shape[0] * self.world)
+        return sync, lr
+
+    def _after_step(self, stepped: bool, lr: float, window: MetricsWindow, bar: ProgressBar) -> None:
+        """Log, checkpoint, look for a stop, end the epoch: whatever is due after a micro-batch."""
+        cfg = self.cfg.train
+        if stepped:
+            self.step += 1
+            self.watchdog.progress()
+            self.injected_failure.check(self.step, self.rank)
+            if self.step % cfg.log_every_steps == 0 or self.step == self.stop_at:
+                self._log_window(window, lr, bar)
+            bar.update(self.step)
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                self.save()
+            if self.preempt_file and self.is_main and self.step % cfg.preempt_check_steps == 0:
+                self.preempt_seen = os.path.exists(self.preempt_file)  # the others learn it at the next step
+            self.preempted = self.stop_agreed
+        if self.batches_done >= self.plan.micro_batches_per_epoch:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+            # Asked to stop: the checkpoint now, this epoch's validation is skipped (but the last).
+            if self.epoch == cfg.epochs or (self.epoch % cfg.eval_every_epochs == 0 and not self.preempted):
+                self._record_validation(bar)
+            self.save()
+            self._start_epoch(window)
+        elif self.preempted or (stepped and self.step >= self.stop_at):
+            self.stopped_early = True
+            self.save()
 
     def _on_nonfinite(self, losses: dict, in_a_row: int) -> None:
         """Nothing was stepped on this micro-batch; stop, or count it under ``skip``."""
@@ -236,9 +235,7 @@ class Trainer(SavingMixin):
         where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
         if cfg.nonfinite == "skip" and in_a_row <= cfg.max_nonfinite_skips:
             self.nonfinite_skipped += 1
-            if self.is_main:
-                print(f"kdscale: warning: non-finite loss at {where} ({terms}): step skipped "
-                      f"({in_a_row} in a row)", flush=True)
+            log.warning(f"non-finite loss at {where} ({terms}): step skipped ({in_a_row} in a row)")
             return
         last = (ckpt.list_checkpoints(self.cfg.run_dir) or ["none"])[-1]
         reason = (f"{in_a_row} non-finite steps in a row (train.max_nonfinite_skips={cfg.max_nonfinite_skips})"
@@ -258,10 +255,10 @@ class Trainer(SavingMixin):
         accuracy = self.last_metrics.get("val/teacher_top1")
         if self.distiller.teacher_role != "trainable" or accuracy is None:
             return
-        if self.teacher_best is not None and accuracy < self.teacher_best - 10 and self.is_main:
-            print(f"kdscale: warning: the trained teacher's val/teacher_top1 fell to {accuracy:.2f}, more than 10 "
-                  f"points below its best of {self.teacher_best:.2f} (step {self.step}); the student learns from "
-                  f"it: check the teacher's lr (e.g. method.teacher_lr_scale)", flush=True)
+        if self.teacher_best is not None and accuracy < self.teacher_best - 10:
+            log.warning(f"the trained teacher's val/teacher_top1 fell to {accuracy:.2f}, more than 10 points below "
+                        f"its best of {self.teacher_best:.2f} (step {self.step}); the student learns from it: check "
+                        f"the teacher's lr (e.g. method.teacher_lr_scale)")
         self.teacher_best = max(accuracy, self.teacher_best or accuracy)
 
     def _proceed(self, loss: torch.Tensor) -> bool:
@@ -289,8 +286,8 @@ class Trainer(SavingMixin):
 
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
-        lockstep = self.engine.shards_parameters or (self.teacher is not None and self.teacher.lockstep)
-        return evaluate(self.distiller, self.teacher, self._val_loader(), self.ctx, self.runtime.autocast_dtype,
+        lockstep = self.engine.shards_parameters or self.teacher.lockstep
+        return evaluate(self.distiller, self.teacher.frozen, self._val_loader(), self.ctx, self.runtime.autocast_dtype,
                         self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep)
 
     @staticmethod
@@ -312,9 +309,8 @@ class Trainer(SavingMixin):
     def _finish(self, stopped_early: bool) -> dict:
         failure = self.failure
         agree = self.ranks_agree()
-        if agree is False and self.is_main:
-            print("kdscale: warning: the ranks ended with different weights; gradient synchronisation failed",
-                  flush=True)
+        if agree is False:
+            log.warning("the ranks ended with different weights; gradient synchronisation failed")
         completed = not stopped_early and failure is None and self.step >= self.total_steps
         student_state = self.engine.gathered_student_state() if completed else None  # a collective under ZeRO-3
         summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,

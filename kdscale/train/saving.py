@@ -8,6 +8,7 @@ import os
 
 from kdscale.dist.engines import engine_class
 from kdscale.errors import KdscaleError
+from kdscale.log import log
 from kdscale.runtime import checkpoint as ckpt
 
 
@@ -32,14 +33,11 @@ class SavingMixin:
         self.last_metrics = dict(state.get("metrics", {}))
         self.last_saved_step = self.step
         if state.get("world_size") != self.world:
-            if self.is_main:
-                print(f"kdscale: resuming a {state.get('world_size')}-process run on {self.world} processes: the "
-                      f"epoch's data split restarts (no sample is lost; the order differs)", flush=True)
+            log.info(f"resuming a {state.get('world_size')}-process run on {self.world} processes: the epoch's "
+                     f"data split restarts (no sample is lost; the order differs)")
             self.batches_done = 0
         ckpt.restore_rng_state(state["rng"])
-        if self.is_main:
-            print(f"kdscale: resumed from {path} at step {self.step} (epoch {self.epoch}, "
-                  f"batch {self.batches_done})", flush=True)
+        log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batches_done})")
         return state.get("wandb_run_id")
 
     def save(self) -> None:

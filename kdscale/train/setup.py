@@ -56,10 +56,11 @@ def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) 
     from kdscale.data.teacher_outputs import check_teacher_outputs
 
     method_cls = get_method_class(cfg.method.name)
-    if method_cls.teacher_role != "frozen" or set(method_cls.teacher_outputs) - {"logits"}:
-        needs = ", ".join(method_cls.teacher_outputs) or "no frozen-teacher outputs"
-        raise KdscaleError(f"teacher.source=shards gives a method the teacher's logits only (stored top-k "
-                           f"probabilities); method {method_cls.name!r} needs {needs}: use teacher.source=online")
+    if method_cls.teacher_role != "frozen":
+        raise KdscaleError(f"teacher.source=shards gives a method a frozen teacher's logits (stored top-k "
+                           f"probabilities); method {method_cls.name!r} has "
+                           f"{'no teacher' if method_cls.teacher_role == 'none' else 'a teacher it trains'}: "
+                           f"remove the teacher section or use teacher.source=online")
     if not cfg.teacher.outputs:
         raise KdscaleError("teacher.source=shards needs teacher.outputs: the directory written by kdscale.teach")
     if cfg.data.augment != "imagenet":
@@ -111,12 +112,17 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
             _check_same_classes(cfg, student, teacher_model)
     elif cfg.teacher is not None and not from_shards:
         warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
-    ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, student_name=cfg.student.name,
+    ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, method_name=method_cls.name,
+                        student_name=cfg.student.name,
                         teacher_name=cfg.teacher.name if teacher_model is not None else "",
-                        label_smoothing=cfg.train.label_smoothing, teacher=teacher_model,
+                        label_smoothing=cfg.train.label_smoothing, teacher_network=teacher_model, teacher_role=role,
                         teacher_pretrained=teacher_model is not None and bool(cfg.teacher.weights),
                         build_model=lambda name: build_model(name, num_classes, where="method"))
     distiller = method_cls(student, cfg.method.params, ctx)
+    needs = distiller.teacher_needs()
+    if from_shards and needs.features:
+        raise KdscaleError(f"method {method_cls.name!r} needs features: use teacher.source=online (it reads the "
+                           f"teacher's {', '.join(needs.features)}; teacher.source=shards replays logits only)")
     if role == "trainable" and teacher_model is not None:  # checked after the method may have re-headed it
         _check_same_classes(cfg, student, distiller.teacher)
     frozen = None
@@ -129,7 +135,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
         raise KdscaleError("distributed.teacher_sharding=zero3 partitions the teacher across processes, but this "
                            "run has 1; launch at least 2 processes or use distributed.teacher_sharding=replicated")
     if role == "frozen" and not from_shards:
-        frozen = FrozenTeacher(teacher_model, distiller.teacher_feature_layers(), runtime.device,
+        frozen = FrozenTeacher(teacher_model, list(needs.features), runtime.device,
                                runtime.autocast_dtype, runtime.channels_last, sharding=sharding,
                                micro_batch=cfg.data.batch_size)
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format

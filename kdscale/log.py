@@ -1,0 +1,71 @@
+"""kdscale's run log: one ``logging`` logger, ``kdscale``, rank 0 only.
+
+Every line a run writes about itself goes through :data:`log`, prefixed ``kdscale:``
+(``kdscale: warning:`` for warnings): progress on stdout, warnings and errors on stderr.
+Only rank 0's records are written, so N processes do not print N copies; a record that
+concerns one rank (a failure, a worker's skipped sample) passes with ``extra=EVERY_RANK``,
+as does anything at ERROR.
+
+Left as plain writes to stderr, by design: what signal handlers and the stall watchdog
+print (they must not wait on a lock that the interrupted code may hold) and the one-line
+user errors of the command-line entry points (:mod:`kdscale.errors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("kdscale")
+EVERY_RANK = {"every_rank": True}
+
+
+class RankZeroFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.ERROR or getattr(record, "every_rank", False)
+
+
+class PrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno == logging.WARNING else ""
+        return f"kdscale: {kind}{record.getMessage()}"
+
+
+class StdoutHandler(logging.StreamHandler):
+    """Progress to ``sys.stdout``, warnings and errors to ``sys.stderr``, whatever they are at
+    the time (pytest and notebooks replace them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._current = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
+
+    @property
+    def stream(self):
+        return getattr(self, "_current", sys.stdout)
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(rank: int | None = None) -> logging.Logger:
+    """Send kdscale's records to stdout/stderr, rank 0's only (``rank`` defaults to ``$RANK``).
+    Idempotent: a later call updates the rank."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    handler = next((h for h in log.handlers if isinstance(h, StdoutHandler)), None)
+    if handler is None:
+        handler = StdoutHandler()
+        handler.setFormatter(PrefixFormatter())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    handler.filters = [RankZeroFilter(rank)]
+    return log
+
+
+setup_logging()  # on import: a rank's records are formatted and filtered even before a trainer exists
