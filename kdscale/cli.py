@@ -91,12 +91,12 @@ def cmd_methods(_args) -> None:
     from kdscale.models import build_model
 
     for name, cls in sorted(METHODS.items()):
-        ctx = MethodContext(num_classes=10, image_size=32, method_name=name, student_name="resnet8",
+        context = MethodContext(num_classes=10, image_size=32, method_name=name, student_name="resnet8",
                             teacher_name="resnet20", teacher_network=build_model("resnet20", 10),
                             teacher_role=cls.teacher_role, build_model=lambda model: build_model(model, 10))
         with warnings.catch_warnings():  # untrained probe networks
             warnings.simplefilter("ignore")
-            method = cls(build_model("resnet8", 10), cls.Params(), ctx)
+            method = cls(build_model("resnet8", 10), cls.Params(), context)
         needs = method.teacher_needs().describe() if cls.teacher_role == "frozen" else "none"
         print(f"{name:10s} {cls.description}\n{'':10s} source: {cls.paper}\n{'':10s} trains: "
               f"{', '.join(method.trained_networks())}; frozen-teacher outputs: {needs}")

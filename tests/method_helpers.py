@@ -16,11 +16,11 @@ def build_method(name: str, student: str = "resnet8", teacher: str | None = None
     torch.manual_seed(0)
     cls = get_method_class(name)
     teacher_model = build_model(teacher, NUM_CLASSES) if teacher else None
-    ctx = MethodContext(num_classes=NUM_CLASSES, image_size=32, method_name=name, student_name=student,
+    context = MethodContext(num_classes=NUM_CLASSES, image_size=32, method_name=name, student_name=student,
                         teacher_name=teacher or "", teacher_network=teacher_model, teacher_role=cls.teacher_role,
                         teacher_pretrained=bool(teacher),
                         build_model=lambda n: build_model(n, NUM_CLASSES))
-    method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), ctx).train()
+    method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), context).train()
     frozen = None
     if cls.teacher_role == "frozen":
         frozen = FrozenTeacher(teacher_model, list(method.teacher_needs().features), torch.device("cpu"), None, False)

@@ -55,6 +55,7 @@ def test_example_computes_its_formula_and_routes_gradients(logit_mse):
     assert all(p.grad is None for p in frozen.model.parameters())
 
 
+@pytest.mark.slow  # a real training run: the full tier
 def test_example_trains_through_the_trainer(logit_mse, synth_data, tmp_path):
     torch.manual_seed(7)
     weights = str(tmp_path / "teacher.pt")

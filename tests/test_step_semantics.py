@@ -85,6 +85,7 @@ def test_clipping_bounds_the_update():
     assert step.item() == pytest.approx(limit, rel=1e-4)  # SGD, lr 1: the update is the clipped gradient
 
 
+@pytest.mark.slow  # a real training run: the full tier
 def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
     cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.name=resnet8",
                       "data.train_samples=160", "data.mixup_alpha=1.0", "data.cutmix_alpha=1.0",

@@ -44,10 +44,10 @@ class AT(Distiller):
         student_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        self.attention = AttentionToTeacher(student, ctx.frozen_teacher, params.student_layers,
-                                                 params.teacher_layers, ctx.image_size)
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        self.attention = AttentionToTeacher(student, context.frozen_teacher, params.student_layers,
+                                                 params.teacher_layers, context.image_size)
 
     def teacher_needs(self):
         return TeacherNeeds(features=tuple(self.attention.teacher_layers))

@@ -130,11 +130,11 @@ class Distiller(nn.Module):
     Params: ClassVar[type] = NoParams
     teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"
 
-    def __init__(self, student: nn.Module, params, ctx: MethodContext):
+    def __init__(self, student: nn.Module, params, context: MethodContext):
         super().__init__()
         self.student = student
         self.params = params
-        self.label_smoothing = ctx.label_smoothing
+        self.label_smoothing = context.label_smoothing
         self.epoch = 0
 
     # -- the contract ---------------------------------------------------------------

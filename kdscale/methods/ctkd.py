@@ -68,18 +68,18 @@ class CTKD(Distiller):
         scratch_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        self.scratch_teacher = ctx.build_model(params.scratch_teacher or ctx.teacher_name)
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        self.scratch_teacher = context.build_model(params.scratch_teacher or context.teacher_name)
         self.shared_stem = share_stem(student, self.scratch_teacher, "student", "scratch teacher") \
             if params.share_stem else []
         self.attention = {}
         if params.at_target in ("scratch", "both"):
-            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, ctx.frozen_teacher, params.scratch_layers,
-                                                              params.teacher_layers, ctx.image_size, "scratch")
+            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, context.frozen_teacher, params.scratch_layers,
+                                                              params.teacher_layers, context.image_size, "scratch")
         if params.at_target in ("student", "both"):
-            self.attention["at_student"] = AttentionToTeacher(student, ctx.frozen_teacher, params.student_layers,
-                                                              params.teacher_layers, ctx.image_size, "student")
+            self.attention["at_student"] = AttentionToTeacher(student, context.frozen_teacher, params.student_layers,
+                                                              params.teacher_layers, context.image_size, "student")
 
     def teacher_needs(self):
         return TeacherNeeds(features=tuple(next(iter(self.attention.values())).teacher_layers))

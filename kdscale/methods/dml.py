@@ -36,10 +36,10 @@ class DML(Distiller):
         ce_weight: float = field(default=1.0, metadata={"ge": 0})
         kl_weight: float = field(default=1.0, metadata={"ge": 0})
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        names = params.peers or [ctx.student_name]
-        self.peers = nn.ModuleList(ctx.build_model(name) for name in names)
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        names = params.peers or [context.student_name]
+        self.peers = nn.ModuleList(context.build_model(name) for name in names)
 
     def _networks(self):
         return [("", self.student)] + [(f"peer{k}_", peer) for k, peer in enumerate(self.peers, start=1)]

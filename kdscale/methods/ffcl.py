@@ -112,18 +112,18 @@ class FFCL(Distiller):
         pk_correct_prob: float = field(default=0.9, metadata={"ge": 0, "le": 1})
         detach_fusion_inputs: bool = False
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        self.teacher = ctx.trained_teacher.requires_grad_(True)
-        self.num_classes = ctx.num_classes
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        self.teacher = context.trained_teacher.requires_grad_(True)
+        self.num_classes = context.num_classes
         s_stages = residual_stages(student, "student")
         t_stages = residual_stages(self.teacher, "teacher")
         mid = min(len(s_stages), len(t_stages)) - 1
         self.s_layers, self.t_layers = s_stages[-1:], t_stages[-1:]
         self.s_mid, self.t_mid = s_stages[-1 - mid:-1], t_stages[-1 - mid:-1]
-        s_shape = feature_shapes(student, self.s_layers, ctx.image_size, "student")[self.s_layers[0]]
-        t_shape = feature_shapes(self.teacher, self.t_layers, ctx.image_size, "teacher")[self.t_layers[0]]
-        self.fusion = FusionModule(s_shape[0] + t_shape[0], ctx.num_classes)
+        s_shape = feature_shapes(student, self.s_layers, context.image_size, "student")[self.s_layers[0]]
+        t_shape = feature_shapes(self.teacher, self.t_layers, context.image_size, "teacher")[self.t_layers[0]]
+        self.fusion = FusionModule(s_shape[0] + t_shape[0], context.num_classes)
         self.s_taps = FeatureTaps(student, self.s_mid + self.s_layers, "student")
         self.t_taps = FeatureTaps(self.teacher, self.t_mid + self.t_layers, "teacher")
 

@@ -126,17 +126,17 @@ class ProKT(Distiller):
         dual_lr: float = field(default=1e-3, metadata={"ge": 0})
         dual_beta0: float = field(default=1.0, metadata={"ge": 0})
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        self.teacher = ctx.trained_teacher.requires_grad_(True)
-        if params.teacher_init == "scratch" and ctx.teacher_pretrained:
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        self.teacher = context.trained_teacher.requires_grad_(True)
+        if params.teacher_init == "scratch" and context.teacher_pretrained:
             raise KdscaleError("method.teacher_init=scratch trains the teacher from random weights, but "
                                "teacher.weights is set; remove teacher.weights or use method.teacher_init=converged")
-        if params.teacher_init != "scratch" and not ctx.teacher_pretrained:
+        if params.teacher_init != "scratch" and not context.teacher_pretrained:
             warnings.warn(f"method.teacher_init={params.teacher_init} but teacher.weights is not set: the teacher "
                           f"starts from random weights", stacklevel=2)
         if params.teacher_init == "generic" or (params.teacher_init == "scratch" and params.zero_classifier):
-            replace_classifier(self.teacher, ctx.num_classes, params.zero_classifier)
+            replace_classifier(self.teacher, context.num_classes, params.zero_classifier)
         self.register_buffer("dual_beta", torch.tensor(float(params.dual_beta0)))
 
     def phases(self):

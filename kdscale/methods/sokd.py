@@ -106,12 +106,12 @@ class SOKD(Distiller):
         bridge_input: str = ""
         bridge_layers: list[str] = field(default_factory=list)
 
-    def __init__(self, student, params, ctx):
-        super().__init__(student, params, ctx)
-        default_input, default_layers = default_bridge(ctx.frozen_teacher)
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        default_input, default_layers = default_bridge(context.frozen_teacher)
         self.bridge_input = params.bridge_input or default_input
-        self.kbm = build_bridge(ctx.frozen_teacher, self.bridge_input, params.bridge_layers or default_layers,
-                                ctx.num_classes, ctx.image_size)
+        self.kbm = build_bridge(context.frozen_teacher, self.bridge_input, params.bridge_layers or default_layers,
+                                context.num_classes, context.image_size)
 
     def teacher_needs(self):
         return TeacherNeeds(logits=True, features=(self.bridge_input,))

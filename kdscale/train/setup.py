@@ -112,13 +112,13 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
             _check_same_classes(cfg, student, teacher_model)
     elif cfg.teacher is not None and not from_shards:
         warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
-    ctx = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, method_name=method_cls.name,
+    context = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, method_name=method_cls.name,
                         student_name=cfg.student.name,
                         teacher_name=cfg.teacher.name if teacher_model is not None else "",
                         label_smoothing=cfg.train.label_smoothing, teacher_network=teacher_model, teacher_role=role,
                         teacher_pretrained=teacher_model is not None and bool(cfg.teacher.weights),
                         build_model=lambda name: build_model(name, num_classes, where="method"))
-    distiller = method_cls(student, cfg.method.params, ctx)
+    distiller = method_cls(student, cfg.method.params, context)
     needs = distiller.teacher_needs()
     if from_shards and needs.features:
         raise KdscaleError(f"method {method_cls.name!r} needs features: use teacher.source=online (it reads the "
