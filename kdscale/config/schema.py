@@ -117,6 +117,10 @@ class TrainSection:
     """``auto``: bf16 autocast on GPU, fp32 on CPU."""
     channels_last: Optional[bool] = None
     """None: channels-last on GPU only."""
+    compile: Literal["none", "networks", "teacher", "all"] = "none"
+    """``torch.compile`` the networks the method trains (``networks``), the frozen teacher
+    (``teacher``), or both (``all``): each network in place, never the DDP/DeepSpeed wrapper
+    or the whole method (:mod:`kdscale.runtime.compile`)."""
     log_every_steps: int = ranged(20, "optimizer steps between log lines", ge=1)
     eval_every_epochs: int = ranged(1, "epochs between validations", ge=1)
     checkpoint_every_steps: int = ranged(0, "optimizer steps between checkpoints; 0: at each epoch's end only", ge=0)

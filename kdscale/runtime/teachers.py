@@ -35,13 +35,15 @@ class FrozenTeacher:
 
     def __init__(self, model: nn.Module, feature_layers: list[str], device: torch.device,
                  autocast_dtype: torch.dtype | None, channels_last: bool, sharding: str = "replicated",
-                 micro_batch: int = 1):
+                 micro_batch: int = 1, compile: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.device, self.autocast_dtype = device, autocast_dtype
         self.lockstep = sharding == "zero3"
         # Taps go on before DeepSpeed wraps the model; ZeRO-3 keeps the module structure.
         self.taps = FeatureTaps(self.model, feature_layers, where="teacher") if feature_layers else None
+        if compile:  # in place, after the taps (train.compile; never with ZeRO-3, checked in setup)
+            self.model.compile()
         self.engine = None
         if self.lockstep:
             import deepspeed

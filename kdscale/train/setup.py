@@ -18,6 +18,7 @@ from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
+from kdscale.runtime.compile import compile_in_place, compiles_networks, compiles_teacher, networks_of
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.teachers import FrozenTeacher
 
@@ -127,6 +128,10 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
         _check_same_classes(cfg, student, distiller.teacher)
     frozen = None
     sharding = cfg.distributed.teacher_sharding
+    if compiles_teacher(cfg.train.compile) and sharding == "zero3":
+        raise KdscaleError(f"train.compile={cfg.train.compile} compiles the frozen teacher, which "
+                           f"distributed.teacher_sharding=zero3 partitions (DeepSpeed swaps its parameters in hooks); "
+                           f"use train.compile=networks or distributed.teacher_sharding=replicated")
     if sharding == "zero3" and role != "frozen":
         raise KdscaleError(f"distributed.teacher_sharding=zero3 applies to frozen teachers; method "
                            f"{method_cls.name!r} has {'none' if role == 'none' else 'a trained teacher'} "
@@ -137,7 +142,9 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
     if role == "frozen" and not from_shards:
         frozen = FrozenTeacher(teacher_model, list(needs.features), runtime.device,
                                runtime.autocast_dtype, runtime.channels_last, sharding=sharding,
-                               micro_batch=cfg.data.batch_size)
+                               micro_batch=cfg.data.batch_size, compile=compiles_teacher(cfg.train.compile))
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
     distiller.to(runtime.device, memory_format=memory_format)
+    if compiles_networks(cfg.train.compile):
+        compile_in_place(networks_of(distiller))
     return distiller, frozen
