@@ -1,5 +1,6 @@
-"""Teacher-output shards: written by 2 real ranks, aligned by key, equal to the online
-teacher on the stored crops, resumable, and usable for training without a teacher."""
+"""Teacher-output shards: written by 2 real ranks with loader workers, aligned by key, equal
+to the online teacher on the stored crops and to the per-image writer, resumable, and usable
+for training without a teacher."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def teacher_export(synth_data, tmp_path_factory):
 def teach_overrides(synth_data, outputs, export):
     return base_overrides(synth_data, os.path.dirname(outputs), name="teach") + [
         "method.name=kd", "student.name=resnet8", "teacher.name=resnet8", f"teacher.weights={export}",
-        "data.augment=imagenet", f"teacher.outputs={outputs}", f"teacher.crops_per_image={R}", f"teacher.top_k={K}"]
+        "data.augment=imagenet", f"teacher.outputs={outputs}", f"teacher.crops_per_image={R}", f"teacher.top_k={K}",
+        "data.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,13 @@ def test_stored_soft_labels_equal_the_online_teacher(synth_data, outputs, teache
             classes = torch.from_numpy(arrays["classes"][r].astype("int64"))
             assert torch.allclose(probs[classes], stored, atol=2e-3)  # fp16 storage
             assert torch.allclose(probs.topk(K).values, stored, atol=2e-3)  # they are the top-k
+
+
+def test_two_ranks_with_workers_write_what_the_per_image_writer_wrote(synth_data, outputs, teacher_export):
+    from test_teach_writer import assert_same_as_reference
+
+    # Shards 0 and 1: one written by each rank.
+    assert_same_as_reference(synth_data, outputs, teacher_export, seed=0, shards=slice(0, 2))
 
 
 def test_teach_resumes(synth_data, outputs, teacher_export, capsys):

@@ -69,7 +69,8 @@ FIELD = "teacher"
 def encode_record(crops, flips, probs, classes) -> dict[str, bytes]:
     crops = np.ascontiguousarray(crops, dtype="<f4").reshape(-1, 4)
     count = crops.shape[0]
-    probs = np.ascontiguousarray(probs, dtype="<f2").reshape(count, -1)
+    probs = np.ascontiguousarray(probs, dtype="<f2")
+    probs = probs.reshape(count, probs.shape[-1] if probs.ndim == 2 else -1)  # (0, k) for a sample without crops
     top_k = probs.shape[1]
     header = _MAGIC + np.asarray([_VERSION, count, top_k], dtype="<i4").tobytes()
     body = b"".join([crops.tobytes(), np.ascontiguousarray(flips, dtype="u1").reshape(count).tobytes(),

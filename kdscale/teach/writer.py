@@ -2,36 +2,90 @@
 (format: :mod:`kdscale.data.teacher_outputs`).
 
 Every rank takes the image shards ``rank::world`` and writes one companion shard per image
-shard, under ``.tmp`` and renamed when complete; a rerun skips finished companions, so an
-interrupted job resumes. Crops follow the config's random-resized-crop augmentation and are
-seeded by (experiment.seed, sample key), so they do not depend on rank or order.
+shard. Images are decoded and cropped in DataLoader workers (:mod:`kdscale.teach.crops`),
+which split the rank's shards; the rank runs the teacher on chunks of
+``ceil(data.batch_size / R)`` images, i.e. at least ``data.batch_size`` crops per forward
+(autocast and channels-last on GPU, as :class:`Runtime` decides), one chunk in flight
+while the previous one's records are written. Crops are seeded by (experiment.seed, sample
+key) and chunks are counted from each shard's start, so the records do not depend on the
+rank, the worker or an earlier interruption.
+
+A companion is written under ``.tmp`` and renamed when complete; a rerun skips finished
+companions. On SIGINT, SIGTERM, SIGUSR1 or the preemption file (``train.preempt_file`` or
+``$KDSCALE_PREEMPT_FILE``) the rank stops after the chunk in hand: every companion it had
+open is kept as ``<name>.tar.partial``, a complete tar of its first records (whole chunks),
+and the rerun copies those records and continues the shard from there, which yields the
+same companion as a write that never stopped. Members carry a fixed mtime, so equal
+records give equal bytes.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
+import math
 import os
+import time
 
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 
 from kdscale.config.schema import ExperimentConfig
-from kdscale.log import log
-from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import expand_shards, samples_from_index
-from kdscale.data.teacher_outputs import META_FILE, companion_path, crop_boxes, encode_record, replay_crop
-from kdscale.runtime.context import DistContext
+from kdscale.data.teacher_outputs import FIELD, META_FILE, companion_path, encode_record
 from kdscale.errors import KdscaleError
+from kdscale.lifecycle.watchdog import Watchdog
+from kdscale.log import EVERY_RANK, log
 from kdscale.models import build_model
 from kdscale.progress import progress_bar
+from kdscale.runtime.context import DistContext
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.teach.crops import CropChunk, CropStream
+
+PARTIAL, TMP = ".partial", ".tmp"
+MEMBER_MTIME = 0  # fixed, so that a resumed companion is byte-identical to an uninterrupted one
+
+
+def _count_records(path: str) -> int:
+    from kdscale.data.tar_reader import iter_samples
+
+    return sum(1 for _ in iter_samples(path))
+
+
+class CompanionSink:
+    """One companion being written: ``<target>.tmp``, starting with the records of its
+    partial (if any), renamed to ``target`` when complete or to the partial when stopped."""
+
+    def __init__(self, target: str, start: int):
+        import webdataset as wds
+
+        from kdscale.data.tar_reader import iter_samples
+
+        self.target, self.start, self.written, self.last_key = target, start, 0, None
+        self.tar = wds.TarWriter(target + TMP, mtime=MEMBER_MTIME)
+        if start:
+            for record in iter_samples(target + PARTIAL):
+                self.write(record["__key__"], {FIELD: record[FIELD]})
+            if self.written != start:
+                raise KdscaleError(f"{target}{PARTIAL} changed while being resumed; rerun kdscale.teach")
+
+    def write(self, key: str, record: dict) -> None:
+        self.tar.write({"__key__": key, **record})
+        self.written, self.last_key = self.written + 1, key
+
+    def finish(self) -> None:
+        self.tar.close()
+        os.replace(self.target + TMP, self.target)
+        if os.path.exists(self.target + PARTIAL):
+            os.remove(self.target + PARTIAL)
+
+    def keep_partial(self) -> None:
+        self.tar.close()
+        os.replace(self.target + TMP, self.target + PARTIAL)
 
 
 class TeacherOutputWriter:
-    def __init__(self, cfg: ExperimentConfig, ctx: DistContext):
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext, watchdog: Watchdog | None = None, signals=None):
         spec = cfg.teacher
         if spec is None or not spec.name:
             raise KdscaleError("kdscale.teach needs a teacher: set teacher.name and teacher.weights")
@@ -40,95 +94,206 @@ class TeacherOutputWriter:
         if cfg.data.augment != "imagenet":
             raise KdscaleError("teacher-output shards store random-resized crops; set data.augment=imagenet")
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
+        self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
+        self.signals = signals
+        self.preempt_file = cfg.train.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
         self.runtime = Runtime.from_config(cfg, ctx.device)
         model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher")
         self.teacher = FrozenTeacher(model, [], ctx.device, self.runtime.autocast_dtype, self.runtime.channels_last)
         self.shards = expand_shards(cfg.data.train_shards, "data.train_shards")
+        self.images_per_chunk = math.ceil(cfg.data.batch_size / spec.crops_per_image)
 
-    def _views(self, jpeg: bytes, key: str):
-        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        crops, flips = crop_boxes(key, image.width, image.height, self.spec.crops_per_image, self.cfg.experiment.seed)
+    @property
+    def crops_per_forward(self) -> int:
+        return self.images_per_chunk * self.spec.crops_per_image
+
+    # -- stopping ----------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        if self.signals is not None and self.signals.received is not None:
+            return True
+        now = time.monotonic()
+        if self.preempt_file and now - self._preempt_checked > 1.0:
+            self._preempt_checked = now
+            self._preempted = self._preempted or os.path.exists(self.preempt_file)
+        return self._preempted
+
+    # -- the teacher -------------------------------------------------------------------
+    def _launch(self, chunk: CropChunk):
+        """Start the teacher on a chunk's views; returns its top-k (on the CPU once ready)."""
+        import torchvision.transforms.functional as TF
+
         data = self.cfg.data
-        views = [TF.normalize(replay_crop(image, box, bool(flip), data.image_size).float().div_(255), data.mean,
-                              data.std) for box, flip in zip(crops, flips)]
-        return torch.stack(views), crops, flips
-
-    def _predict(self, views: torch.Tensor):
-        out = []
-        for chunk in views.split(self.cfg.data.batch_size):
-            chunk = chunk.to(self.ctx.device, non_blocking=True)
-            if self.runtime.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            out.append(torch.softmax(self.teacher(chunk).logits.float(), dim=1).cpu())
-        probs = torch.cat(out)
+        views = chunk.views.to(self.ctx.device, non_blocking=True).float().div_(255)
+        views = TF.normalize(views, data.mean, data.std)
+        if self.runtime.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        probs = torch.softmax(self.teacher(views).logits.float(), dim=1)
         top = probs.topk(min(self.spec.top_k, probs.shape[1]), dim=1)
-        return top.values.half().numpy(), top.indices.int().numpy()
+        values, indices = top.values.half(), top.indices.int()
+        if self.ctx.device.type != "cuda":
+            return values, indices, None
+        values, indices = values.to("cpu", non_blocking=True), indices.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return values, indices, event
 
-    def write_shard(self, shard: str, bar) -> int:
+    def _drain(self) -> None:
+        """Write the records of the chunk in flight."""
         import numpy as np
-        import webdataset as wds
 
-        from kdscale.data.tar_reader import iter_samples
+        if self._pending is None:
+            return
+        chunk, (values, indices, event) = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        probs, classes = values.numpy(), indices.numpy()
+        crops, flips = chunk.crops.numpy(), chunk.flips.numpy()
+        sink, top_k, at = self._sink(chunk), self.spec.top_k, 0
+        for key, count in zip(chunk.keys, chunk.counts):
+            part = slice(at, at + count)
+            if count:
+                record = encode_record(crops[part], flips[part], probs[part], classes[part])
+            else:  # the loader will skip this sample; the record keeps the keys aligned
+                record = encode_record(np.zeros((0, 4), np.float32), np.zeros(0, np.uint8),
+                                       np.zeros((0, top_k), np.float16), np.zeros((0, top_k), np.int32))
+            sink.write(key, record)
+            at += count
+        self.produced += len(chunk.keys)
+        self.skipped += chunk.counts.count(0)
+        self.bar.update(len(chunk.keys))
 
-        target = companion_path(shard, self.spec.outputs)
-        tmp, count = target + ".tmp", 0
-        with wds.TarWriter(tmp) as sink:
-            for sample in iter_samples(shard):
-                key = sample["__key__"]
+    def _sink(self, chunk: CropChunk) -> CompanionSink:
+        sink = self.sinks.get(chunk.shard)
+        if sink is None:
+            shard, start = self.work[chunk.shard]
+            sink = self.sinks[chunk.shard] = CompanionSink(companion_path(shard, self.spec.outputs), start)
+        if chunk.start != sink.written or chunk.previous_key != sink.last_key:
+            raise KdscaleError(f"teacher outputs of {self.work[chunk.shard][0]} out of step: chunk at sample "
+                               f"{chunk.start} after key {chunk.previous_key!r}, the companion holds {sink.written} "
+                               f"records ending at {sink.last_key!r}; delete its {PARTIAL} file and rerun")
+        return sink
+
+    def _take(self, chunk: CropChunk) -> None:
+        if chunk.end:
+            self._drain()
+            self._sink(chunk).finish()
+            del self.sinks[chunk.shard]
+            self.finished += 1
+            return
+        launched = self._launch(chunk)
+        self._drain()
+        self._pending = (chunk, launched)
+
+    # -- the run -----------------------------------------------------------------------
+    def _plan(self, mine: list[str]) -> list[tuple[str, int]]:
+        """(shard, records already in its partial) of the shards without a companion."""
+        work = []
+        for shard in mine:
+            target = companion_path(shard, self.spec.outputs)
+            if os.path.isfile(target):
+                if os.path.exists(target + PARTIAL):  # finished, but stopped before the partial went
+                    os.remove(target + PARTIAL)
+                continue
+            work.append((shard, _count_records(target + PARTIAL) if os.path.isfile(target + PARTIAL) else 0))
+        return work
+
+    def _loader(self):
+        from kdscale.data.loader import make_loader
+
+        data = self.cfg.data
+        stream = CropStream(self.work, num_classes=data.num_classes, image_size=data.image_size,
+                            crops=self.spec.crops_per_image, seed=self.cfg.experiment.seed,
+                            images_per_chunk=self.images_per_chunk)
+        workers = min(data.num_workers, len(self.work))
+        return make_loader(stream, dataclasses.replace(data, num_workers=workers),
+                           pin_memory=self.ctx.device.type == "cuda")
+
+    def _write_meta(self) -> None:
+        meta = {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
+                "top_k": self.spec.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
+                "num_classes": self.cfg.data.num_classes, "softmax_temperature": 1.0,
+                "image_shards": [os.path.basename(s) for s in self.shards]}
+        path = os.path.join(self.spec.outputs, META_FILE)
+        with open(path + TMP, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(path + TMP, path)
+
+    def _stream(self) -> bool:
+        """Feed the loader's chunks through the teacher; True when stopped early."""
+        iterator = iter(self._loader())
+        try:
+            while True:
                 try:
-                    _key, jpeg, _label = parse_sample(sample, self.cfg.data.num_classes)
-                    views, crops, flips = self._views(jpeg, key)
-                    probs, classes = self._predict(views)
-                except (BadSample, *DECODE_ERRORS):
-                    # The loader will skip this sample; keep the record so the keys stay aligned.
-                    crops, flips = np.zeros((0, 4), np.float32), np.zeros(0, np.uint8)
-                    probs, classes = np.zeros((0, self.spec.top_k), np.float16), np.zeros((0, self.spec.top_k), np.int32)
-                sink.write({"__key__": key, **encode_record(crops, flips, probs, classes)})
-                count += 1
-                bar.update(1)
-        os.replace(tmp, target)
-        return count
+                    with self.watchdog.waiting("waiting for crops from the data loader"):
+                        chunk = next(iterator)
+                except StopIteration:
+                    return False
+                except Exception:
+                    if not self.stop_requested():
+                        raise
+                    break  # the signal also reached (and ended) the loader workers
+                with self.watchdog.waiting("running the teacher and writing its records"):
+                    self._take(chunk)
+                self.watchdog.progress()
+                if self.stop_requested():
+                    break
+            self._drain()
+            return True
+        finally:
+            del iterator  # ends the loader workers
 
     def run(self) -> dict:
         os.makedirs(self.spec.outputs, exist_ok=True)
         if self.ctx.is_main:
-            meta = {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
-                    "top_k": self.spec.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
-                    "num_classes": self.cfg.data.num_classes, "softmax_temperature": 1.0,
-                    "image_shards": [os.path.basename(s) for s in self.shards]}
-            path = os.path.join(self.spec.outputs, META_FILE)
-            with open(path + ".tmp", "w") as fh:
-                json.dump(meta, fh, indent=2)
-            os.replace(path + ".tmp", path)
+            self._write_meta()
         mine = self.shards[self.ctx.rank::self.ctx.world_size]
-        todo = [s for s in mine if not os.path.isfile(companion_path(s, self.spec.outputs))]
+        self.work = self._plan(mine)
+        self.sinks: dict[int, CompanionSink] = {}
+        self._pending, self.produced, self.skipped, self.finished = None, 0, 0, 0
+        self._preempted, self._preempt_checked = False, -math.inf
         total = samples_from_index(self.shards, "train")
         per_shard = (total or 0) / max(1, len(self.shards))
-        bar = progress_bar(total=round(per_shard * len(todo)) or None, desc=f"teach (rank {self.ctx.rank})", unit="img",
-                   disable=not self.ctx.is_main)
-        written = sum(self.write_shard(shard, bar) for shard in todo)
-        bar.close()
-        counts = self.ctx.all_reduce(torch.tensor([written, len(todo), len(mine) - len(todo)], dtype=torch.float64,
-                                                  device=self.ctx.device), "sum")
-        self.ctx.barrier()
+        resumed = sum(start for _, start in self.work)
+        self.bar = progress_bar(total=round(per_shard * len(self.work)) or None, initial=resumed,
+                                desc=f"teach (rank {self.ctx.rank})", unit="img", disable=not self.ctx.is_main)
+        try:
+            stopped = bool(self.work) and (self.stop_requested() or self._stream())
+        finally:
+            self.bar.close()
+        for sink in self.sinks.values():  # stopped: keep the records written so far (whole chunks)
+            sink.keep_partial()
+        if self.sinks:
+            log.info(f"rank {self.ctx.rank}: stopped inside {len(self.sinks)} shard(s); their records so far are "
+                     f"kept in {PARTIAL} files and the next run continues them", extra=EVERY_RANK)
+        local = [self.produced, self.finished, len(mine) - len(self.work), len(self.sinks), self.skipped,
+                 float(stopped)]
+        with self.watchdog.waiting("waiting for the other ranks to finish their shards"):
+            counts = self.ctx.all_reduce(torch.tensor(local, dtype=torch.float64, device=self.ctx.device), "sum")
+            self.ctx.barrier()
         return {"samples_written": int(counts[0]), "shards_written": int(counts[1]), "shards_reused": int(counts[2]),
-                "outputs": self.spec.outputs}
+                "shards_partial": int(counts[3]), "samples_without_crops": int(counts[4]),
+                "ranks_stopped": int(counts[5]), "outputs": self.spec.outputs}
 
 
-def teach(cfg: ExperimentConfig) -> dict:
-    import time
-
+def teach(cfg: ExperimentConfig, watchdog: Watchdog | None = None) -> dict:
+    """Write the teacher outputs; ``summary["exit_code"]`` is 0, or 128 + N after SIGINT or
+    SIGTERM (stopped, not finished; SIGUSR1 and the preemption file are 0: requeue)."""
     from kdscale.config import config_to_dict
+    from kdscale.lifecycle.stop import StopSignals
     from kdscale.runtime.tracking import Tracker
 
     ctx = DistContext.from_env(cfg.distributed.timeout_s)
     tracker = None
     failed = True
+    signals = StopSignals(ctx.rank)
     try:
-        tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
-        start = time.perf_counter()
-        summary = TeacherOutputWriter(cfg, ctx).run()
+        with signals:
+            tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
+            start = time.perf_counter()
+            summary = TeacherOutputWriter(cfg, ctx, watchdog, signals).run()
         summary["images_per_s"] = summary["samples_written"] / max(1e-9, time.perf_counter() - start)
+        summary["stopped_by"], summary["exit_code"] = signals.name, signals.exit_code()
         tracker.log({"teach/samples_written": summary["samples_written"],
                      "teach/shards_written": summary["shards_written"],
                      "perf/images_per_s": summary["images_per_s"]}, 0)
@@ -139,4 +304,8 @@ def teach(cfg: ExperimentConfig) -> dict:
         ctx.shutdown()
     log.info(f"teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
              f"shards ({summary['shards_reused']} already done) in {summary['outputs']}")
+    if summary["ranks_stopped"]:
+        why = f"{summary['stopped_by']} received" if summary["stopped_by"] else "preempted"
+        log.info(f"{why}: stopped with {summary['shards_partial']} shard(s) partly written; run the same command "
+                 f"again to continue")
     return summary
