@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "data", "memory", "scaling")
+SECTIONS = ("compute", "data", "imagenet_data", "memory", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
@@ -25,6 +25,8 @@ GOALS = {  # ratio -> (goal, description)
     "kdscale_vs_torchdistill": (1.00, "kdscale KD step / torchdistill DistillationBox step"),
     "webdataset_vs_imagefolder": (1.00, "kdscale webdataset loader / torchvision ImageFolder loader"),
     "replay_vs_webdataset": (0.90, "teacher-shard replay loader / plain webdataset loader"),
+    "webdataset_vs_imagefolder_imagenet_size": (1.00, "the same on ImageNet-size JPEGs (~500x375, ~110 KB) at 224 px"),
+    "replay_vs_webdataset_imagenet_size": (0.90, "replay / plain loader on ImageNet-size JPEGs at 224 px"),
     "zero1_optimizer_state_vs_ddp": (0.55, "ZeRO-1 per-rank optimizer state / DDP's (goal: at most)"),
     "zero2_optimizer_state_vs_ddp": (0.55, "ZeRO-2 per-rank optimizer state / DDP's (goal: at most)"),
     "zero3_optimizer_state_vs_ddp": (0.55, "ZeRO-3 per-rank optimizer state / DDP's (goal: at most)"),
@@ -47,21 +49,25 @@ def machine() -> dict:
     return info
 
 
-def prepare_data(out: str, quick: bool, image_size: int, num_classes: int, teacher: str) -> tuple[str, str]:
+def prepare_data(out: str, quick: bool, image_size: int, num_classes: int, teacher: str,
+                 photo_like: bool = False) -> tuple[str, str]:
+    """Synthetic shards and their teacher outputs: ``image_size`` squares, or ImageNet-size
+    photo-like JPEGs (``photo_like``; a smaller set, as each costs ~30x more to decode)."""
     from kdscale.config import load_config
     from kdscale.data.synth import write_synthetic_shards
     from kdscale.teach.writer import teach
 
-    data = os.path.join(out, "data")
+    data = os.path.join(out, "data-imagenet-size" if photo_like else "data")
     if not os.path.isfile(os.path.join(data, "index.json")):
-        write_synthetic_shards(data, num_classes=num_classes, train_samples=1024 if quick else 8192,
-                               val_samples=128, image_size=max(image_size, 64 if not quick else image_size),
-                               samples_per_shard=128 if quick else 512, progress=False)
-    outputs = os.path.join(out, "teacher-outputs")
+        train = (256 if quick else 1536) if photo_like else (1024 if quick else 8192)
+        write_synthetic_shards(data, num_classes=num_classes, train_samples=train, val_samples=32 if photo_like else 128,
+                               image_size=max(image_size, 64 if not quick else image_size), photo_like=photo_like,
+                               samples_per_shard=128 if quick or photo_like else 512, progress=False)
+    outputs = os.path.join(out, "teacher-outputs-imagenet-size" if photo_like else "teacher-outputs")
     cfg = load_config(None, [f"data.train_shards={data}/train-*.tar", f"data.num_classes={num_classes}",
                              f"data.image_size={image_size}", "data.augment=imagenet", "method.name=kd",
                              f"teacher.name={teacher}", f"teacher.outputs={outputs}", "teacher.crops_per_image=4",
-                             "teacher.top_k=5"])
+                             "teacher.top_k=5", "wandb.mode=disabled"])
     teach(cfg)
     return data, outputs
 
@@ -86,10 +92,13 @@ def format_report(result: dict) -> str:
         goal_text = "-" if goal is None else (f"<= {goal}" if name in AT_MOST else f">= {goal}")
         lines.append(f"| {name} | {value:.3f} | {spread_text(entry)} | {len(entry['rounds'])} | {goal_text} "
                      f"| {verdict} | {what} |")
-    for section in ("compute", "data"):
+    for section in ("compute", "data", "imagenet_data"):
         if section in result:
+            workers = result[section].get("workers")
+            per_worker = (lambda r: f", {r['images_per_s'] / workers:.1f} per loader worker") if workers else \
+                (lambda r: "")
             lines += ["", f"{section} throughput (images/s, median and IQR of rounds):"]
-            lines += [f"- {name}: {r['images_per_s']:.1f} (IQR {r['iqr']:.1f})"
+            lines += [f"- {name}: {r['images_per_s']:.1f} (IQR {r['iqr']:.1f}){per_worker(r) if section != 'compute' else ''}"
                       for name, r in result[section]["throughput"].items()]
     flop = result.get("compute", {}).get("flop_model")
     if flop:
@@ -149,6 +158,13 @@ def run_bench(args) -> dict:
                                     batches=6 if args.quick else 40, rounds=data_rounds,
                                     num_classes=args.num_classes, teacher_outputs=outputs)
         result["ratios"].update(result["data"]["ratios"])
+    if "imagenet_data" in sections:  # decode and crop dominate here, as on ImageNet; a tiny teacher writes the outputs
+        photo_dir, photo_outputs = prepare_data(out, args.quick, 224, args.num_classes, "resnet8", photo_like=True)
+        result["imagenet_data"] = bench_data(photo_dir, 224, 32, args.workers, batches=6 if args.quick else 40,
+                                             rounds=data_rounds, num_classes=args.num_classes,
+                                             teacher_outputs=photo_outputs)
+        result["ratios"].update({f"{name}_imagenet_size": value
+                                 for name, value in result["imagenet_data"]["ratios"].items()})
     if "memory" in sections:
         result["memory"] = bench_memory(out)
         result["ratios"].update(result["memory"]["ratios"])

@@ -62,6 +62,10 @@ class DataSection:
     image_size: int = ranged(32, "the side of the square input images, in pixels", ge=1)
     augment: Literal["cifar", "imagenet", "none"] = "cifar"
     """``cifar``: pad 4 + random crop + flip. ``imagenet``: random-resized crop + flip."""
+    jpeg_draft: bool = True
+    """``imagenet`` augmentation: let libjpeg decode a crop that is at least twice the output
+    size at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling, as FFCV does) before the resize.
+    The crop boxes are the same; pixels differ by a few levels (docs/data.md)."""
     val_resize: Optional[int] = ranged(None, "the shorter side before the validation centre crop", ge=1)
     """Shorter side before the centre crop in validation; default image_size (cifar) or
     image_size * 8/7 (imagenet)."""

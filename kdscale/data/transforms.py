@@ -43,6 +43,12 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image decoded as RGB; no copy when it already is."""
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 class SampleDecoder:
     """JPEG bytes -> normalised float tensor (C, H, W), augmented for training."""
 
@@ -53,14 +59,24 @@ class SampleDecoder:
         default_resize = self.size if data.augment == "cifar" else int(round(self.size * 8 / 7))
         self.val_resize = data.val_resize or default_resize
         self.mean, self.std = list(data.mean), list(data.std)
+        self.jpeg_draft = data.jpeg_draft
+        # (x / 255 - mean) / std as one multiply and one subtract, in place on a fresh float copy
+        std = torch.tensor(self.std).view(3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), torch.tensor(self.mean).view(3, 1, 1) / std
 
     def __call__(self, jpeg: bytes, rng: random.Random | None) -> torch.Tensor:
-        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        image = Image.open(io.BytesIO(jpeg))  # reads the header; pixels are decoded on first use
         if self.augment == "imagenet":
-            left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
-            image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            box = random_resized_crop_box(image.width, image.height, rng)
+            image, box = self._draft(image, box) if self.jpeg_draft else (image, box)
+            left, top, w, h = box
+            image = _rgb(image).resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
             tensor = TF.pil_to_tensor(image)
-        elif self.augment == "cifar":
+            if rng.random() < 0.5:
+                tensor = tensor.flip(-1)
+            return self.normalize(tensor)
+        image = _rgb(image)
+        if self.augment == "cifar":
             tensor = TF.pil_to_tensor(self._resize_exact(image))
             padded = torch.nn.functional.pad(tensor, (4, 4, 4, 4))
             top, left = rng.randint(0, 8), rng.randint(0, 8)
@@ -69,7 +85,11 @@ class SampleDecoder:
             tensor = TF.pil_to_tensor(self._resize_center_crop(image))
         if self.augment != "none" and rng.random() < 0.5:
             tensor = tensor.flip(-1)
-        return TF.normalize(tensor.float().div_(255), self.mean, self.std)
+        return self.normalize(tensor)
+
+    def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """uint8 (C, H, W) -> normalised float."""
+        return tensor.float().mul_(self.scale).sub_(self.shift)
 
     def replay(self, jpeg: bytes, record: dict, rng: random.Random, num_classes: int):
         """A stored teacher crop (one of R, chosen by ``rng``) and its soft label."""
@@ -81,6 +101,17 @@ class SampleDecoder:
         view = replay_crop(image, arrays["crops"][r], bool(arrays["flips"][r]), self.size)
         soft = dense_soft_label(arrays["probs"][r], arrays["classes"][r], num_classes)
         return TF.normalize(view.float().div_(255), self.mean, self.std), soft
+
+    def _draft(self, image: Image.Image, box: tuple[int, int, int, int]):
+        """Decode a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the crop at
+        least ``size`` pixels on its shorter side; the box follows the scale."""
+        reduction = min(box[2], box[3]) / self.size
+        if image.format != "JPEG" or reduction < 2:
+            return image, box
+        width, height = image.size
+        image.draft("RGB", (math.ceil(width / reduction), math.ceil(height / reduction)))
+        fx, fy = image.width / width, image.height / height
+        return image, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
     def _resize_exact(self, image: Image.Image) -> Image.Image:
         if image.size != (self.size, self.size):
