@@ -1,4 +1,4 @@
-"""The ``kdscale`` command: ``train``, ``shards synth``, ``methods``, ``summary``."""
+"""The ``kdscale`` command: ``train``, ``shards synth``, ``methods``, ``plan``, ``summary``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def cmd_compare(args) -> None:
     print(format_table(summaries, args.metric))
     if args.plot:
         print(f"plot: {plot(summaries, args.metric, args.plot)}")
+
+
+def cmd_plan(args) -> None:
+    from kdscale.analysis.plan import run_plan
+
+    run_plan(args)
 
 
 def cmd_methods(_args) -> None:
@@ -191,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="val/student_top1")
     compare.add_argument("--plot", help="write a PNG of the metric against step here")
     compare.set_defaults(func=cmd_compare)
+    plan = sub.add_parser("plan", help="per-rank memory and communication of each strategy, before launching")
+    plan.add_argument("--config", required=True, help="the experiment YAML, as for train")
+    plan.add_argument("--gpus", type=int, required=True, help="processes (GPUs) in the job")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    plan.add_argument("--link-gbps", type=float, default=100.0, help="per-GPU link speed, Gbit/s")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
+    plan.set_defaults(func=cmd_plan)
     summary = sub.add_parser("summary", help="results table of finished runs")
     summary.add_argument("run_dirs", nargs="+")
     summary.set_defaults(func=cmd_summary)
