@@ -15,7 +15,8 @@ def cmd_shards_synth(args) -> None:
 
     index = write_synthetic_shards(args.out, num_classes=args.classes, train_samples=args.train,
                                    val_samples=args.val, image_size=args.size, samples_per_shard=args.per_shard,
-                                   difficulty=args.difficulty, seed=args.seed, progress=not args.quiet)
+                                   difficulty=args.difficulty, seed=args.seed, progress=not args.quiet,
+                                   photo_like=args.photo_like)
     splits = index["splits"]
     print(f"wrote {splits['train']['samples']} train / {splits['val']['samples']} val samples to {args.out}: "
           f"{splits['train']['pattern']}, {splits['val']['pattern']}")
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=5000, help="training samples")
     synth.add_argument("--val", type=int, default=1000, help="validation samples")
     synth.add_argument("--size", type=int, default=32, help="image side in pixels")
+    synth.add_argument("--photo-like", action="store_true",
+                       help="ImageNet-size JPEGs instead (sides about 500x375, about 110 KB; --size unused)")
     synth.add_argument("--per-shard", type=int, default=500)
     synth.add_argument("--difficulty", type=float, default=0.5, help="0 (easy) .. 1 (hard)")
     synth.add_argument("--seed", type=int, default=0)

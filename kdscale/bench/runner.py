@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "data", "imagenet_data", "memory", "scaling")
+SECTIONS = ("compute", "compile", "data", "imagenet_data", "memory", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
@@ -32,6 +32,7 @@ GOALS = {  # ratio -> (goal, description)
     "zero3_optimizer_state_vs_ddp": (0.55, "ZeRO-3 per-rank optimizer state / DDP's (goal: at most)"),
     "zero3_parameters_vs_ddp": (0.55, "ZeRO-3 per-rank parameters / DDP's (goal: at most)"),
     "per_process_efficiency_2_vs_1": (None, "images/s per process, 2 processes / 1"),
+    "compiled_vs_eager_online_kd": (None, "online KD step with train.compile=all / eager"),
 }
 AT_MOST = {"zero1_optimizer_state_vs_ddp", "zero2_optimizer_state_vs_ddp", "zero3_optimizer_state_vs_ddp", "zero3_parameters_vs_ddp"}
 
@@ -92,7 +93,7 @@ def format_report(result: dict) -> str:
         goal_text = "-" if goal is None else (f"<= {goal}" if name in AT_MOST else f">= {goal}")
         lines.append(f"| {name} | {value:.3f} | {spread_text(entry)} | {len(entry['rounds'])} | {goal_text} "
                      f"| {verdict} | {what} |")
-    for section in ("compute", "data", "imagenet_data"):
+    for section in ("compute", "compile", "data", "imagenet_data"):
         if section in result:
             workers = result[section].get("workers")
             per_worker = (lambda r: f", {r['images_per_s'] / workers:.1f} per loader worker") if workers else \
@@ -151,6 +152,12 @@ def run_bench(args) -> dict:
         result["ratios"].update(result["compute"]["ratios"])
         if args.profile:
             result["compute"]["profile"] = profile_step(setup, os.path.join(out, "profile.txt"))
+    if "compile" in sections:
+        from kdscale.bench.compile_bench import bench_compile
+
+        result["compile"] = bench_compile(Setup(args.student, args.teacher, args.image_size, args.batch,
+                                                args.num_classes, device), steps, rounds)
+        result["ratios"].update(result["compile"]["ratios"])
     if "data" in sections or "scaling" in sections:
         data_dir, outputs = prepare_data(out, args.quick, args.image_size, args.num_classes, args.teacher)
     if "data" in sections:
