@@ -62,6 +62,10 @@ class DataSection:
     image_size: int = ranged(32, "the side of the square input images, in pixels", ge=1)
     augment: Literal["cifar", "imagenet", "none"] = "cifar"
     """``cifar``: pad 4 + random crop + flip. ``imagenet``: random-resized crop + flip."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Training images: ``cpu`` decodes and augments in the loader workers; ``gpu`` ships the
+    JPEG bytes with their crop box and flip, and the rank decodes the batch on its device
+    (:mod:`kdscale.data.device_decode`; ``imagenet`` augmentation, online or no teacher)."""
     jpeg_draft: bool = True
     """``imagenet`` augmentation: let libjpeg decode a crop that is at least twice the output
     size at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling, as FFCV does) before the resize.

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdscale.config.schema import DataSection
+from kdscale.data.device_decode import DeferredDecoder, EncodedBatch, stack_views
 from kdscale.data.transforms import SampleDecoder
 from kdscale.errors import KdscaleError
 from kdscale.log import EVERY_RANK, log, setup_logging
@@ -37,7 +38,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor
+    images: torch.Tensor | EncodedBatch
+    """Normalised views (B, 3, S, S), or encoded JPEGs to decode on the device (data.decode=gpu)."""
     targets: torch.Tensor
     keys: list[str]
     bad_samples: int
@@ -162,7 +164,7 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.first_epoch, self.end_epoch = epoch, epoch + 1 if epochs is None else epochs
         self.batches_per_rank, self.skip_batches = batches_per_rank, skip_batches
-        self.decoder = SampleDecoder(data, train=True)
+        self.decoder = DeferredDecoder(data) if data.decode == "gpu" else SampleDecoder(data, train=True)
 
     def _rng(self, epoch: int, *parts) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, epoch, self.rank) + parts))
@@ -247,7 +249,7 @@ class TrainStream(IterableDataset):
                                             bad)
             images = [s[0] if raw[i][4] is not None else s for i, s in enumerate(slots)]
             soft = [s[1] for i, s in enumerate(slots) if raw[i][4] is not None]
-            yield Batch(torch.stack(images), torch.tensor([item[2] for item in raw]), [item[0] for item in raw],
+            yield Batch(stack_views(images), torch.tensor([item[2] for item in raw]), [item[0] for item in raw],
                         bad.take(), torch.stack(soft) if soft else None)
 
     def _decode(self, item: tuple, rng: random.Random, bad: BadSampleLog):

@@ -11,17 +11,13 @@ loss (``train.nonfinite``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 
 import torch
 
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
-from kdscale.data.loader import TrainStream, ValStream, make_loader
-from kdscale.data.mixing import batch_generator, mix_batch, mixing_enabled
 from kdscale.runtime.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
@@ -35,6 +31,7 @@ from kdscale.progress import ProgressBar
 from kdscale.runtime import checkpoint as ckpt
 from kdscale.train.evaluate import evaluate
 from kdscale.runtime.optim import lr_at
+from kdscale.train.inputs import InputsMixin
 from kdscale.train.saving import SavingMixin
 from kdscale.runtime.device import Runtime
 from kdscale.train.setup import build_distiller, plan_data
@@ -43,7 +40,7 @@ from kdscale.runtime.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
-class Trainer(SavingMixin):
+class Trainer(InputsMixin, SavingMixin):
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None,
                  lock: RunLock | None = None):
         self.cfg = cfg
@@ -96,51 +93,6 @@ class Trainer(SavingMixin):
             run_id = self._restore(*resumed)
         self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
         self.watchdog.progress()
-
-    # -- data -----------------------------------------------------------------------
-    def _train_loader(self):
-        stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
-                             epoch=self.epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
-                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
-                             teacher_outputs=self.teacher.outputs_dir)
-        return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
-
-    def _val_loader(self):
-        stream = ValStream(self.plan.val_shards, self.cfg.data, rank=self.rank, world_size=self.world)
-        return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
-
-    def _next_batch(self, loader, window: MetricsWindow):
-        fetch_start = time.perf_counter()
-        with self.watchdog.waiting("waiting for a batch from the data loader"):
-            try:
-                batch = next(loader)
-            except RuntimeError as err:
-                if "timed out" not in str(err):
-                    raise
-                raise KdscaleError(f"a data loader worker of rank {self.rank} delivered no batch for "
-                                   f"{self.cfg.data.loader_timeout_s:g} s (data.loader_timeout_s): {err}") from None
-        window.wait += time.perf_counter() - fetch_start
-        window.bad_samples_epoch += batch.bad_samples
-        return batch
-
-    def _inputs(self, batch):
-        """The micro-batch on the device, mixed (Mixup/CutMix) before any network sees it:
-        (images, targets, replayed teacher probabilities or None)."""
-        device = self.runtime.device
-        images = batch.images.to(device, non_blocking=True)
-        if self.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = batch.targets.to(device, non_blocking=True)
-        probs = batch.teacher_probs.to(device, non_blocking=True) if batch.teacher_probs is not None else None
-        if mixing_enabled(self.cfg.data):
-            gen = batch_generator(self.cfg.experiment.seed, self.rank, self.epoch, self.batches_done)
-            images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
-        return images, targets, probs
-
-    def _autocast(self):
-        if self.runtime.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
 
     # -- the loop -------------------------------------------------------------------
     def train(self) -> dict:

@@ -39,6 +39,10 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
     check_shard_count(train, "data.train_shards", world_size, data.num_workers)
     if cfg.teacher is not None and cfg.teacher.source == "shards":
         check_teacher_shards_usable(cfg, train)
+    if data.decode == "gpu" and (data.augment != "imagenet" or (cfg.teacher is not None and
+                                                                cfg.teacher.source == "shards")):
+        raise KdscaleError("data.decode=gpu decodes random-resized crops of JPEGs on the device: it needs "
+                           "data.augment=imagenet and an online teacher (or none); use data.decode=cpu")
     samples = data.train_samples or samples_from_index(train, "train")
     if not samples:
         raise KdscaleError("data.train_samples is not set and no index.json beside the training shards records "
