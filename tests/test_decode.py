@@ -106,6 +106,7 @@ def test_device_decode_replaces_an_undecodable_image(photo_samples):
     assert torch.equal(views[1], good[0])  # the next decodable image of the batch, with its box
 
 
+@pytest.mark.slow  # a real training run: the full tier
 def test_training_with_device_decode(photo_samples, tmp_path):
     import os
 
