@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from kdscale.sweep import add_parser as add_sweep_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
 
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--quiet", action="store_true")
     verify.set_defaults(func=cmd_shards_verify)
     sub.add_parser("methods", help="list the distillation methods").set_defaults(func=cmd_methods)
+    add_sweep_parser(sub)
     bench = sub.add_parser("bench", help="side-by-side throughput and memory ratios (docs/benchmarks.md)")
     bench.add_argument("--quick", action="store_true", help="small settings, a few minutes on 2 cores")
     bench.add_argument("--out", help="output folder (default runs/bench/<time>)")

@@ -107,3 +107,22 @@ def test_missing_config_fails_clearly(cluster, tmp_path):
     log = open(tmp_path / f"slurm-{job}.out").read()
     assert state == "FAILED"
     assert "kdscale slurm: error: config file not found: configs/does_not_exist.yaml" in log
+
+
+def test_sweep_as_a_job_array(cluster, synth_data, tmp_path):
+    """``kdscale sweep --slurm``: one array task per grid run, each a normal kdscale job."""
+    from test_sweep import PYTHON, write_config
+
+    config = write_config(tmp_path, synth_data)
+    env = {"KDSCALE_CPU_PROCS_PER_NODE": "1", "KDSCALE_REPO": ROOT, "WANDB_MODE": "disabled"}
+    result = cluster.run([PYTHON, "-m", "kdscale.cli", "sweep", "--config", config, "--methods", "vanilla",
+                          "--seeds", "0,1", "--slurm", f"--sbatch=--chdir={ROOT}",
+                          f"--sbatch=--output={tmp_path}/slurm-%A_%a.out"], env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = result.stdout.strip().rsplit("array job ", 1)[1].split()[0]
+    for task in (0, 1):
+        state = cluster.wait(f"{job}_{task}", timeout=600)
+        log = open(tmp_path / f"slurm-{job}_{task}.out").read()
+        assert state == "COMPLETED", log[-3000:]
+        summary = json.load(open(tmp_path / "runs" / f"grid-vanilla-s{task}" / "summary.json"))
+        assert summary["completed"] and summary["method"] == "vanilla"
