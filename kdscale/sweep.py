@@ -99,11 +99,12 @@ def run_sweep(args) -> dict:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise KdscaleError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
-    methods = [m for m in args.methods.split(",") if m]
-    runs = expand(args.config, methods, seeds, args.grid or [], args.overrides)
     from kdscale.config import load_config
 
-    base = load_config(args.config, args.overrides).experiment
+    base_cfg = load_config(args.config, args.overrides)
+    methods = [m for m in (args.methods or base_cfg.method.name).split(",") if m]
+    runs = expand(args.config, methods, seeds, args.grid or [], args.overrides)
+    base = base_cfg.experiment
     grid_path = write_grid(args.config, runs, os.path.join(base.output_dir, f"{base.name}.sweep.tsv"))
     print(f"kdscale sweep: {len(runs)} runs ({len(methods)} methods x {len(seeds)} seeds"
           f"{' x ' + ' x '.join(a.split('=')[0] for a in args.grid) if args.grid else ''}), grid {grid_path}")
@@ -125,7 +126,8 @@ def run_sweep(args) -> dict:
 def add_parser(commands) -> None:
     sweep = commands.add_parser("sweep", help="run a grid of methods x seeds x overrides (locally or on Slurm)")
     sweep.add_argument("--config", required=True, help="experiment YAML shared by every run")
-    sweep.add_argument("--methods", required=True, help="comma list, e.g. kd,at,dml")
+    sweep.add_argument("--methods", help="comma list, e.g. kd,at,dml (default: the config's method; another "
+                                         "method needs a config without the first one's method keys)")
     sweep.add_argument("--seeds", default="0,1,2", help="comma list of experiment.seed values (default 0,1,2)")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="another axis (repeatable)")
     sweep.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead of running here")
