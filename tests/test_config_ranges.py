@@ -21,7 +21,7 @@ from kdscale.models import build_model, read_state_dict
 # key -> the allowed range; "kd:method.temperature" is method kd's parameter.
 RANGES = {
     "student.num_classes": ">=1", "teacher.num_classes": ">=1",
-    "teacher.crops_per_image": ">=1", "teacher.top_k": ">=1",
+    "teacher.crops_per_image": ">=1", "teacher.top_k": ">=1", "teacher.input_size": ">=1",
     "data.num_classes": ">=1", "data.train_samples": ">=1", "data.image_size": ">=1", "data.val_resize": ">=1",
     "data.std": ">0", "data.batch_size": ">=1", "data.num_workers": ">=0", "data.shuffle_buffer": ">=1",
     "data.mixup_alpha": ">=0", "data.cutmix_alpha": ">=0", "data.mix_prob": "[0,1]",

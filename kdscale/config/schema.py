@@ -27,11 +27,12 @@ class ExperimentSection:
 @dataclass
 class ModelSpec:
     name: str = ""
-    """``torchvision:<model>`` or a CIFAR net name (``resnet8x4``, ``wrn_40_2``, ...)."""
+    """``torchvision:<model>``, ``timm:<model>[.<tag>]`` or a CIFAR net name (``resnet8x4``,
+    ``wrn_40_2``, ...)."""
     weights: Optional[str] = None
-    """None (random init), ``torchvision:DEFAULT`` / ``torchvision:<ENUM>``, or a file:
-    a kdscale checkpoint (``path.pt`` or ``path.pt#<network>``), a state_dict ``.pt``
-    or a ``.safetensors`` file."""
+    """None (random init), ``torchvision:DEFAULT`` / ``torchvision:<ENUM>``, ``timm:DEFAULT`` /
+    ``timm:<pretrained tag>``, or a file: a kdscale checkpoint (``path.pt`` or
+    ``path.pt#<network>``), a state_dict ``.pt``/``.pth``/``.bin`` or a ``.safetensors`` file."""
     num_classes: Optional[int] = ranged(None, "the number of classes the network predicts", ge=1)
     """Defaults to ``data.num_classes``."""
 
@@ -49,6 +50,14 @@ class TeacherSpec(ModelSpec):
     """Crops stored per image by ``kdscale.teach`` (R)."""
     top_k: int = ranged(10, "probabilities stored per crop", ge=1)
     """Probabilities stored per crop by ``kdscale.teach``."""
+    mean: Optional[list[float]] = None
+    """A frozen teacher's per-channel mean (its view: :mod:`kdscale.runtime.views`); default:
+    its pretrained weights' (timm ``pretrained_cfg``, torchvision transforms), else ``data.mean``."""
+    std: Optional[list[float]] = field(default=None, metadata={"gt": 0, "what": "the teacher's per-channel std"})
+    """A frozen teacher's per-channel std; default as for ``mean``."""
+    input_size: Optional[int] = ranged(None, "the side of the frozen teacher's input, in pixels", ge=1)
+    """A frozen teacher's input side: the student's crop is resized to it on the device;
+    default: its pretrained weights' input size, else ``data.image_size``."""
 
 
 @dataclass
