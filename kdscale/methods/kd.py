@@ -6,6 +6,12 @@ The frozen teacher's logits come from outside (online teacher or, later, stored
 teacher outputs); they carry no gradient. Defaults are the RepDistiller CIFAR-100
 protocol (T=4, ce_weight=0.1, kd_weight=0.9). The ``T^2`` factor is on by default as in
 the paper; ``t_squared: false`` turns it off for comparisons with code that omits it.
+
+``logit_standardization: true`` (Sun et al., CVPR 2024, "Logit Standardization in Knowledge
+Distillation") z-scores both logits per sample before the temperature, which is then a base
+temperature; ``T^2`` stays (verified: sunshangquan/logit-standardization-KD
+``mdistiller/distillers/KD.py``; their CIFAR-100 runs: T=2, CE 1, KD 9). See
+:func:`~kdscale.methods.losses.standardize_logits`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class KD(Distiller):
         ce_weight: float = field(default=0.1, metadata={"ge": 0})
         kd_weight: float = field(default=0.9, metadata={"ge": 0})
         t_squared: bool = True
+        logit_standardization: bool = False
 
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
@@ -36,5 +43,5 @@ class KD(Distiller):
         teacher_logits = teacher_output.logits.detach()
         return logits, {
             "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
-            "kd": p.kd_weight * soft_kl(teacher_logits, logits, p.temperature, p.t_squared),
+            "kd": p.kd_weight * soft_kl(teacher_logits, logits, p.temperature, p.t_squared, p.logit_standardization),
         }

@@ -15,16 +15,31 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each sample's logits z-scored over the
+    classes, ``(z - mean(z)) / (eps + std(z))``, before any temperature.
+
+    As the authors' code (verified: sunshangquan/logit-standardization-KD
+    ``mdistiller/distillers/KD.py`` and ``DKD.py``, ``normalize``): ``std`` is torch's default,
+    the unbiased one (divides by K - 1), and ``eps = 1e-7`` is added to it. The gradient
+    flows through the mean and the std (neither is detached)."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
 def soft_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, temperature: float = 1.0,
-            t_squared: bool = True) -> torch.Tensor:
+            t_squared: bool = True, standardize: bool = False) -> torch.Tensor:
     """``T^2 * KL(softmax(target/T) || softmax(input/T))``, averaged over the batch.
 
     The gradient flows into ``input_logits`` and, unless the caller detaches it, into
     ``target_logits`` too: stop-gradients are the caller's explicit choice. With
     ``t_squared`` (Hinton et al. 2015) the term is multiplied by ``T^2`` so its gradient
-    scale does not change with the temperature.
+    scale does not change with the temperature. With ``standardize`` both sides are
+    z-scored first (:func:`standardize_logits`) and ``temperature`` is the base temperature.
     """
     t = float(temperature)
+    if standardize:
+        target_logits, input_logits = standardize_logits(target_logits), standardize_logits(input_logits)
     log_p_input = F.log_softmax(input_logits.float() / t, dim=1)
     log_p_target = F.log_softmax(target_logits.float() / t, dim=1)
     kl = F.kl_div(log_p_input, log_p_target, reduction="batchmean", log_target=True)
