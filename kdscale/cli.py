@@ -24,22 +24,37 @@ def cmd_shards_synth(args) -> None:
 
 
 def cmd_shards_from_folder(args) -> None:
-    from kdscale.data.folder_shards import items_from_folder, items_from_list, write_folder_shards
+    from kdscale.data.folder_shards import collect_items, write_folder_shards
 
-    if args.file_list:
-        items, classes = items_from_list(args.file_list, args.src)
-    elif args.src:
-        items, classes = items_from_folder(args.src)
-    else:
-        raise KdscaleError("give a class-folder tree (positional SRC) or --file-list FILE")
-    if not items:
-        raise KdscaleError(f"no images (.jpg/.jpeg/.png/.webp) found in {args.src or args.file_list}")
+    items, classes = collect_items(args.src, args.file_list, args.labels, args.out)
     index = write_folder_shards(items, classes, args.out, args.split, max_count=args.max_count,
                                 max_bytes=int(args.max_size_mb * 2**20), workers=args.workers,
                                 progress=not args.quiet)
     entry = index["splits"][args.split]
     print(f"wrote {entry['samples']} samples in {len(entry['shards'])} shards ({index['num_classes']} classes): "
           f"{os.path.join(args.out, entry['pattern'])}")
+
+
+def _print_splits(index: dict, out: str) -> None:
+    splits = index["splits"]
+    print(f"wrote {' / '.join(str(e['samples']) + ' ' + name for name, e in splits.items())} samples "
+          f"({index['num_classes']} classes) to {out}: {', '.join(e['pattern'] for e in splits.values())}")
+
+
+def cmd_shards_from_torchvision(args) -> None:
+    from kdscale.data.import_torchvision import import_torchvision
+
+    _print_splits(import_torchvision(args.dataset, args.root, args.out, download=args.download, quality=args.quality,
+                                     max_count=args.max_count, max_bytes=int(args.max_size_mb * 2**20),
+                                     workers=args.workers, progress=not args.quiet), args.out)
+
+
+def cmd_shards_from_hf(args) -> None:
+    from kdscale.data.import_hf import import_hf
+
+    _print_splits(import_hf(args.path, args.out, args.image_column, args.label_column, args.split,
+                            max_count=args.max_count, max_bytes=int(args.max_size_mb * 2**20), workers=args.workers,
+                            progress=not args.quiet), args.out)
 
 
 def cmd_shards_verify(args) -> None:
@@ -173,7 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--max-size-mb", type=float, default=1024, help="shard size at most")
     folder.add_argument("--workers", type=int, default=2, help="parallel writer processes")
     folder.add_argument("--quiet", action="store_true")
+    folder.add_argument("--labels", help="labels of a flat image folder SRC (ImageNet val): '<filename> <class>' "
+                        "lines, LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
     folder.set_defaults(func=cmd_shards_from_folder)
+    tv = shards.add_parser("from-torchvision", help="CIFAR10/100, SVHN, MNIST, FashionMNIST, STL10 as torchvision "
+                           "stores them -> train/val JPEG shards + index.json")
+    tv.add_argument("dataset", help="CIFAR10, CIFAR100, SVHN, MNIST, FashionMNIST or STL10")
+    tv.add_argument("--root", required=True, help="torchvision's root folder of the dataset")
+    tv.add_argument("--out", required=True)
+    tv.add_argument("--download", action="store_true", help="let torchvision download it (needs a network)")
+    tv.add_argument("--quality", type=int, default=95, help="JPEG quality (images keep their size)")
+    hf = shards.add_parser("from-hf", help="a Hugging Face image-classification set on disk (parquet or "
+                           "save_to_disk arrow) -> shards + index.json")
+    hf.add_argument("--path", required=True, help="the dataset folder (Hub parquet layout or save_to_disk)")
+    hf.add_argument("--out", required=True)
+    hf.add_argument("--image-column", help="default: 'image', or the only Image column")
+    hf.add_argument("--label-column", help="default: 'label', or the only ClassLabel column")
+    hf.add_argument("--split", action="append", help="NAME or NAME=OUT, repeatable (default: all labelled "
+                    "splits; validation, or test without one, becomes val)")
+    for importer in (tv, hf):
+        importer.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+        importer.add_argument("--max-size-mb", type=float, default=1024, help="shard size at most")
+        importer.add_argument("--workers", type=int, default=2, help="parallel writer processes")
+        importer.add_argument("--quiet", action="store_true")
+    tv.set_defaults(func=cmd_shards_from_torchvision)
+    hf.set_defaults(func=cmd_shards_from_hf)
     verify = shards.add_parser("verify", help="decode every sample; report bad ones by key and shard")
     verify.add_argument("pattern", help="brace pattern or glob of the shards")
     verify.add_argument("--num-classes", type=int, help="default: from index.json")

@@ -92,14 +92,16 @@ def index_records(index: dict) -> dict[str, dict]:
 def rewrite_hint(index: dict | None) -> str:
     """How to get a sound copy of a damaged shard, for the generator that wrote ``index``.
 
-    from-folder only rewrites shards whose size or sample count differs from their
-    record, so a shard damaged in place must be deleted first: the hint always says so.
+    from-folder (and the importers, which share its writer) only rewrites shards whose
+    size or sample count differs from their record, so a shard damaged in place must be
+    deleted first: the hint always says so.
     """
     generator = (index or {}).get("generator", "")
     if generator == "kdscale synth":
         return ("fix: re-write the set with the same `kdscale shards synth` arguments "
                 "(the same seed gives the same samples)")
-    if generator == "kdscale from-folder" or (index or {}).get("classes") is not None:
-        return ("fix: delete the shard and re-run the same `kdscale shards from-folder` command (it is resumable: "
+    if generator.startswith("kdscale from-") or (index or {}).get("classes") is not None:
+        tool = generator.split()[-1] if generator.startswith("kdscale from-") else "from-folder"
+        return (f"fix: delete the shard and re-run the same `kdscale shards {tool}` command (it is resumable: "
                 "it writes only the missing shards)")
     return "fix: re-write the shard from its source"
