@@ -76,3 +76,44 @@ def rampup(epoch, length):
     if length == 0 or epoch >= length:
         return 1.0
     return math.exp(-5.0 * (1.0 - epoch / length) ** 2)
+
+def standardize(row, eps=1e-7):
+    """Logit standardization (Sun et al. 2024, their code's ``normalize``): (z - mean) / (eps + std),
+    std with the K - 1 denominator."""
+    mean = sum(row) / len(row)
+    std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+    return [(v - mean) / (eps + std) for v in row]
+
+
+def dkd_terms(teacher_rows, student_rows, labels, t):
+    """DKD (Zhao et al. 2022), written from the paper's definitions: b = [p_y, 1 - p_y] with
+    p = softmax(z / T); q = softmax(z_c / T) over the non-target classes c only.
+    Returns (T^2 mean KL(b_T || b_S), T^2 mean KL(q_T || q_S))."""
+    tckd = nckd = 0.0
+    for zt, zs, y in zip(teacher_rows, student_rows, labels):
+        pt, ps = softmax(zt, t), softmax(zs, t)
+        tckd += kl([pt[y], 1.0 - pt[y]], [ps[y], 1.0 - ps[y]])
+        others = [c for c in range(len(zt)) if c != y]
+        nckd += kl(softmax([zt[c] for c in others], t), softmax([zs[c] for c in others], t))
+    n = len(labels)
+    return tckd / n * t * t, nckd / n * t * t
+
+
+def pearson(u, v, eps=1e-8):
+    """Pearson correlation with DIST's eps on the product of the norms."""
+    mu, mv = sum(u) / len(u), sum(v) / len(v)
+    du, dv = [a - mu for a in u], [b - mv for b in v]
+    dot = sum(a * b for a, b in zip(du, dv))
+    return dot / (math.sqrt(sum(a * a for a in du)) * math.sqrt(sum(b * b for b in dv)) + eps)
+
+
+def dist_terms(teacher_rows, student_rows, tau):
+    """DIST (Huang et al. 2022): with P = softmax(z / tau) per sample, inter = tau^2 (1 - mean over
+    samples of pearson(P_S[i], P_T[i])), intra = tau^2 (1 - mean over classes of
+    pearson(P_S[:, c], P_T[:, c])) (each class's column across the batch)."""
+    ps = [softmax(z, tau) for z in student_rows]
+    pt = [softmax(z, tau) for z in teacher_rows]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ps, pt)) / len(ps)
+    classes = len(ps[0])
+    intra = 1 - sum(pearson([row[c] for row in ps], [row[c] for row in pt]) for c in range(classes)) / classes
+    return inter * tau * tau, intra * tau * tau

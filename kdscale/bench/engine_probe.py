@@ -3,10 +3,11 @@ to a JSON file: ``python -m kdscale.bench.engine_probe OUT MODE ...`` under a la
 Used by ``kdscale bench`` (memory) and by the scale-out tests.
 
 Modes:
-- ``train <strategy> <method>``: N steps of a BN-free student (and teacher) so a 2-rank
+- ``train <strategy> <method> [key=value ...]``: N steps of a BN-free student (and teacher) so a 2-rank
   run is mathematically the 1-rank run with the global batch split in two; records the
   global mean loss per step, optimizer-state bytes, the parameters this rank's optimizer
-  holds, and locally held trainable parameters.
+  holds, and locally held trainable parameters. ``key=value`` pairs (YAML values) set method
+  parameters, the rest keep their defaults.
 - ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
   the unsharded teacher and the locally held parameters.
 """
@@ -19,6 +20,7 @@ import json
 import sys
 
 import torch
+import yaml
 from torch import nn
 
 from kdscale.config import load_config
@@ -52,7 +54,7 @@ def global_batches():
         yield torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen)
 
 
-def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
+def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | None = None) -> dict:
     per_rank = GLOBAL_BATCH // ctx.world_size
     cfg = load_config(None, [f"distributed.strategy={strategy}", f"data.batch_size={per_rank}",
                              "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"])
@@ -62,7 +64,7 @@ def run_train(strategy: str, method_name: str, ctx: DistContext) -> dict:
     mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
                          teacher_role=cls.teacher_role, teacher_name="plain24",
                          teacher_pretrained=True, build_model=lambda _name: PlainNet(24))
-    distiller = cls(student, cls.Params(), mctx).train()
+    distiller = cls(student, cls.Params(**(params or {})), mctx).train()
     frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
         if cls.teacher_role == "frozen" else None
     engine = make_engine(strategy, distiller, cfg, ctx)
@@ -101,7 +103,8 @@ def run_teacher(ctx: DistContext) -> dict:
 def main() -> None:
     out_path, mode, *rest = sys.argv[1:]
     ctx = DistContext.from_env()
-    result = run_teacher(ctx) if mode == "teacher" else run_train(rest[0], rest[1], ctx)
+    params = {key: yaml.safe_load(value) for key, value in (arg.split("=", 1) for arg in rest[2:])}
+    result = run_teacher(ctx) if mode == "teacher" else run_train(rest[0], rest[1], ctx, params)
     gathered = [None] * ctx.world_size
     if ctx.distributed:
         torch.distributed.all_gather_object(gathered, result)
