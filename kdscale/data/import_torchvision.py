@@ -78,6 +78,9 @@ def check_files(name: str, root: str, layout: Layout) -> None:
             raise KdscaleError("SVHN: torchvision reads SVHN's .mat files with scipy, which is not installed; "
                                "fix: pip install scipy")
     folder = os.path.join(root, layout.folder)
+    if name in MNIST_FAMILY and all(os.path.isfile(os.path.join(root, name, "processed", f"{s}.pt"))
+                                    for s in ("training", "test")):
+        return  # the layout of torchvision before 0.9, which it still reads
     for file, _md5 in layout.files:
         path = os.path.join(folder, file)
         if name in MNIST_FAMILY and not os.path.isfile(path) and os.path.isfile(path + ".gz"):
