@@ -88,15 +88,26 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from kdscale.analysis.compare import format_table, plot, runs_from_dirs, runs_from_project, summarise
+    from kdscale.analysis.compare import format_table, runs_from_dirs, runs_from_project, summarise
 
     if not args.runs and not args.project:
         raise KdscaleError("give run directories or --project ENTITY/PROJECT")
     runs = runs_from_dirs(args.runs) if args.runs else runs_from_project(args.project)
-    summaries = [summarise(run, args.metric) for run in runs]
-    print(format_table(summaries, args.metric))
+    summaries = [summarise(run, args.metric, args.best) for run in runs]
+    groups, keys = None, None
+    if args.group_by:
+        from kdscale.analysis.seeds import format_groups, group_runs, group_stats, parse_keys
+
+        keys = parse_keys(args.group_by)
+        groups = group_runs(runs, summaries, keys)
+        print(format_groups([group_stats(g, args.metric) for g in groups], keys, args.metric))
+    else:
+        print(format_table(summaries, args.metric))
     if args.plot:
-        print(f"plot: {plot(summaries, args.metric, args.plot)}")
+        from kdscale.analysis.plots import plot
+
+        plot(runs, args.metric, args.plot, x=args.x, smooth=args.smooth, groups=groups, keys=keys, title=args.title)
+        print(f"plot: {args.plot}")
 
 
 def cmd_plan(args) -> None:
@@ -125,39 +136,10 @@ def cmd_methods(_args) -> None:
               f"{', '.join(method.trained_networks())}; frozen-teacher outputs: {needs}")
 
 
-def read_summary(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        raise KdscaleError(f"{run_dir}: no summary.json (the run has not finished, or this is not a run directory)")
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def format_summary_table(summaries: list[dict]) -> str:
-    rows = [("run", "method", "steps", "student top-1", "teacher top-1", "agreement", "images/s")]
-    for s in summaries:
-        m = s.get("metrics", {})
-
-        def pct(key):
-            return f"{m[key]:.2f}" if key in m else "-"
-
-        rows.append((s["experiment"], s["method"], f"{s['step']}/{s['total_steps']}", pct("val/student_top1"),
-                     pct("val/teacher_top1"), pct("val/agreement_top1"),
-                     f"{s['images_per_s']:.0f}" if s.get("images_per_s") else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    details = []
-    for s in summaries:
-        details.append(f"- {s['experiment']}: run {s['run_dir']}, checkpoint {s.get('checkpoint')}"
-                       + (f", export {s['export']}" if s.get("export") else ""))
-        if s.get("wandb_sync"):
-            details.append(f"  wandb (offline): {s['wandb_sync']}")
-    return "\n".join(lines + [""] + details)
-
-
 def cmd_summary(args) -> None:
-    print(format_summary_table([read_summary(d) for d in args.run_dirs]))
+    from kdscale.analysis.summary import format_summary_table, summarise_run_dir
+
+    print(format_summary_table([summarise_run_dir(d) for d in args.run_dirs]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,11 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peer", action="store_true", help="skip torchdistill")
     bench.add_argument("--profile", action="store_true", help="write a torch.profiler table of the KD step")
     bench.set_defaults(func=cmd_bench)
-    compare = sub.add_parser("compare", help="final/best metrics of runs and a PNG plot (offline runs or a project)")
+    compare = sub.add_parser("compare", help="last/best metrics of runs or of seeds per method, next to published "
+                             "figures, and a plot (offline runs or a project)")
     compare.add_argument("runs", nargs="*", help="run directories (kdscale run dir, wandb dir or offline-run-* dir)")
     compare.add_argument("--project", help="ENTITY/PROJECT on a wandb server instead of directories")
     compare.add_argument("--metric", default="val/student_top1")
-    compare.add_argument("--plot", help="write a PNG of the metric against step here")
+    compare.add_argument("--best", choices=("max", "min"), help="which way is better (default: max for accuracy, "
+                         "top-1/top-5 and agreement, min for losses)")
+    compare.add_argument("--group-by", help="comma list of run keys (method, student, teacher, dataset, seed) or "
+                         "dotted config keys: mean +- std over seeds per group, with the published figure")
+    compare.add_argument("--plot", help="write the plot here: .png, .pdf or .svg")
+    compare.add_argument("--x", choices=("epochs", "images", "steps"), default="epochs",
+                         help="x axis of the plot: epochs, images seen (steps x global batch) or optimizer steps")
+    compare.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for noisy curves (losses)")
+    compare.add_argument("--title", help="plot title (default none: papers caption their figures)")
     compare.set_defaults(func=cmd_compare)
     plan = sub.add_parser("plan", help="per-rank memory and communication of each strategy, before launching")
     plan.add_argument("--config", required=True, help="the experiment YAML, as for train")
@@ -248,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--link-gbps", type=float, default=100.0, help="per-GPU link speed, Gbit/s")
     plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
     plan.set_defaults(func=cmd_plan)
-    summary = sub.add_parser("summary", help="results table of finished runs")
+    summary = sub.add_parser("summary", help="results table of finished runs (same images/s as compare)")
     summary.add_argument("run_dirs", nargs="+")
     summary.set_defaults(func=cmd_summary)
     return parser

@@ -44,7 +44,8 @@ def test_offline_run_resumes_as_the_same_wandb_run(synth_data, tmp_path, monkeyp
     run = runs[0]
     assert run["group"] == "r" and run["job_type"] == "train"
     assert set(run["tags"]) >= {"method:vanilla", "dataset:synthetic", "student:resnet8"}
-    assert run["config"]["optim"]["lr"] == 0.05 and run["config"]["student"]["name"] == "resnet8"
+    assert run["config"]["optim"]["lr"] == 0.05 and run["config"]["student_config"]["name"] == "resnet8"
+    assert run["config"]["student"] == "resnet8" and run["config"]["method"] == "vanilla"  # dashboard keys
     steps = sorted({row["_step"] for row in run["history"] if "train/loss" in row})
     assert steps == [5, 10, 15, 16]  # logged every 5 steps and at each stop: 5 before the restart
     assert any("val/student_top1" in row for row in run["history"])
@@ -71,11 +72,11 @@ def test_compare_runs_table_and_plot(synth_data, tmp_path, capsys):
     png = tmp_path / "compare.png"
     cli(["compare", str(tmp_path / "low-lr"), str(tmp_path / "high-lr"), "--plot", str(png)])
     out = capsys.readouterr().out
-    assert "| low-lr " in out and "| high-lr " in out and "final val/student_top1" in out
+    assert "| low-lr " in out and "| high-lr " in out and "last top-1 (%)" in out
     image = Image.open(png).convert("RGB")
-    assert image.size == (900, 560)
+    assert min(image.size) > 500
     colors = set(image.getdata())
-    assert (31, 119, 180) in colors and (255, 127, 14) in colors  # one line per run
+    assert (31, 119, 180) in colors and (255, 127, 14) in colors  # one line per run (matplotlib's tab10)
     assert os.path.getsize(png) > 1000
 
 

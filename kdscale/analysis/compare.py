@@ -1,10 +1,11 @@
-"""``kdscale compare``: final and best metrics of several runs, and a PNG of a validation
-metric against step for all of them.
+"""``kdscale compare``: last and best metrics of several runs (or of groups of runs over
+seeds, next to the published figure), and a plot of a metric against epochs, images seen
+or steps (:mod:`kdscale.analysis.plots`).
 
 Runs come from offline wandb run files (a kdscale run dir, its ``wandb`` dir or an
-``offline-run-*`` dir; resumed sessions of one run are merged) or, with ``--project``,
-from a wandb project online. The plot is drawn with Pillow, so no plotting library is
-needed.
+``offline-run-*`` dir; resumed sessions of one run are merged), from a run dir's
+``metrics.jsonl`` alone (``wandb.mode=disabled``) or, with ``--project``, from a wandb
+project online.
 
 The wandb files of a run that was killed are incomplete: the killed session's file may
 hold nothing at all, and the resumed session starts at the checkpoint it resumed from.
@@ -12,6 +13,10 @@ The trainer's own ``metrics.jsonl`` (one line per logged step, flushed at once) 
 complete record, so where it has steps the wandb history lacks, the history is rebuilt
 from it, step by step, with wandb's values kept where both have a step. A run with no
 history anywhere is left out with a one-line note instead of showing as an empty row.
+
+What a run is (method, seed, student, teacher, dataset) comes from its config: the
+top-level keys the tracker writes (:func:`kdscale.runtime.tracking.run_config`), or the
+config sections of runs recorded before those keys existed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 from kdscale.errors import KdscaleError
 
 METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"  # written by kdscale.runtime.tracking
 
 
 def _note(text: str) -> None:
@@ -68,6 +74,7 @@ def fill_from_metrics_jsonl(runs: list[dict]) -> None:
         if len(candidates) != 1 or not os.path.isfile(path):
             continue
         run = candidates[0]
+        run["metrics_jsonl"] = path  # this run's own record: its throughput is read from here
         if any("_step" not in row for row in run["history"]):
             continue  # rows that cannot be placed by step: keep wandb's history as it is
         logged = read_metrics_jsonl(path)
@@ -85,10 +92,27 @@ def run_from_metrics_jsonl(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return None
+    config = read_run_json(run_dir)
+    return {"id": config.get("wandb_run_id") or "-", "name": os.path.basename(os.path.abspath(run_dir)),
+            "group": None, "job_type": None, "tags": [], "config": config, "history": jsonl_history(path),
+            "files": [], "empty_files": [], "run_dir": run_dir, "history_from": path, "metrics_jsonl": path}
+
+
+def jsonl_history(path: str) -> list[dict]:
+    """``metrics.jsonl`` as history rows (``{"_step": N, ...}``, by step)."""
     logged = read_metrics_jsonl(path)
-    return {"id": "-", "name": os.path.basename(os.path.abspath(run_dir)), "group": None, "job_type": None,
-            "tags": [], "config": {}, "history": [{"_step": s, **logged[s]} for s in sorted(logged)],
-            "files": [], "empty_files": [], "run_dir": run_dir, "history_from": path}
+    return [{"_step": step, **logged[step]} for step in sorted(logged)]
+
+
+def read_run_json(run_dir: str) -> dict:
+    """The run's config as the tracker wrote it beside ``metrics.jsonl`` (``run.json``), or {}."""
+    path = os.path.join(run_dir, RUN_FILE)
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def runs_from_dirs(paths: list[str], note=_note) -> list[dict]:
@@ -127,77 +151,64 @@ def runs_from_project(project: str) -> list[dict]:  # pragma: no cover - needs a
     return out
 
 
-def summarise(run: dict, metric: str) -> dict:
-    points = [(row.get("_step", i), row[metric]) for i, row in enumerate(run["history"]) if metric in row]
-    losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
-    speeds = [row["perf/images_per_s"] for row in run["history"] if "perf/images_per_s" in row]
-    best = max(points, key=lambda p: p[1]) if points else None
-    method = run["config"].get("method", {}).get("name") if isinstance(run["config"].get("method"), dict) else None
-    return {"run": run.get("name") or run["group"] or run["id"], "id": run["id"], "method": method,
-            "final": points[-1][1] if points else None, "best": best[1] if best else None,
-            "best_step": best[0] if best else None, "last_step": points[-1][0] if points else None,
-            "final_train_loss": losses[-1] if losses else None,
-            "images_per_s": sum(speeds) / len(speeds) if speeds else None, "points": points}
+def summarise(run: dict, metric: str, best: str | None = None) -> dict:
+    """A run's last and best value of ``metric`` (best by the metric's direction), where
+    (step, epoch), its last training loss and its throughput (:func:`images_per_s`)."""
+    from kdscale.analysis.runinfo import (best_point, direction, images_per_s, metric_points, networks, run_keys,
+                                          run_label, run_name, steps_per_epoch)
+
+    way = direction(metric, best)
+    points = metric_points(run, metric)
+    top = best_point(points, way)
+    losses = metric_points(run, "train/loss")
+    per_epoch = steps_per_epoch(run)
+    jsonl = run.get("metrics_jsonl")
+    history = jsonl_history(jsonl) if jsonl and os.path.isfile(jsonl) else run["history"]
+
+    def epoch(step):
+        return step / per_epoch if per_epoch and step is not None else None
+
+    last_step = points[-1][0] if points else None
+    return {"run": run_name(run), "id": run["id"], **run_keys(run), "label": run_label(run),
+            "networks": networks(run), "metric": metric, "direction": way,
+            "final": points[-1][1] if points else None, "last_step": last_step, "last_epoch": epoch(last_step),
+            "best": top[1] if top else None, "best_step": top[0] if top else None,
+            "best_epoch": epoch(top[0]) if top else None, "final_train_loss": losses[-1][1] if losses else None,
+            "images_per_s": images_per_s(history), "points": points}
 
 
-def format_table(summaries: list[dict], metric: str) -> str:
-    def fmt(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
-    rows = [("run", "id", "method", f"final {metric}", "best (step)", "final train/loss", "images/s")]
-    for s in summaries:
-        rows.append((s["run"], s["id"], s["method"] or "-", fmt(s["final"]),
-                     f"{fmt(s['best'])} ({s['best_step']})" if s["best"] is not None else "-",
-                     fmt(s["final_train_loss"], 4), fmt(s["images_per_s"], 0)))
+
+def fmt_epoch(epoch: float | None, step: int | None = None) -> str:
+    if epoch is None:
+        return "-" if step is None else f"step {step}"
+    return f"{epoch:.0f}" if abs(epoch - round(epoch)) < 1e-6 else f"{epoch:.2f}"
+
+
+def markdown_table(rows: list[tuple]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
+def format_table(summaries: list[dict], metric: str) -> str:
+    """One row per run: the last value of the metric (the last epoch: what to report) and the
+    best one apart, with its epoch (best by the metric's direction, shown in the header)."""
+    from kdscale.analysis.runinfo import metric_short
 
-
-def plot(summaries: list[dict], metric: str, path: str, size=(900, 560)) -> str:
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    left, right, top, bottom = 70, 220, 40, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = [p for s in summaries for p in s["points"]]
-    if not points:
-        raise KdscaleError(f"no run logged {metric}; nothing to plot")
-    x_max = max(1, max(p[0] for p in points))
-    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
-    if y_max - y_min < 1e-9:
-        y_min, y_max = y_min - 1, y_max + 1
-
-    def xy(step, value):
-        x = left + (width - left - right) * step / x_max
-        y = height - bottom - (height - top - bottom) * (value - y_min) / (y_max - y_min)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        value = y_min + (y_max - y_min) * i / 4
-        _, y = xy(0, value)
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((5, y - 6), f"{value:.1f}", fill="black")
-        step = x_max * i / 4
-        x, _ = xy(step, y_min)
-        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
-        draw.text((x - 10, height - bottom + 8), f"{step:.0f}", fill="black")
-    draw.text((left, 12), f"{metric} vs step", fill="black")
-    draw.text(((width - right) // 2, height - 20), "step", fill="black")
-    for index, summary in enumerate(summaries):
-        color = COLORS[index % len(COLORS)]
-        line = [xy(*p) for p in summary["points"]]
-        if len(line) > 1:
-            draw.line(line, fill=color, width=2)
-        for x, y in line:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((width - right + 10, top + 18 * index), f"{summary['run']} ({summary['id']})", fill=color)
-    image.save(path)
-    return path
+    short = metric_short(metric)
+    way = summaries[0]["direction"] if summaries else "max"
+    digits = 2 if short.endswith("(%)") or metric.endswith(("_top1", "_top5")) else 4
+    loss_column = metric != "train/loss"
+    rows = [("run", "id", "method", "network", "seed", "epoch", f"last {short}", f"best {short} ({way}) @ epoch",
+             *(["last train/loss"] if loss_column else []), "images/s")]
+    for s in summaries:
+        best = (f"{fmt(s['best'], digits)} @ {fmt_epoch(s['best_epoch'], s['best_step'])}"
+                if s["best"] is not None else "-")
+        rows.append((s["run"], s["id"], s["method"] or "-", s["networks"], "-" if s["seed"] is None else s["seed"],
+                     fmt_epoch(s["last_epoch"], s["last_step"]), fmt(s["final"], digits), best,
+                     *([fmt(s["final_train_loss"], 4)] if loss_column else []), fmt(s["images_per_s"], 0)))
+    return markdown_table(rows)

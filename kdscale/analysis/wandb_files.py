@@ -73,11 +73,12 @@ def session_run_dir(path: str) -> str | None:
 
 
 def read_run_file(path: str) -> dict:
-    """{"id", "group", "job_type", "tags", "config", "history": [row, ...]} of one file."""
+    """{"id", "group", "job_type", "tags", "config", "history": [row, ...], "summary"} of one
+    file (``summary``: the run summary's updates in this session, later ones winning)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     run = {"id": session_run_id(path), "group": None, "job_type": None, "tags": [], "config": {}, "history": [],
-           "files": [path], "run_dir": session_run_dir(path)}
+           "summary": {}, "files": [path], "run_dir": session_run_dir(path)}
     for raw in iter_record_bytes(path):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -93,6 +94,9 @@ def read_run_file(path: str) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             run["history"].append(row)
+        elif kind == "summary":
+            for item in record.summary.update:
+                run["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return run
 
 
@@ -115,7 +119,8 @@ def read_runs(path: str) -> list[dict]:
     single history record (a killed session, often a 7-byte file) are listed in
     ``empty_files`` and add nothing. A run whose sessions are all empty is still
     returned, with an empty history, so the caller can say so or fill it from
-    ``metrics.jsonl``. Metadata comes from the first session that has it.
+    ``metrics.jsonl``. Metadata comes from the first session that has it; ``summary``
+    merges the sessions' summary updates, the latest winning.
     """
     merged: dict[str, dict] = {}
     for file in offline_run_files(path):
@@ -125,6 +130,7 @@ def read_runs(path: str) -> list[dict]:
         for key in METADATA:
             if not run.get(key) and session.get(key):
                 run[key] = session[key]
+        run["summary"] = {**run.get("summary", {}), **session["summary"]}
         if session["history"]:
             run["history"] += session["history"]
             run["files"].append(file)
@@ -132,6 +138,7 @@ def read_runs(path: str) -> list[dict]:
             run["empty_files"].append(file)
     for run in merged.values():
         run.setdefault("config", {})
+        run.setdefault("summary", {})
         run.setdefault("tags", [])
         for key in METADATA:
             run.setdefault(key, None)

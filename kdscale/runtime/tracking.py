@@ -4,6 +4,13 @@ wandb mode: ``wandb.mode`` from the config; under ``auto``, ``WANDB_MODE`` if se
 online when an API key is configured (``WANDB_API_KEY`` or a netrc entry), else offline.
 An online run that cannot start falls back to offline with a warning: training never
 blocks on wandb. The run id is kept in checkpoints so a resumed job continues the run.
+
+The wandb config and summary carry the run's keys at the top level (:func:`run_keys`:
+``method``, ``seed``, ``student``, ``teacher``, ``dataset``) so a dashboard can group
+runs by method and average over seeds with no editing; the config sections of the same
+names follow as ``method_config``, ``student_config`` and ``teacher_config``
+(:func:`run_config`). A training run also writes that config to ``run.json`` beside
+``metrics.jsonl``, so ``kdscale compare`` knows a run tracked without wandb.
 """
 
 from __future__ import annotations
@@ -48,6 +55,38 @@ def run_tags(cfg: ExperimentConfig) -> list[str]:
     return tags + list(cfg.wandb.tags)
 
 
+def run_keys(cfg: ExperimentConfig) -> dict:
+    """The keys runs are grouped and averaged by (``teacher`` None for a method without one)."""
+    return {"method": cfg.method.name, "seed": cfg.experiment.seed, "student": cfg.student.name,
+            "teacher": cfg.teacher.name if cfg.teacher is not None else None, "dataset": cfg.experiment.dataset}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_config(cfg: ExperimentConfig, resolved_config: dict, world_size: int | None = None) -> dict:
+    """The config wandb records: :func:`run_keys`, the processes and global batch (images per
+    optimizer step), then every config section, those whose names the keys take renamed
+    ``<section>_config``."""
+    keys = run_keys(cfg)
+    world = world_size or _world_size()
+    sections = {(f"{name}_config" if name in keys else name): value for name, value in resolved_config.items()}
+    return {**keys, "world_size": world,
+            "global_batch": cfg.data.batch_size * world * cfg.train.grad_accum_steps, **sections}
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
 class Tracker:
     """Logs on the main process only; other ranks get a no-op tracker."""
 
@@ -62,14 +101,18 @@ class Tracker:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         self._jsonl = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        config = run_config(cfg, resolved_config)
+        if self.mode != "disabled":
+            self.run_id = run_id or secrets.token_hex(4)
+        if job_type == "train":
+            _write_json(os.path.join(self.run_dir, "run.json"), {**config, "wandb_run_id": self.run_id})
         if self.mode == "disabled":
             return
         import wandb
 
-        self.run_id = run_id or secrets.token_hex(4)
         kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment.name,
                       job_type=job_type, name=cfg.experiment.name if job_type == "train" else f"{cfg.experiment.name}-{job_type}",
-                      tags=run_tags(cfg), config=resolved_config, dir=self.run_dir, id=self.run_id, resume="allow",
+                      tags=run_tags(cfg), config=config, dir=self.run_dir, id=self.run_id, resume="allow",
                       settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
@@ -82,6 +125,9 @@ class Tracker:
             # The failed attempt keeps the id busy in wandb's service: the offline run gets its own.
             self.run_id = kwargs["id"] = secrets.token_hex(4)
             self.run = wandb.init(mode="offline", **kwargs)
+            if job_type == "train":
+                _write_json(os.path.join(self.run_dir, "run.json"), {**config, "wandb_run_id": self.run_id})
+        self.run.summary.update(run_keys(cfg))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
