@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR nets of the KD literature and any torchvision classifier."""
+"""Model zoo: CIFAR nets of the KD literature, any torchvision classifier and any timm model."""
 
 from kdscale.models.features import FeatureTaps
 from kdscale.models.registry import build_model, known_model_names

@@ -54,17 +54,40 @@ STAGE_NAMING = (("layer1", "layer2", "layer3", "layer4"), ("block1", "block2", "
                 ("stages.0", "stages.1", "stages.2", "stages.3"))
 
 
+def timm_stages(model: nn.Module) -> list[str]:
+    """Stages from a timm model's ``feature_info`` (the modules ``features_only=True`` taps):
+    per downsampling step (reduction >= 4, so not the stem) the last module at that
+    reduction. EfficientNets give ``blocks.1, blocks.2, ...``, RegNets ``s1..s4``; a ViT,
+    whose blocks all share one reduction, gives a single entry (no stages)."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)):
+        return []
+    by_reduction: dict[int, str] = {}
+    for entry in info:
+        if isinstance(entry, dict) and entry.get("reduction", 0) >= 4 and entry.get("module"):
+            by_reduction[entry["reduction"]] = entry["module"]
+    return [by_reduction[r] for r in sorted(by_reduction)]
+
+
 def residual_stages(model: nn.Module, where: str) -> list[str]:
-    """Module paths of a model's residual stages, in order: ``layer1..4`` (torchvision and
-    CIFAR ResNets), ``block1..3`` (WRNs) or ``stages.0..3`` (timm-style)."""
+    """Module paths of a model's residual stages, in order: ``layer1..4`` (torchvision, timm
+    and CIFAR ResNets), ``block1..3`` (WRNs), ``stages.0..3`` (timm ConvNeXt and others), else
+    a timm model's ``feature_info`` (:func:`timm_stages`)."""
     modules = dict(model.named_modules())
     for naming in STAGE_NAMING:
         found = [name for name in naming if name in modules]
         if len(found) >= 2:
             return found
+    found = [name for name in timm_stages(model) if name in modules]
+    if len(found) >= 2:
+        return found
     top = [n for n in modules if n and n.count(".") == 0]
-    raise KdscaleError(f"{where}: cannot tell the residual stages of {type(model).__name__}; list the layers "
-                       f"explicitly (top-level layers: {', '.join(top)})")
+    blocks = [n for n, _ in model.get_submodule("blocks").named_children()] if "blocks" in modules else []
+    fix = f"set {where} to a list of layers" if where.startswith("method.") else "list the layers explicitly"
+    example = (f"; e.g. [blocks.{blocks[len(blocks) // 3]},blocks.{blocks[2 * len(blocks) // 3]},"
+               f"blocks.{blocks[-1]}] (its blocks are blocks.0..{blocks[-1]})" if len(blocks) >= 3 else "")
+    raise KdscaleError(f"{where}: cannot tell the residual stages of {type(model).__name__}; {fix} "
+                       f"(top-level layers: {', '.join(top)}){example}")
 
 
 @torch.no_grad()

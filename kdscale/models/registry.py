@@ -2,6 +2,8 @@
 
 Names:
 - ``torchvision:<name>``: any torchvision classification model (``torchvision:resnet50``);
+- ``timm:<name>``: any timm model, optionally with its pretrained tag (``timm:convnext_tiny``,
+  ``timm:resnet50.a1_in1k``; :mod:`kdscale.models.timm_models`);
 - a CIFAR net of the KD literature, bare or with ``cifar:`` (``resnet8x4``, ``cifar:wrn_40_2``).
 
 Models are stock modules; features are read with forward hooks
@@ -16,9 +18,11 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.models.cifar import CIFAR_MODELS
+from kdscale.models.preprocessing import TIMM_PREFIX, TORCHVISION_PREFIX
+from kdscale.models.timm_models import build_timm
 from kdscale.models.weights import load_weights, torchvision_weights_enum
 
-TORCHVISION_PREFIX = "torchvision:"
+HUB_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
 
 def torchvision_classification_models() -> list[str]:
@@ -36,16 +40,21 @@ def build_model(name: str, num_classes: int, weights: str | None = None, where: 
     :func:`kdscale.models.weights.load_weights` for the accepted forms)."""
     if not name:
         raise KdscaleError(f"{where}.name is empty: set it to a model, e.g. resnet8x4 or torchvision:resnet18")
+    hub = next((p for p in HUB_PREFIXES if weights and weights.startswith(p)), None)
+    family = next((p for p in HUB_PREFIXES if name.startswith(p)), None)
+    if hub and hub != family:
+        raise KdscaleError(f"{where}.weights={weights!r}: {hub[:-1]} weights exist only for {hub}* models; "
+                           f"point {where}.weights at a file or unset it")
     if name.startswith(TORCHVISION_PREFIX):
         model = _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, weights, where)
+    elif name.startswith(TIMM_PREFIX):
+        model = build_timm(name[len(TIMM_PREFIX):], num_classes, weights, where)
     else:
         bare = name[len("cifar:"):] if name.startswith("cifar:") else name
         if bare not in CIFAR_MODELS:
             raise KdscaleError(_unknown_model_message(name, where))
         model = CIFAR_MODELS[bare](num_classes=num_classes)
-        if weights and weights.startswith(TORCHVISION_PREFIX):
-            raise KdscaleError(f"{where}.weights={weights!r}: torchvision weights exist only for torchvision:* models")
-    if weights and not weights.startswith(TORCHVISION_PREFIX):
+    if weights and not hub:
         load_weights(model, weights, where=f"{where}.weights")
     return model
 
@@ -72,8 +81,12 @@ def _build_torchvision(arch: str, num_classes: int, weights: str | None, where: 
 
 
 def _unknown_model_message(name: str, where: str) -> str:
-    names = known_model_names()
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    import timm
+
+    close = difflib.get_close_matches(name, known_model_names(), n=3, cutoff=0.6)
+    if timm.is_model(name):
+        close = close[:2] + [TIMM_PREFIX + name]
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return (f"{where}.name: unknown model {name!r}; {hint}CIFAR nets: {', '.join(sorted(CIFAR_MODELS))}; "
-            f"or any torchvision classifier as torchvision:<name> (e.g. torchvision:resnet18)")
+            f"any torchvision classifier as torchvision:<name> (e.g. torchvision:resnet18); "
+            f"or any timm model as timm:<name> (e.g. timm:convnext_tiny)")

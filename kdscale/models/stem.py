@@ -13,7 +13,10 @@ def stem_names(model: nn.Module, where: str) -> list[str]:
     """Top-level children registered before the first residual stage (``conv1, bn1, relu``
     for CIFAR ResNets, ``conv1`` for WRNs, ``conv1, bn1, relu, maxpool`` for torchvision
     ResNets). Registration order is taken as execution order, as in every stock model."""
-    first = residual_stages(model, where)[0].split(".")[0]
+    try:
+        first = residual_stages(model, where)[0].split(".")[0]
+    except KdscaleError as err:
+        raise KdscaleError(f"{err}; or set method.share_stem=false") from None
     names = [name for name, _ in model.named_children()]
     if first not in names or names.index(first) == 0:
         raise KdscaleError(f"{where}: cannot tell the stem of {type(model).__name__} (no top-level module runs "

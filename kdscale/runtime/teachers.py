@@ -5,6 +5,10 @@ partition holds its parameters. It runs in eval mode under ``torch.inference_mod
 autocast on GPU), channels-last where that helps, with ``requires_grad_(False)``; its BN
 statistics therefore never change. Features the method asks for are tapped with forward
 hooks on module paths.
+
+Each call first maps the batch to the teacher's own view (``view``: its mean, std and input
+size; :mod:`kdscale.runtime.views`), so training, evaluation and ``kdscale.teach`` show it
+the same pixels. The default, the identity, passes the batch through untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from kdscale.methods.base import TeacherOutput
 from kdscale.models.features import FeatureTaps
+from kdscale.runtime.views import TeacherView
 
 
 def zero3_teacher_config(micro_batch: int) -> dict:
@@ -31,11 +36,13 @@ class FrozenTeacher:
     ``sharding="zero3"``: the parameters are partitioned across ranks by a DeepSpeed ZeRO-3
     engine without optimizer (after DeepSpeed-Chat's frozen reference model); each forward
     gathers them, so every rank must make the same calls (``lockstep``).
+    ``view``: maps the loader's batch to the teacher's input (None: the batch as it is).
     """
 
     def __init__(self, model: nn.Module, feature_layers: list[str], device: torch.device,
                  autocast_dtype: torch.dtype | None, channels_last: bool, sharding: str = "replicated",
-                 micro_batch: int = 1, compile: bool = False):
+                 micro_batch: int = 1, compile: bool = False, view: TeacherView | None = None):
+        self.view = view
         self.model = model.eval().requires_grad_(False)
         self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.device, self.autocast_dtype = device, autocast_dtype
@@ -63,9 +70,12 @@ class FrozenTeacher:
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
         # ZeRO-3 swaps parameter storage in its hooks, which inference mode forbids.
         grad_mode = torch.no_grad() if self.lockstep else torch.inference_mode()
-        with grad_mode, self._autocast():
-            logits = self.engine(images) if self.engine is not None else self.model(images)
-            features = self.taps.pop() if self.taps else {}
+        with grad_mode:
+            if self.view is not None:
+                images = self.view(images)  # float32, outside autocast
+            with self._autocast():
+                logits = self.engine(images) if self.engine is not None else self.model(images)
+                features = self.taps.pop() if self.taps else {}
         # Inference tensors cannot be saved for backward; plain copies can (cheap: logits
         # and a few feature maps).
         return TeacherOutput(logits.clone(), {k: v.clone() for k, v in features.items()})

@@ -40,6 +40,7 @@ from kdscale.progress import progress_bar
 from kdscale.runtime.context import DistContext
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.runtime.views import teacher_view
 from kdscale.teach.crops import CropChunk, CropStream
 
 PARTIAL, TMP = ".partial", ".tmp"
@@ -99,7 +100,9 @@ class TeacherOutputWriter:
         self.preempt_file = cfg.train.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
         self.runtime = Runtime.from_config(cfg, ctx.device)
         model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher")
-        self.teacher = FrozenTeacher(model, [], ctx.device, self.runtime.autocast_dtype, self.runtime.channels_last)
+        self.view = teacher_view(cfg.data, spec)  # the teacher's own mean/std/size, as in training
+        self.teacher = FrozenTeacher(model, [], ctx.device, self.runtime.autocast_dtype, self.runtime.channels_last,
+                                     view=self.view)
         self.shards = expand_shards(cfg.data.train_shards, "data.train_shards")
         self.images_per_chunk = math.ceil(cfg.data.batch_size / spec.crops_per_image)
 
@@ -213,6 +216,7 @@ class TeacherOutputWriter:
         meta = {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
                 "top_k": self.spec.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
                 "num_classes": self.cfg.data.num_classes, "softmax_temperature": 1.0,
+                "teacher_preprocessing": self.view.target.as_meta(),
                 "image_shards": [os.path.basename(s) for s in self.shards]}
         path = os.path.join(self.spec.outputs, META_FILE)
         with open(path + TMP, "w") as fh:

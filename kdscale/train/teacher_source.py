@@ -9,16 +9,25 @@
 Each is called as ``source(images, replayed_probs) -> TeacherOutput | None`` and says
 whether every rank must call it together (``lockstep``: a ZeRO-3 partitioned teacher
 gathers its parameters in each forward).
+
+:func:`teacher_source` also gives an online frozen teacher its own view of the batch
+(``teacher.mean`` / ``std`` / ``input_size``, else its pretrained weights' metadata, else
+the data section's; :mod:`kdscale.runtime.views`); the trainer's validation calls the same
+:class:`FrozenTeacher`, so training and evaluation agree.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.lifecycle.watchdog import Watchdog
+from kdscale.log import log
 from kdscale.methods import TeacherOutput
 from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.runtime.views import teacher_view
 
 
 class NoTeacher:
@@ -50,4 +59,14 @@ class ReplayedTeacher(NoTeacher):
 def teacher_source(cfg: ExperimentConfig, frozen: FrozenTeacher | None, watchdog: Watchdog) -> NoTeacher:
     if cfg.teacher is not None and cfg.teacher.source == "shards":
         return ReplayedTeacher(cfg.teacher.outputs)
-    return OnlineTeacher(frozen, watchdog) if frozen is not None else NoTeacher()
+    if frozen is None:
+        preprocessing = [k for k in ("mean", "std", "input_size") if getattr(cfg.teacher, k, None) is not None]
+        if preprocessing:
+            warnings.warn(f"teacher.{', teacher.'.join(preprocessing)} ignored: only a frozen teacher has its own "
+                          f"view; a teacher the method trains sees the student's (data.mean, data.std, "
+                          f"data.image_size)", stacklevel=2)
+        return NoTeacher()
+    frozen.view = teacher_view(cfg.data, cfg.teacher)
+    if not frozen.view.identity:
+        log.info(f"frozen teacher {cfg.teacher.name} sees its own view: {frozen.view.describe()}")
+    return OnlineTeacher(frozen, watchdog)
