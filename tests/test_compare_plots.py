@@ -88,8 +88,8 @@ def test_plot_is_a_figure_people_publish(tmp_path):
     [ax] = fig.axes
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "validation top-1 accuracy (%)"
     assert ax.xaxis.get_gridlines()[0].get_visible() and ax.yaxis.get_gridlines()[0].get_visible()
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["kd-s0 (kd)", "kd-s1 (kd)", "teacher-r32x4 (resnet32x4 (alone), vanilla)",
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["kd-s0 (kd)", "kd-s1 (kd)", "teacher-r32x4 (resnet32x4 alone, vanilla)",
                       "teacher resnet32x4: 75.25%"]
     assert not any("student" in entry for entry in legend)  # the vanilla network is labelled by its role
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -137,7 +137,7 @@ def test_smoothed_loss_and_best_follows_the_direction(tmp_path, capsys):
     assert ax.get_ylabel() == "training loss"
     raw, smooth = ax.get_lines()
     assert list(raw.get_ydata()) == losses and np.allclose(smooth.get_ydata(), expected)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["kd-loss (kd) (EMA 0.6)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["kd-loss (kd), EMA 0.6"]
     assert list(raw.get_xdata()) == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # windows at fractional epochs
 
     cli(["compare", run_dir, "--metric", "train/loss"])

@@ -101,7 +101,8 @@ def teacher_references(runs: list[dict], metric: str) -> list[tuple[str, float]]
 
 def make_figure(series: list[dict], metric: str, x: str, references=(), smooth: float = 0.0,
                 title: str | None = None):
-    """The figure (a matplotlib ``Figure`` on an Agg canvas), not yet saved."""
+    """The figure (a matplotlib ``Figure`` on an Agg canvas, its legend ``fig.legends[0]``
+    under the axes), not yet saved."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -109,8 +110,11 @@ def make_figure(series: list[dict], metric: str, x: str, references=(), smooth: 
 
     if not series:
         raise KdscaleError(f"no run logged {metric}; nothing to plot")
-    with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    names = [s["label"] + (f", EMA {smooth:g}" if smooth else "") for s in series] + [r[0] for r in references]
+    columns = 2 if len(names) > 2 and max(map(len, names)) <= 38 else 1
+    rows = -(-len(names) // columns)
+    with matplotlib.rc_context(STYLE):  # the legend goes under the axes: the figure grows with it
+        fig = Figure(figsize=(6.4, 3.9 + 0.24 * rows), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -119,7 +123,7 @@ def make_figure(series: list[dict], metric: str, x: str, references=(), smooth: 
             marker = "o" if len(s["x"]) <= 60 and not smooth else None
             if smooth:
                 ax.plot(s["x"], s["y"], color=color, alpha=0.25, linewidth=1)
-                ax.plot(s["x"], ema(s["y"], smooth), color=color, linewidth=1.8, label=f"{s['label']} (EMA {smooth:g})")
+                ax.plot(s["x"], ema(s["y"], smooth), color=color, linewidth=1.8, label=f"{s['label']}, EMA {smooth:g}")
             else:
                 ax.plot(s["x"], s["y"], color=color, linewidth=1.8, marker=marker, markersize=3.5, label=s["label"])
             if s.get("std"):
@@ -137,11 +141,9 @@ def make_figure(series: list[dict], metric: str, x: str, references=(), smooth: 
         ax.set_xlim(left=0)
         ax.grid(True, which="major", color="0.85", linewidth=0.8)
         ax.set_axisbelow(True)
-        entries = len(series) + len(references)
-        if entries > 6:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
-        else:
-            ax.legend(loc="best", framealpha=0.9)
+        # Under the axes, never over a curve; two columns while the entries are short.
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=columns, frameon=False)
         if title:
             ax.set_title(title)
     return fig

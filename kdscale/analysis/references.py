@@ -23,8 +23,8 @@ MDISTILLER = "mdistiller README, DKD main results (Zhao et al., DKD, CVPR 2022)"
 DIST = "DIST_KD README, ImageNet baseline settings (Huang et al., DIST, NeurIPS 2022)"
 LOGIT_STD = "logit-standardization-KD README, CIFAR-100 table (Sun et al., CVPR 2024)"
 
-CIFAR_SETTING = "CIFAR-100 test set top-1 (%), RepDistiller protocol: 240 epochs, SGD"
-IMAGENET_SETTING = "ImageNet-1k val top-1 (%), 224 px"
+CIFAR_SETTING = "CIFAR-100 test set, RepDistiller protocol (240 epochs, SGD)"
+IMAGENET_SETTING = "ImageNet-1k validation set, 224 px"
 
 URLS = {"repdistiller": "https://github.com/HobbitLong/RepDistiller",
         "mdistiller": "https://github.com/megvii-research/mdistiller",
@@ -111,5 +111,5 @@ def lookup(dataset: str | None, method: str | None, teacher: str | None, student
 
 def cite(ref: Reference) -> str:
     where = ref.checked or _AS_NOTED
-    return (f"{ref.method} {ref.teacher} -> {ref.student} on {ref.dataset}: {ref.top1:.2f} ({ref.setting}); "
+    return (f"{ref.method} {ref.teacher} -> {ref.student}, {ref.dataset}: top-1 {ref.top1:.2f}% ({ref.setting}); "
             f"{ref.source}; {where}")

@@ -80,7 +80,7 @@ def run_label(run: dict) -> str:
     """A legend entry: the run's name and what it trains."""
     keys = run_keys(run)
     if keys["method"] == "vanilla":
-        return f"{run_name(run)} ({networks(run)}, vanilla)"
+        return f"{run_name(run)} ({keys['student'] or 'network'} alone, vanilla)"
     return f"{run_name(run)} ({keys['method']})" if keys["method"] else run_name(run)
 
 
