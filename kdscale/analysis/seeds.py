@@ -62,7 +62,8 @@ def group_stats(group: dict, metric: str) -> dict:
     reference = lookup(**shared) if metric == PUBLISHED_METRIC else None
     seeds = [keys["seed"] for keys in run_keys_list]
     epochs = sorted({fmt_epoch(s["last_epoch"], s["last_step"]) for s in summaries})
-    return {"key": group["key"], "n": len(summaries), "direction": summaries[0]["direction"], "seeds": seeds, "epochs": epochs,
+    return {"key": group["key"], "n": sum(s["final"] is not None for s in summaries),
+            "missing": [s["run"] for s in summaries if s["final"] is None], "direction": summaries[0]["direction"], "seeds": seeds, "epochs": epochs,
             "last_mean": last_mean, "last_std": last_std, "best_mean": best_mean, "best_std": best_std,
             "reference": reference,
             "delta": last_mean - reference.top1 if reference is not None and last_mean is not None else None,
@@ -95,6 +96,8 @@ def format_groups(stats: list[dict], keys: list[str], metric: str) -> str:
         name = ", ".join(f"{k}={v}" for k, v in zip(keys, s["key"]))
         if len(s["epochs"]) > 1:
             notes.append(f"{name}: runs end at different epochs ({', '.join(s['epochs'])}); one has not finished?")
+        if s["missing"]:
+            notes.append(f"{name}: left out, no {metric} logged: {', '.join(s['missing'])}")
         known = [seed for seed in s["seeds"] if seed is not None]
         if len(set(known)) < len(known):
             notes.append(f"{name}: a seed repeats ({', '.join(map(str, s['seeds']))}; runs {', '.join(s['runs'])})")
