@@ -28,6 +28,11 @@ CASES = {
     "prokt-converged-dual": ("prokt", "resnet20", {"teacher_init": "converged", "dual": True}, 0),
     "ffcl-epoch40": ("ffcl", "resnet20", {}, 40),
     "sokd": ("sokd", "wrn_16_2", {}, 0),
+    "kd-ls": ("kd", "resnet20", {"logit_standardization": True, "temperature": 2.0, "ce_weight": 1.0,
+                                 "kd_weight": 9.0}, 0),
+    "dkd-epoch5": ("dkd", "resnet20", {}, 5),
+    "dkd-ls": ("dkd", "resnet20", {"logit_standardization": True, "warmup": 1}, 0),
+    "dist-tau4": ("dist", "resnet20", {"tau": 4.0}, 0),
 }
 
 

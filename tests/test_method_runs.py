@@ -32,9 +32,11 @@ EXPECTED = {
               "fused_to_teacher", "ensemble_to_fused", "at_to_student", "at_to_teacher", "pk_student",
               "pk_teacher"}, {"student", "teacher", "fused"}),
     "sokd": ({"kbm_ce", "kbm_kd_teacher", "kbm_kd_student", "ce", "kd"}, {"student", "kbm", "teacher"}),
+    "dkd": ({"ce", "tckd", "nckd"}, {"student", "teacher"}),
+    "dist": ({"ce", "inter", "intra"}, {"student", "teacher"}),
 }
 TEACHERS = {"kd": "resnet20", "at": "resnet20", "ctkd": "resnet20", "prokt": "resnet20", "ffcl": "resnet20",
-            "sokd": "wrn_16_2"}
+            "sokd": "wrn_16_2", "dkd": "resnet20", "dist": "resnet20"}
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,11 @@ CASES = [
     ("ffcl", "resnet20", {"detach_fusion_inputs": True, "fusion_weight_decay": None},
      {"student", "teacher", "fusion"}, set()),
     ("sokd", "wrn_16_2", {}, {"student", "kbm"}, set()),
+    ("kd", "resnet20", {"logit_standardization": True}, {"student"}, set()),
+    ("dkd", "resnet20", {}, {"student"}, set()),
+    ("dkd", "resnet20", {"logit_standardization": True, "warmup": 0}, {"student"}, set()),
+    ("dist", "resnet20", {}, {"student"}, set()),
+    ("dist", "resnet20", {"intra_batch": "global", "tau": 4.0}, {"student"}, set()),
 ]
 
 

@@ -121,7 +121,8 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
         assert not torch.equal(taught, loaded)  # and that view was mixed
 
 
-FROZEN = [("kd", "resnet20"), ("at", "resnet20"), ("ctkd", "resnet20"), ("sokd", "wrn_16_2")]
+FROZEN = [("kd", "resnet20"), ("at", "resnet20"), ("ctkd", "resnet20"), ("sokd", "wrn_16_2"), ("dkd", "resnet20"),
+          ("dist", "resnet20")]
 
 
 @pytest.mark.parametrize("name, teacher", FROZEN)
