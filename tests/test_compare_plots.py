@@ -30,14 +30,14 @@ STEPS_PER_EPOCH, BATCH = 10, 64
 
 
 def fake_run(root, name, method="kd", seed=0, top1=(40.0, 55.0, 60.0), teacher_top1=None, student="resnet8x4",
-             teacher="resnet32x4", dataset="cifar100", speeds=None, losses=None):
+             teacher="resnet32x4", dataset="cifar100", speeds=None, losses=None, extra=()):
     """A finished run dir as the trainer leaves it (wandb disabled): training windows every
     5 steps, validation at each epoch's end."""
     run_dir = os.path.join(root, name)
     overrides = [f"experiment.name={name}", f"experiment.output_dir={root}", f"experiment.dataset={dataset}",
                  f"experiment.seed={seed}", f"method.name={method}", f"student.name={student}",
                  "data.train_shards=x/train-*.tar", "data.val_shards=x/val-*.tar", "data.num_classes=100",
-                 f"data.batch_size={BATCH}", "wandb.mode=disabled"]
+                 f"data.batch_size={BATCH}", "wandb.mode=disabled", *extra]
     if teacher and method != "vanilla":
         overrides.append(f"teacher.name={teacher}")
     cfg = load_config(None, overrides)
@@ -165,12 +165,18 @@ def test_group_by_method_mean_std_over_seeds_and_published(tmp_path, capsys):
     [source] = [line for line in out.splitlines() if line.startswith("[1] ")]
     assert "73.33" in source and "RepDistiller" in source and "CIFAR-100" in source
 
+    # KD with logit standardization is a row of its own, with its own published figure.
+    dirs += [fake_run(str(tmp_path), f"kdls-s{s}", seed=s, top1=(50.0, 76.0 + s), teacher_top1=79.0,
+                      extra=["method.logit_standardization=true"]) for s in (0, 1)]
     png = tmp_path / "groups.png"
     cli(["compare", *dirs, "--group-by", "method,student,teacher", "--plot", str(png)])
     out = capsys.readouterr().out
     rows = table_rows(out, "method")
     assert rows["kd"]["student"] == "resnet8x4" and rows["kd"]["teacher"] == "resnet32x4"
     assert rows["vanilla"]["teacher"] == "-" and rows["kd"]["published"] == "73.33 [1]"
+    assert rows["kd"]["seeds"] == "3" and rows["kd+ls"]["seeds"] == "2" and rows["kd+ls"]["published"] == "76.62 [2]"
+    assert rows["kd+ls"]["last top-1 (%) mean ± std"] == f"76.50 ± {np.std([76.0, 77.0], ddof=1):.2f}"
+    assert "[2] kd+ls resnet32x4 -> resnet8x4" in out and "logit-standardization-KD" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

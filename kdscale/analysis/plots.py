@@ -76,7 +76,7 @@ def _frozen_teacher(run: dict, key: str) -> bool:
     try:
         from kdscale.methods import get_method_class
 
-        return get_method_class(method).teacher_role == "frozen"
+        return get_method_class(method.split("+")[0]).teacher_role == "frozen"  # kd+ls: kd
     except Exception:  # noqa: BLE001 - an unknown or custom method: a frozen teacher scores the same each time
         values = {round(v, 6) for _, v in metric_points(run, key)}
         return len(values) == 1

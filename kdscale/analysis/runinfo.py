@@ -39,7 +39,11 @@ def run_keys(run: dict) -> dict:
 
     def name_of(key):
         value = cfg.get(key)
-        return value.get("name") if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            return value
+        if key == "method" and value.get("logit_standardization") and value.get("name"):
+            return f"{value['name']}+ls"  # as kdscale.runtime.tracking.method_label names it
+        return value.get("name")
 
     keys = {"method": name_of("method"), "seed": cfg.get("seed", experiment.get("seed")),
             "student": name_of("student"), "teacher": name_of("teacher"),

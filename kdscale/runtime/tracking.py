@@ -6,7 +6,8 @@ An online run that cannot start falls back to offline with a warning: training n
 blocks on wandb. The run id is kept in checkpoints so a resumed job continues the run.
 
 The wandb config and summary carry the run's keys at the top level (:func:`run_keys`:
-``method``, ``seed``, ``student``, ``teacher``, ``dataset``) so a dashboard can group
+``method`` (as papers name it, ``kd+ls`` for KD with logit standardization), ``seed``,
+``student``, ``teacher``, ``dataset``) so a dashboard can group
 runs by method and average over seeds with no editing; the config sections of the same
 names follow as ``method_config``, ``student_config`` and ``teacher_config``
 (:func:`run_config`). A training run also writes that config to ``run.json`` beside
@@ -55,9 +56,16 @@ def run_tags(cfg: ExperimentConfig) -> list[str]:
     return tags + list(cfg.wandb.tags)
 
 
+def method_label(cfg: ExperimentConfig) -> str:
+    """The method as papers' tables name it: ``method.name``, with ``+ls`` where it
+    standardizes logits (``kd+ls``, ``dkd+ls``: Sun et al. 2024), a row of its own."""
+    standardized = getattr(cfg.method.params, "logit_standardization", False)
+    return f"{cfg.method.name}+ls" if standardized else cfg.method.name
+
+
 def run_keys(cfg: ExperimentConfig) -> dict:
     """The keys runs are grouped and averaged by (``teacher`` None for a method without one)."""
-    return {"method": cfg.method.name, "seed": cfg.experiment.seed, "student": cfg.student.name,
+    return {"method": method_label(cfg), "seed": cfg.experiment.seed, "student": cfg.student.name,
             "teacher": cfg.teacher.name if cfg.teacher is not None else None, "dataset": cfg.experiment.dataset}
 
 
