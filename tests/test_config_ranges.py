@@ -48,6 +48,10 @@ RANGES = {
     "sokd:method.temperature": ">0", "sokd:method.ce_weight": ">=0", "sokd:method.kd_weight": ">=0",
     "sokd:method.kbm_ce_weight": ">=0", "sokd:method.kbm_teacher_weight": ">=0",
     "sokd:method.kbm_student_weight": ">=0",
+    "dkd:method.ce_weight": ">=0", "dkd:method.alpha": ">=0", "dkd:method.beta": ">=0",
+    "dkd:method.temperature": ">0", "dkd:method.warmup": ">=0",
+    "dist:method.ce_weight": ">=0", "dist:method.kd_weight": ">=0", "dist:method.beta": ">=0",
+    "dist:method.gamma": ">=0", "dist:method.tau": ">0",
 }
 # Numbers with no range: any value is meaningful.
 UNCHECKED = {"experiment.seed", "data.mean"}
