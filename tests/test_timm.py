@@ -323,3 +323,17 @@ def test_attention_transfer_between_timm_nets_at_two_resolutions(synth_data, tmp
     lines = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
     at_terms = [entry["train/loss_at"] for entry in lines if "train/loss_at" in entry]
     assert summary["completed"] and at_terms and all(torch.isfinite(torch.tensor(at_terms)))
+
+
+def test_a_fixed_size_teacher_is_checked_at_its_own_input_size(synth_data, tmp_path):
+    """A ViT accepts only its own resolution: the start-up class check runs it there, not at
+    the student's size (it used to stop with timm's input-size assertion)."""
+    from kdscale.runtime.device import Runtime
+    from kdscale.train.setup import build_distiller
+
+    cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8",
+                      "teacher.name=timm:test_vit3", "teacher.input_size=160")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        distiller, frozen = build_distiller(cfg, Runtime.from_config(cfg, torch.device("cpu")))
+    assert distiller is not None and frozen is not None

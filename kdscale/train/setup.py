@@ -18,6 +18,7 @@ from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
+from kdscale.models.preprocessing import network_preprocessing
 from kdscale.runtime.compile import compile_in_place, compiles_networks, compiles_teacher, networks_of
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.teachers import FrozenTeacher
@@ -78,18 +79,22 @@ def _build(spec: ModelSpec, num_classes: int, where: str) -> nn.Module:
     return build_model(spec.name, spec.num_classes or num_classes, spec.weights, where=where)
 
 
-def _output_classes(model: nn.Module, image_size: int) -> int:
+def _output_classes(model: nn.Module, size: tuple[int, int]) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(torch.zeros(1, 3, image_size, image_size))
+        out = model(torch.zeros(1, 3, *size))
     model.train(was_training)
     return out.shape[-1]
 
 
-def _check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Module) -> None:
-    student_classes = _output_classes(student, cfg.data.image_size)
-    teacher_classes = _output_classes(teacher, cfg.data.image_size)
+def _check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Module, frozen: bool) -> None:
+    """Both predict the same classes; each is run at the size it will see (a frozen teacher at
+    its own input size: a 384-px ViT accepts nothing else)."""
+    size = (cfg.data.image_size, cfg.data.image_size)
+    student_classes = _output_classes(student, size)
+    teacher_size = network_preprocessing(cfg.data, cfg.teacher).input_size if frozen else size
+    teacher_classes = _output_classes(teacher, teacher_size)
     if student_classes != teacher_classes:
         raise KdscaleError(f"teacher {cfg.teacher.name} predicts {teacher_classes} classes but student "
                            f"{cfg.student.name} predicts {student_classes}; they must match "
@@ -114,7 +119,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
                           stacklevel=2)
         teacher_model = _build(cfg.teacher, num_classes, "teacher")
         if role == "frozen":
-            _check_same_classes(cfg, student, teacher_model)
+            _check_same_classes(cfg, student, teacher_model, frozen=True)
     elif cfg.teacher is not None and not from_shards:
         warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=2)
     context = MethodContext(num_classes=num_classes, image_size=cfg.data.image_size, method_name=method_cls.name,
@@ -129,7 +134,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
         raise KdscaleError(f"method {method_cls.name!r} needs features: use teacher.source=online (it reads the "
                            f"teacher's {', '.join(needs.features)}; teacher.source=shards replays logits only)")
     if role == "trainable" and teacher_model is not None:  # checked after the method may have re-headed it
-        _check_same_classes(cfg, student, distiller.teacher)
+        _check_same_classes(cfg, student, distiller.teacher, frozen=False)
     frozen = None
     sharding = cfg.distributed.teacher_sharding
     if compiles_teacher(cfg.train.compile) and sharding == "zero3":
