@@ -124,7 +124,7 @@ def test_dkd_is_finite_where_the_target_probability_saturates():
 def test_dkd_term_routing():
     method, frozen = build_method("dkd", "resnet8", "resnet20", warmup=1)
     images, targets = batch()
-    live, out = live_teacher_output(frozen, images)
+    _, out = live_teacher_output(frozen, images)
     _, losses = method(images, targets, out)
     params = [p for p in method.student.parameters()]
     for term in ("ce", "tckd", "nckd"):
@@ -167,7 +167,7 @@ def test_dist_global_intra_is_local_in_one_process():
 def test_dist_term_routing():
     method, frozen = build_method("dist", "resnet8", "resnet20")
     images, targets = batch()
-    live, out = live_teacher_output(frozen, images)
+    _, out = live_teacher_output(frozen, images)
     _, losses = method(images, targets, out)
     for term in ("ce", "inter", "intra"):
         student_grads = torch.autograd.grad(losses[term], list(method.student.parameters()), retain_graph=True)
