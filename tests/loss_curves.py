@@ -33,6 +33,10 @@ CASES = {
     "dkd-epoch5": ("dkd", "resnet20", {}, 5),
     "dkd-ls": ("dkd", "resnet20", {"logit_standardization": True, "warmup": 1}, 0),
     "dist-tau4": ("dist", "resnet20", {"tau": 4.0}, 0),
+    "fitnet": ("fitnet", "resnet20", {}, 0),
+    "rkd": ("rkd", "resnet20", {}, 0),
+    "pkt": ("pkt", "resnet20", {}, 0),
+    "sp": ("sp", "wrn_16_2", {}, 0),
 }
 
 

@@ -117,3 +117,86 @@ def dist_terms(teacher_rows, student_rows, tau):
     classes = len(ps[0])
     intra = 1 - sum(pearson([row[c] for row in ps], [row[c] for row in pt]) for c in range(classes)) / classes
     return inter * tau * tau, intra * tau * tau
+
+
+# -- feature methods (FitNet, RKD, PKT, SP): rows are flattened per-sample feature vectors --
+def flatten(nested):
+    """A nested list (one sample's map) -> a flat list of numbers."""
+    return [v for item in nested for v in flatten(item)] if isinstance(nested, list) else [nested]
+
+
+def mean_squared_error(a_batch, b_batch):
+    """FitNet's hint (nn.MSELoss): the mean of (a - b)^2 over every element of the batch."""
+    a, b = flatten(a_batch), flatten(b_batch)
+    return sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
+
+
+def _l2_normalized(row):
+    norm = math.sqrt(sum(v * v for v in row))
+    return [v / max(norm, 1e-12) for v in row]
+
+
+def huber(x, y):
+    """Smooth-L1 with threshold 1: (x - y)^2 / 2 below 1, |x - y| - 1/2 above."""
+    d = abs(x - y)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def rkd_distance_term(s_rows, t_rows, normalize=False):
+    """Park et al. 2019 distance term: Euclidean distances over the mean distance of the distinct
+    pairs, compared by Huber, averaged over all B x B pairs (self-pairs give 0 and 0)."""
+    if normalize:
+        s_rows, t_rows = [_l2_normalized(r) for r in s_rows], [_l2_normalized(r) for r in t_rows]
+    b = len(s_rows)
+
+    def scaled(rows):
+        d = [[math.sqrt(sum((x - y) ** 2 for x, y in zip(rows[i], rows[j]))) if i != j else 0.0 for j in range(b)]
+             for i in range(b)]
+        mu = sum(d[i][j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
+        return [[v / mu for v in row] for row in d]
+
+    ds, dt = scaled(s_rows), scaled(t_rows)
+    return sum(huber(ds[i][j], dt[i][j]) for i in range(b) for j in range(b)) / (b * b)
+
+
+def rkd_angle_term(s_rows, t_rows, normalize=False):
+    """Park et al. 2019 angle term: cos of the angle at e_i between e_j and e_k (0 when j or k is i),
+    compared by Huber, averaged over all B^3 triplets."""
+    if normalize:
+        s_rows, t_rows = [_l2_normalized(r) for r in s_rows], [_l2_normalized(r) for r in t_rows]
+    b = len(s_rows)
+
+    def cos(rows, i, j, k):
+        if j == i or k == i:
+            return 0.0
+        u = [x - y for x, y in zip(rows[j], rows[i])]
+        v = [x - y for x, y in zip(rows[k], rows[i])]
+        return sum(x * y for x, y in zip(u, v)) / (math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v)))
+
+    total = sum(huber(cos(s_rows, i, j, k), cos(t_rows, i, j, k)) for i in range(b) for j in range(b) for k in range(b))
+    return total / b ** 3
+
+
+def pkt_term(s_rows, t_rows, eps=1e-7):
+    """Passalis & Tefas 2018 (the authors' code): p(j|i) = K(i,j) / sum_k K(i,k) with the cosine
+    kernel K = (cos + 1) / 2; mean over all B x B of p_T log((p_T + eps) / (p_S + eps))."""
+    b = len(s_rows)
+
+    def conditional(rows):
+        unit = [[v / (math.sqrt(sum(x * x for x in r)) + eps) for v in r] for r in rows]
+        k = [[(sum(x * y for x, y in zip(unit[i], unit[j])) + 1) / 2 for j in range(b)] for i in range(b)]
+        return [[v / sum(row) for v in row] for row in k]
+
+    ps, pt = conditional(s_rows), conditional(t_rows)
+    return sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(b) for j in range(b)) / (b * b)
+
+
+def sp_term(s_rows, t_rows):
+    """Tung & Mori 2019: G = F F^T with each row L2-normalised; ||G_T - G_S||_F^2 / B^2."""
+    b = len(s_rows)
+
+    def gram(rows):
+        return [_l2_normalized([sum(x * y for x, y in zip(rows[i], rows[j])) for j in range(b)]) for i in range(b)]
+
+    gs, gt = gram(s_rows), gram(t_rows)
+    return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(b) for j in range(b)) / (b * b)

@@ -34,9 +34,14 @@ EXPECTED = {
     "sokd": ({"kbm_ce", "kbm_kd_teacher", "kbm_kd_student", "ce", "kd"}, {"student", "kbm", "teacher"}),
     "dkd": ({"ce", "tckd", "nckd"}, {"student", "teacher"}),
     "dist": ({"ce", "inter", "intra"}, {"student", "teacher"}),
+    "fitnet": ({"ce", "hint"}, {"student", "teacher"}),
+    "rkd": ({"ce", "distance", "angle"}, {"student", "teacher"}),
+    "pkt": ({"ce", "pkt"}, {"student", "teacher"}),
+    "sp": ({"ce", "sp"}, {"student", "teacher"}),
 }
 TEACHERS = {"kd": "resnet20", "at": "resnet20", "ctkd": "resnet20", "prokt": "resnet20", "ffcl": "resnet20",
             "sokd": "wrn_16_2", "dkd": "resnet20", "dist": "resnet20"}
+TEACHERS.update({"fitnet": "resnet20", "rkd": "resnet20", "pkt": "resnet20", "sp": "wrn_16_2"})
 
 
 @pytest.fixture(scope="module")

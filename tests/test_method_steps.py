@@ -36,6 +36,16 @@ CASES = [
     ("dkd", "resnet20", {"logit_standardization": True, "warmup": 0}, {"student"}, set()),
     ("dist", "resnet20", {}, {"student"}, set()),
     ("dist", "resnet20", {"intra_batch": "global", "tau": 4.0}, {"student"}, set()),
+    ("fitnet", "resnet20", {}, {"student", "regressor"}, set()),
+    ("fitnet", "wrn_16_2", {"regressor_bn": False, "kd_weight": 0.9}, {"student", "regressor"}, set()),
+    ("fitnet", "resnet20", {"student_layer": "layer3", "teacher_layer": "layer2", "hint_epochs": 1},
+     {"student", "regressor"}, set()),
+    ("rkd", "resnet20", {}, {"student"}, set()),
+    ("rkd", "wrn_16_2", {"normalize": True, "kd_weight": 1.0}, {"student"}, set()),
+    ("pkt", "resnet20", {}, {"student"}, set()),
+    ("sp", "wrn_16_2", {}, {"student"}, set()),
+    ("sp", "resnet20", {"student_layers": ["layer2", "layer3"], "teacher_layers": ["layer2", "layer3"]},
+     {"student"}, set()),
 ]
 
 

@@ -123,6 +123,7 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
 
 FROZEN = [("kd", "resnet20"), ("at", "resnet20"), ("ctkd", "resnet20"), ("sokd", "wrn_16_2"), ("dkd", "resnet20"),
           ("dist", "resnet20")]
+FROZEN += [("fitnet", "resnet20"), ("rkd", "resnet20"), ("pkt", "resnet20"), ("sp", "wrn_16_2")]
 
 
 @pytest.mark.parametrize("name, teacher", FROZEN)
