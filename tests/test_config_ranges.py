@@ -52,6 +52,14 @@ RANGES = {
     "dkd:method.temperature": ">0", "dkd:method.warmup": ">=0",
     "dist:method.ce_weight": ">=0", "dist:method.kd_weight": ">=0", "dist:method.beta": ">=0",
     "dist:method.gamma": ">=0", "dist:method.tau": ">0",
+    "fitnet:method.beta": ">=0", "fitnet:method.ce_weight": ">=0", "fitnet:method.kd_weight": ">=0",
+    "fitnet:method.temperature": ">0", "fitnet:method.hint_epochs": ">=0",
+    "rkd:method.distance_weight": ">=0", "rkd:method.angle_weight": ">=0", "rkd:method.ce_weight": ">=0",
+    "rkd:method.kd_weight": ">=0", "rkd:method.temperature": ">0",
+    "pkt:method.beta": ">=0", "pkt:method.ce_weight": ">=0", "pkt:method.kd_weight": ">=0",
+    "pkt:method.temperature": ">0", "pkt:method.eps": ">0",
+    "sp:method.beta": ">=0", "sp:method.ce_weight": ">=0", "sp:method.kd_weight": ">=0",
+    "sp:method.temperature": ">0",
 }
 # Numbers with no range: any value is meaningful.
 UNCHECKED = {"experiment.seed", "data.mean"}
