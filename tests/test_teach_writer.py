@@ -226,3 +226,18 @@ def test_signals_stop_a_real_write_that_then_resumes_to_the_same_shards(small_da
     assert companions(resumed) == companions(whole)
     assert not [n for n in os.listdir(resumed) if n.endswith((".tmp", ".partial"))]
     shutil.rmtree(resumed)
+
+
+@pytest.mark.slow  # a benchmark run
+def test_writer_bench_reports_a_ratio_per_round(small_data, tmp_path):
+    from kdscale.bench.writer_bench import bench_writer
+
+    result = bench_writer(small_data, str(tmp_path), teacher="resnet8", image_size=32, batch=8, num_classes=10,
+                          device="cpu", workers=0, rounds=3, crops=R, top_k=K, shards=2, warmup=0)
+    ratio = result["ratios"]["writer_vs_teacher_inference"]
+    assert set(ratio) == {"median", "q25", "q75", "iqr", "rounds"} and len(ratio["rounds"]) == 3
+    speed = result["throughput"]
+    assert ratio["rounds"] == pytest.approx([w / t for w, t in zip(speed["writer"]["rounds"],
+                                                                    speed["teacher_inference"]["rounds"])])
+    assert result["images"] == 32 and result["crops_per_forward"] == 9 and result["forwards"] == 12
+    assert not os.path.exists(tmp_path / "writer-bench-outputs")

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "compile", "data", "imagenet_data", "memory", "scaling")
+SECTIONS = ("compute", "compile", "data", "imagenet_data", "writer", "memory", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
@@ -27,6 +27,7 @@ GOALS = {  # ratio -> (goal, description)
     "replay_vs_webdataset": (0.90, "teacher-shard replay loader / plain webdataset loader"),
     "webdataset_vs_imagefolder_imagenet_size": (1.00, "the same on ImageNet-size JPEGs (~500x375, ~110 KB) at 224 px"),
     "replay_vs_webdataset_imagenet_size": (0.90, "replay / plain loader on ImageNet-size JPEGs at 224 px"),
+    "writer_vs_teacher_inference": (0.80, "kdscale.teach images/s x R crops / the teacher's batched inference"),
     "zero1_optimizer_state_vs_ddp": (0.55, "ZeRO-1 per-rank optimizer state / DDP's (goal: at most)"),
     "zero2_optimizer_state_vs_ddp": (0.55, "ZeRO-2 per-rank optimizer state / DDP's (goal: at most)"),
     "zero3_optimizer_state_vs_ddp": (0.55, "ZeRO-3 per-rank optimizer state / DDP's (goal: at most)"),
@@ -172,6 +173,14 @@ def run_bench(args) -> dict:
                                              teacher_outputs=photo_outputs)
         result["ratios"].update({f"{name}_imagenet_size": value
                                  for name, value in result["imagenet_data"]["ratios"].items()})
+    if "writer" in sections:  # kdscale.teach against the same teacher's batched inference, same batch and device
+        from kdscale.bench.writer_bench import bench_writer
+
+        writer_data, _ = prepare_data(out, args.quick, args.image_size, args.num_classes, args.teacher)
+        result["writer"] = bench_writer(writer_data, out, teacher=args.teacher, image_size=args.image_size,
+                                        batch=args.batch, num_classes=args.num_classes, device=device,
+                                        workers=args.workers, rounds=data_rounds, shards=4 if args.quick else 8)
+        result["ratios"].update(result["writer"]["ratios"])
     if "memory" in sections:
         result["memory"] = bench_memory(out)
         result["ratios"].update(result["memory"]["ratios"])

@@ -84,6 +84,13 @@ class CompanionSink:
         self.tar.close()
         os.replace(self.target + TMP, self.target + PARTIAL)
 
+    def abandon(self) -> None:
+        """After a failure: close the ``.tmp`` file, which the rerun overwrites."""
+        try:
+            self.tar.close()
+        except (OSError, ValueError):
+            pass
+
 
 class TeacherOutputWriter:
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext, watchdog: Watchdog | None = None, signals=None):
@@ -105,6 +112,8 @@ class TeacherOutputWriter:
                                      view=self.view)
         self.shards = expand_shards(cfg.data.train_shards, "data.train_shards")
         self.images_per_chunk = math.ceil(cfg.data.batch_size / spec.crops_per_image)
+        self._mean, self._std = (torch.as_tensor(v, dtype=torch.float32, device=ctx.device).view(-1, 1, 1)
+                                 for v in (cfg.data.mean, cfg.data.std))
 
     @property
     def crops_per_forward(self) -> int:
@@ -123,11 +132,8 @@ class TeacherOutputWriter:
     # -- the teacher -------------------------------------------------------------------
     def _launch(self, chunk: CropChunk):
         """Start the teacher on a chunk's views; returns its top-k (on the CPU once ready)."""
-        import torchvision.transforms.functional as TF
-
-        data = self.cfg.data
         views = chunk.views.to(self.ctx.device, non_blocking=True).float().div_(255)
-        views = TF.normalize(views, data.mean, data.std)
+        views = views.sub_(self._mean).div_(self._std)  # torchvision's normalize, its constants made once
         if self.runtime.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         probs = torch.softmax(self.teacher(views).logits.float(), dim=1)
@@ -263,6 +269,10 @@ class TeacherOutputWriter:
                                 desc=f"teach (rank {self.ctx.rank})", unit="img", disable=not self.ctx.is_main)
         try:
             stopped = bool(self.work) and (self.stop_requested() or self._stream())
+        except BaseException:
+            for sink in self.sinks.values():
+                sink.abandon()
+            raise
         finally:
             self.bar.close()
         for sink in self.sinks.values():  # stopped: keep the records written so far (whole chunks)
