@@ -165,6 +165,16 @@ def test_sp_method():
     assert losses["sp"].item() == approx(2.0 * sum(ref.sp_term(s, t) for s, t in pairs))
 
 
+def test_relations_ignore_autocast():
+    """Under bf16 autocast the Gram and angle products stay float32: the same values as without."""
+    fs, ft = _features(13, (6, 32)) + 3, _features(14, (6, 32)) + 3
+    for loss in (rkd_distance, rkd_angle, pkt, similarity_preserving):
+        plain = loss(fs, ft)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = loss(fs, ft)
+        assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(plain.item(), rel=1e-6), loss.__name__
+
+
 # -- which layers ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_2", "torchvision:resnet18"])
 def test_penultimate_is_the_input_of_the_last_linear(name):

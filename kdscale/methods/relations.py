@@ -2,7 +2,7 @@
 plumbing of the feature methods (FitNet, RKD, PKT, SP).
 
 Each loss takes the student's features ``fs`` and the teacher's ``ft`` of the same batch,
-flattens them per sample to ``(B, D)`` and computes in float32. The teacher side never
+flattens them per sample to ``(B, D)`` and computes in float32 with autocast off. The teacher side never
 carries a gradient (it is detached here, as the authors compute it under ``no_grad``); the
 student side keeps every path, including through its own normalisations. Relations are
 taken over the batch this rank sees: under data parallelism each rank relates its own
@@ -20,6 +20,7 @@ the last ``nn.Linear`` receives; otherwise the method asks for the layer by name
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,18 @@ def flat(feature: torch.Tensor) -> torch.Tensor:
 
 
 # -- the losses ------------------------------------------------------------------------
+def _without_autocast(loss):
+    """Run a relation loss with autocast off: its matrix products (Gram matrices, angles)
+    would otherwise run in bf16 under mixed precision, several percent off."""
+
+    @functools.wraps(loss)
+    def wrapper(fs, ft, *args, **kwargs):
+        with torch.autocast(fs.device.type, enabled=False):
+            return loss(fs, ft, *args, **kwargs)
+
+    return wrapper
+
+
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances between the rows of ``e``, 0 on the diagonal: the authors' ``pdist``
     (squared distance clamped at ``eps`` before the square root), with the squared distance
@@ -45,6 +58,7 @@ def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return dist * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
 
 
+@_without_autocast
 def rkd_distance(fs: torch.Tensor, ft: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """RKD distance term (Park et al. 2019): ``mean_{i,j} huber(d_S(i,j) / mu_S, d_T(i,j) / mu_T)``
     over all ``B^2`` pairs (the diagonal included, where both are 0), ``mu`` the mean of the
@@ -67,6 +81,7 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
+@_without_autocast
 def rkd_angle(fs: torch.Tensor, ft: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """RKD angle term: ``mean_{i,j,k} huber(cos_S(i,j,k), cos_T(i,j,k))`` over all ``B^3`` triplets."""
     s, t = flat(fs), flat(ft).detach()
@@ -83,6 +98,7 @@ def _cosine_probabilities(e: torch.Tensor, eps: float) -> torch.Tensor:
     return similarity / similarity.sum(dim=1, keepdim=True)  # row i: p(j | i)
 
 
+@_without_autocast
 def pkt(fs: torch.Tensor, ft: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """PKT (Passalis & Tefas 2018): rows of the cosine kernel ``(cos + 1) / 2`` normalised to
     conditional probabilities, then ``mean_{i,j} p_T(j|i) log((p_T(j|i) + eps) / (p_S(j|i) + eps))``
@@ -96,6 +112,7 @@ def pkt(fs: torch.Tensor, ft: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).float()
 
 
+@_without_autocast
 def similarity_preserving(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """SP (Tung & Mori 2019): ``||G_T - G_S||_F^2 / B^2`` with ``G = row_normalize(F F^T)``
     (each row of the batch Gram matrix L2-normalised)."""
