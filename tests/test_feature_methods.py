@@ -252,8 +252,8 @@ def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
     assert set(exported) == set(build_model("resnet8", 10).state_dict())  # no regressor.* keys
     student = build_model("resnet8", 10, summary["export"])  # loads into the plain model
     assert sum(p.numel() for p in student.parameters()) > 0
-    terms = {k for line in open(f"{summary['run_dir']}/metrics.jsonl") for k in json.loads(line)
-             if k.startswith("train/loss_")}
+    with open(f"{summary['run_dir']}/metrics.jsonl") as fh:
+        terms = {k for line in fh for k in json.loads(line) if k.startswith("train/loss_")}
     assert terms == {"train/loss_ce", "train/loss_hint"}
 
 

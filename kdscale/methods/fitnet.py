@@ -25,7 +25,8 @@ Options, inferred from the paper's outline (its text was not re-read for this po
 - ``hint_epochs > 0``: the paper's stage-wise training. For the first ``hint_epochs`` epochs
   only the hint trains (the student up to its guided layer, and the regressor); after them
   the regressor is dropped and CE + KD train the student (set ``kd_weight``). The terms
-  that are off are kept at weight 0, so every parameter stays in the graph (DDP, ZeRO).
+  that are off are kept at weight 0, so every parameter stays in the graph (DDP, ZeRO);
+  weight decay still applies to the parameters a stage does not train.
 - ``regressor_bn: false``: a conv + ReLU regressor without BN (the paper's convolutional
   regressor as we read it). With BN, the regressor's statistics are per rank, like the
   student's.
@@ -61,9 +62,9 @@ class ConvRegressor(nn.Module):
         elif s_h >= t_h and s_w >= t_w:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
-            raise KdscaleError(f"method.student_layer: a student map of {s_h}x{s_w} cannot be regressed to the teacher's "
-                               f"{t_h}x{t_w} (ConvReg takes a student map twice, half, or at least the teacher's size); "
-                               f"pick layers whose sizes fit")
+            raise KdscaleError(f"method.student_layer: a student map of {s_h}x{s_w} cannot be regressed to the "
+                               f"teacher's {t_h}x{t_w} (ConvReg takes a student map twice, half, or at least the "
+                               f"teacher's size); pick layers whose sizes fit")
         self.bn = nn.BatchNorm2d(t_c) if bn else nn.Identity()
         self.relu = nn.ReLU()
 
@@ -97,7 +98,8 @@ class FitNet(Distiller):
 
     def __init__(self, student, params, context):
         super().__init__(student, params, context)
-        self.hint = FeaturePairs(student, context.frozen_teacher, [params.student_layer] if params.student_layer else [],
+        self.hint = FeaturePairs(student, context.frozen_teacher,
+                                 [params.student_layer] if params.student_layer else [],
                                  [params.teacher_layer] if params.teacher_layer else [], context.image_size,
                                  second_stage, key="layer")
         s_layer, t_layer = self.hint.student_layers[0], self.hint.teacher_layers[0]
