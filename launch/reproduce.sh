@@ -51,7 +51,8 @@ echo "reproduce: teachers"
 for teacher in configs/vanilla_cifar100_r32x4.yaml configs/vanilla_cifar100_wrn40x2.yaml; do
   .venv/bin/python -m kdscale.train --config "$teacher" "${common[@]}"
 done
-for config in configs/{kd,at,dml,ctkd,prokt,ffl,ffcl,sokd}_cifar100.yaml; do
+for config in configs/*_cifar100.yaml; do  # every method's CIFAR-100 config
+  case $config in configs/vanilla_*) continue ;; esac
   extra=()
   weights=$(sed -n 's/^teacher:.*weights: *\([^,}]*\).*/\1/p' "$config")
   if [ -n "$weights" ]; then  # the teacher trained above, in this output folder
@@ -60,4 +61,4 @@ for config in configs/{kd,at,dml,ctkd,prokt,ffl,ffcl,sokd}_cifar100.yaml; do
   echo "reproduce: $config over seeds $seeds"
   "${kdscale[@]}" sweep --config "$config" --seeds "$seeds" "${common[@]}" "${extra[@]}"
 done
-"${kdscale[@]}" compare --group-by method "$out"/*-s[0-9]*
+"${kdscale[@]}" compare --group-by method,student,teacher "$out"/*-s[0-9]*
