@@ -77,6 +77,7 @@ def rampup(epoch, length):
         return 1.0
     return math.exp(-5.0 * (1.0 - epoch / length) ** 2)
 
+
 def standardize(row, eps=1e-7):
     """Logit standardization (Sun et al. 2024, their code's ``normalize``): (z - mean) / (eps + std),
     std with the K - 1 denominator."""
