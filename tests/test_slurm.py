@@ -115,14 +115,14 @@ def test_sweep_as_a_job_array(cluster, synth_data, tmp_path):
 
     config = write_config(tmp_path, synth_data)
     env = {"KDSCALE_CPU_PROCS_PER_NODE": "1", "KDSCALE_REPO": ROOT, "WANDB_MODE": "disabled"}
-    result = cluster.run([PYTHON, "-m", "kdscale.cli", "sweep", "--config", config, "--methods", "vanilla",
+    result = cluster.run([PYTHON, "-m", "kdscale.cli", "sweep", "--config", config, "--methods", "vanilla,dml",
                           "--seeds", "0,1", "--slurm", f"--sbatch=--chdir={ROOT}",
                           f"--sbatch=--output={tmp_path}/slurm-%A_%a.out"], env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     job = result.stdout.strip().rsplit("array job ", 1)[1].split()[0]
-    for task in (0, 1):
+    for task, (method, seed) in enumerate([("vanilla", 0), ("vanilla", 1), ("dml", 0), ("dml", 1)]):
         state = cluster.wait(f"{job}_{task}", timeout=600)
         log = open(tmp_path / f"slurm-{job}_{task}.out").read()
         assert state == "COMPLETED", log[-3000:]
-        summary = json.load(open(tmp_path / "runs" / f"grid-vanilla-s{task}" / "summary.json"))
-        assert summary["completed"] and summary["method"] == "vanilla"
+        summary = json.load(open(tmp_path / "runs" / f"grid-{method}-s{seed}" / "summary.json"))
+        assert summary["completed"] and summary["method"] == method

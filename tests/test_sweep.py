@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import pytest
 import yaml
@@ -58,11 +59,21 @@ def test_bad_input_is_one_clear_line(synth_data, tmp_path, args, message):
 @pytest.mark.slow  # two real training runs
 def test_local_sweep_runs_each_seed_and_resumes(synth_data, tmp_path):
     config = write_config(tmp_path, synth_data)
-    command = [PYTHON, "-m", "kdscale.cli", "sweep", "--config", config, "--methods", "vanilla", "--seeds", "3,4"]
+    command = [PYTHON, "-m", "kdscale.cli", "sweep", "--config", config, "--methods", "vanilla,dml",
+               "--seeds", "3,4"]
     result = run_cli(command)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    summaries = [json.load(open(tmp_path / "runs" / f"grid-vanilla-s{s}" / "summary.json")) for s in (3, 4)]
-    assert all(s["completed"] for s in summaries)
-    assert summaries[0]["metrics"] != summaries[1]["metrics"]  # the seeds differ
+    runs = {(m, s): tmp_path / "runs" / f"grid-{m}-s{s}" for m in ("vanilla", "dml") for s in (3, 4)}
+    summaries = {key: json.load(open(path / "summary.json")) for key, path in runs.items()}
+    assert all(s["completed"] for s in summaries.values())
+    assert summaries["vanilla", 3]["metrics"] != summaries["vanilla", 4]["metrics"]  # the seeds differ
     again = run_cli(command)
-    assert again.returncode == 0 and again.stdout.count("already completed") == 2, again.stdout
+    assert again.returncode == 0 and again.stdout.count("already completed") == 4, again.stdout
+    # The grouped table: mean and std over the seeds, as computed here by hand.
+    table = run_cli([PYTHON, "-m", "kdscale.cli", "compare", "--group-by", "method", *map(str, runs.values())])
+    assert table.returncode == 0, table.stderr
+    for method in ("vanilla", "dml"):
+        top1 = [summaries[method, s]["metrics"]["val/student_top1"] for s in (3, 4)]
+        mean, std = statistics.mean(top1), statistics.stdev(top1)
+        line = next(line for line in table.stdout.splitlines() if line.lstrip("| ").startswith(method))
+        assert f"{mean:.2f} ± {std:.2f}" in line, (line, mean, std)
