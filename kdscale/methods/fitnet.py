@@ -44,9 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdscale.errors import KdscaleError
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
-from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.methods.relations import FeaturePairs, second_stage
+from kdscale.methods.base import register_method
+from kdscale.methods.relations import FeatureDistiller, FeaturePairs, second_stage
 
 
 class ConvRegressor(nn.Module):
@@ -79,11 +78,11 @@ def _map_shape(shape, key):
 
 
 @register_method
-class FitNet(Distiller):
+class FitNet(FeatureDistiller):
     name = "fitnet"
     paper = "Romero et al. 2015, FitNets (hints)"
     description = "FitNet hints: a trained regressor maps a student stage onto a frozen teacher's stage (MSE)."
-    teacher_role = "frozen"
+    default_layer = staticmethod(second_stage)
 
     @dataclass
     class Params:
@@ -98,10 +97,6 @@ class FitNet(Distiller):
 
     def __init__(self, student, params, context):
         super().__init__(student, params, context)
-        self.hint = FeaturePairs(student, context.frozen_teacher,
-                                 [params.student_layer] if params.student_layer else [],
-                                 [params.teacher_layer] if params.teacher_layer else [], context.image_size,
-                                 second_stage, key="layer")
         s_layer, t_layer = self.hint.student_layers[0], self.hint.teacher_layers[0]
         self.regressor = ConvRegressor(_map_shape(self.hint.student_shapes[s_layer], "method.student_layer"),
                                        _map_shape(self.hint.teacher_shapes[t_layer], "method.teacher_layer"),
@@ -114,21 +109,19 @@ class FitNet(Distiller):
                                f"to {tuple(out.shape[1:])}, not the teacher's {t_layer!r} "
                                f"{tuple(self.hint.teacher_shapes[t_layer])}; pick layers whose sizes fit")
 
-    def teacher_needs(self):
-        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.hint.teacher_layers))
+    @property
+    def hint(self) -> FeaturePairs:
+        """The guided (student) and hint (teacher) layers: ``self.features``."""
+        return self.features
 
-    def forward_train(self, images, targets, teacher_output, phase="all"):
-        p = self.params
-        logits = self.student(images)
-        (fs, ft), = self.hint.pairs(teacher_output.features)
-        staged = p.hint_epochs > 0
-        hint_on = not staged or self.epoch < p.hint_epochs
-        rest_on = not staged or not hint_on
-        terms = {
-            "ce": (p.ce_weight if rest_on else 0.0) * cross_entropy(logits, targets, self.label_smoothing),
-            "hint": (p.beta if hint_on else 0.0) * F.mse_loss(self.regressor(fs).float(), ft.float()),
-        }
-        if p.kd_weight > 0:
-            terms["kd"] = (p.kd_weight if rest_on else 0.0) * soft_kl(teacher_output.logits.detach(), logits,
-                                                                       p.temperature)
-        return logits, terms
+    def _hint_on(self) -> bool:
+        return self.params.hint_epochs == 0 or self.epoch < self.params.hint_epochs
+
+    def logit_terms_on(self) -> bool:
+        """Stage-wise (``hint_epochs > 0``): CE and KD only after the hint epochs."""
+        return self.epoch >= self.params.hint_epochs
+
+    def feature_terms(self, pairs):
+        (fs, ft), = pairs
+        beta = self.params.beta if self._hint_on() else 0.0
+        return {"hint": beta * F.mse_loss(self.regressor(fs).float(), ft.float())}

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
-from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.methods.relations import FeaturePairs, penultimate_layer, pkt
+from kdscale.methods.base import register_method
+from kdscale.methods.relations import FeatureDistiller, penultimate_layer, pkt
 
 
 @register_method
-class PKT(Distiller):
+class PKT(FeatureDistiller):
     name = "pkt"
     paper = "Passalis & Tefas 2018, probabilistic knowledge transfer"
     description = "Probabilistic KT: match the cosine-kernel neighbour distributions of penultimate features (KL)."
-    teacher_role = "frozen"
+    default_layer = staticmethod(penultimate_layer)
 
     @dataclass
     class Params:
@@ -46,21 +45,6 @@ class PKT(Distiller):
         student_layer: str = ""
         teacher_layer: str = ""
 
-    def __init__(self, student, params, context):
-        super().__init__(student, params, context)
-        self.features = FeaturePairs(student, context.frozen_teacher, [params.student_layer] if params.student_layer
-                                     else [], [params.teacher_layer] if params.teacher_layer else [],
-                                     context.image_size, penultimate_layer, key="layer")
-
-    def teacher_needs(self):
-        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
-
-    def forward_train(self, images, targets, teacher_output, phase="all"):
-        p = self.params
-        logits = self.student(images)
-        (fs, ft), = self.features.pairs(teacher_output.features)
-        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
-                 "pkt": p.beta * pkt(fs, ft, p.eps)}
-        if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * soft_kl(teacher_output.logits.detach(), logits, p.temperature)
-        return logits, terms
+    def feature_terms(self, pairs):
+        (fs, ft), = pairs
+        return {"pkt": self.params.beta * pkt(fs, ft, self.params.eps)}

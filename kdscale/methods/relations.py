@@ -1,5 +1,6 @@
 """Relation losses between the embeddings of one batch (RKD, PKT, SP), and the layer
-plumbing of the feature methods (FitNet, RKD, PKT, SP).
+plumbing and common terms of the feature methods (FitNet, RKD, PKT, SP): :class:`FeaturePairs`
+and their base class :class:`FeatureDistiller`.
 
 Each loss takes the student's features ``fs`` and the teacher's ``ft`` of the same batch,
 flattens them per sample to ``(B, D)`` and computes in float32 with autocast off. The teacher side never
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdscale.errors import KdscaleError
+from kdscale.methods.base import Distiller, TeacherNeeds
+from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
 
 
@@ -199,3 +203,54 @@ class FeaturePairs:
         """``(student, detached teacher)`` features of the student's last forward, paired."""
         features = self.taps.pop()
         return [(features[s], teacher_features[t].detach()) for s, t in zip(self.student_layers, self.teacher_layers)]
+
+
+class FeatureDistiller(Distiller):
+    """Base of the feature methods that read a frozen teacher's layers (FitNet, RKD, PKT, SP)::
+
+        ce = ce_weight * CE(z_S, y)
+        <the method's terms on the paired layers>
+        kd = kd_weight * T^2 KL(p_T^T || p_S^T)    (only when kd_weight > 0: RepDistiller's -a)
+
+    A subclass states its ``Params`` (``ce_weight``, ``kd_weight``, ``temperature``, and either
+    ``student_layer`` / ``teacher_layer`` strings or, with ``single_layer = False``,
+    ``student_layers`` / ``teacher_layers`` lists; empty takes ``default_layer``), its
+    ``default_layer`` (a :data:`DefaultLayer`, wrapped in ``staticmethod``) and
+    :meth:`feature_terms`. ``self.features`` holds the pairs; the teacher is asked for their
+    features, and for its logits when ``kd_weight > 0``."""
+
+    teacher_role = "frozen"
+    default_layer: ClassVar[DefaultLayer]
+    single_layer: ClassVar[bool] = True
+
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        if self.single_layer:
+            layers = ([params.student_layer] if params.student_layer else [],
+                      [params.teacher_layer] if params.teacher_layer else [])
+        else:
+            layers = (params.student_layers, params.teacher_layers)
+        self.features = FeaturePairs(student, context.frozen_teacher, *layers, context.image_size,
+                                     self.default_layer, key="layer" if self.single_layer else "layers")
+
+    def teacher_needs(self):
+        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
+
+    def feature_terms(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The method's weighted terms on the ``(student, detached teacher)`` feature pairs."""
+        raise NotImplementedError
+
+    def logit_terms_on(self) -> bool:
+        """Whether CE and KD train now (they stay in the graph at weight 0 when not)."""
+        return True
+
+    def forward_train(self, images, targets, teacher_output, phase="all"):
+        p = self.params
+        logits = self.student(images)
+        on = self.logit_terms_on()
+        terms = {"ce": (p.ce_weight if on else 0.0) * cross_entropy(logits, targets, self.label_smoothing),
+                 **self.feature_terms(self.features.pairs(teacher_output.features))}
+        if p.kd_weight > 0:
+            terms["kd"] = (p.kd_weight if on else 0.0) * soft_kl(teacher_output.logits.detach(), logits,
+                                                                   p.temperature)
+        return logits, terms

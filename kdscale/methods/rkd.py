@@ -33,17 +33,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
-from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.methods.relations import FeaturePairs, penultimate_layer, rkd_angle, rkd_distance
+from kdscale.methods.base import register_method
+from kdscale.methods.relations import FeatureDistiller, penultimate_layer, rkd_angle, rkd_distance
 
 
 @register_method
-class RKD(Distiller):
+class RKD(FeatureDistiller):
     name = "rkd"
     paper = "Park et al. 2019, relational KD"
     description = "Relational KD: match distance and angle relations among a batch's penultimate features."
-    teacher_role = "frozen"
+    default_layer = staticmethod(penultimate_layer)
 
     @dataclass
     class Params:
@@ -56,22 +55,8 @@ class RKD(Distiller):
         student_layer: str = ""
         teacher_layer: str = ""
 
-    def __init__(self, student, params, context):
-        super().__init__(student, params, context)
-        self.features = FeaturePairs(student, context.frozen_teacher, [params.student_layer] if params.student_layer
-                                     else [], [params.teacher_layer] if params.teacher_layer else [],
-                                     context.image_size, penultimate_layer, key="layer")
-
-    def teacher_needs(self):
-        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
-
-    def forward_train(self, images, targets, teacher_output, phase="all"):
+    def feature_terms(self, pairs):
         p = self.params
-        logits = self.student(images)
-        (fs, ft), = self.features.pairs(teacher_output.features)
-        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
-                 "distance": p.distance_weight * rkd_distance(fs, ft, p.normalize),
-                 "angle": p.angle_weight * rkd_angle(fs, ft, p.normalize)}
-        if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * soft_kl(teacher_output.logits.detach(), logits, p.temperature)
-        return logits, terms
+        (fs, ft), = pairs
+        return {"distance": p.distance_weight * rkd_distance(fs, ft, p.normalize),
+                "angle": p.angle_weight * rkd_angle(fs, ft, p.normalize)}

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
-from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.methods.relations import FeaturePairs, last_stage, similarity_preserving
+from kdscale.methods.base import register_method
+from kdscale.methods.relations import FeatureDistiller, last_stage, similarity_preserving
 
 
 @register_method
-class SP(Distiller):
+class SP(FeatureDistiller):
     name = "sp"
     paper = "Tung & Mori 2019, similarity-preserving KD"
     description = "Similarity-preserving KD: match row-normalised batch similarity matrices of a stage's activations."
-    teacher_role = "frozen"
+    default_layer = staticmethod(last_stage)
+    single_layer = False
 
     @dataclass
     class Params:
@@ -43,19 +43,5 @@ class SP(Distiller):
         student_layers: list[str] = field(default_factory=list)
         teacher_layers: list[str] = field(default_factory=list)
 
-    def __init__(self, student, params, context):
-        super().__init__(student, params, context)
-        self.features = FeaturePairs(student, context.frozen_teacher, params.student_layers, params.teacher_layers,
-                                     context.image_size, last_stage)
-
-    def teacher_needs(self):
-        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
-
-    def forward_train(self, images, targets, teacher_output, phase="all"):
-        p = self.params
-        logits = self.student(images)
-        sp = sum(similarity_preserving(fs, ft) for fs, ft in self.features.pairs(teacher_output.features))
-        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing), "sp": p.beta * sp}
-        if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * soft_kl(teacher_output.logits.detach(), logits, p.temperature)
-        return logits, terms
+    def feature_terms(self, pairs):
+        return {"sp": self.params.beta * sum(similarity_preserving(fs, ft) for fs, ft in pairs)}
