@@ -180,6 +180,45 @@ def test_group_by_method_mean_std_over_seeds_and_published(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+# The figures as the READMEs print them (RepDistiller's same-type table, mdistiller's DKD table,
+# DIST_KD's CIFAR-100 table), the ones the configs/<method>_cifar100.yaml comments cite.
+PUBLISHED_CIFAR = [
+    ("fitnet", "resnet32x4", "resnet8x4", "73.50", "RepDistiller"),
+    ("fitnet", "wrn_40_2", "wrn_16_2", "73.58", "RepDistiller"),
+    ("rkd", "resnet32x4", "resnet8x4", "71.90", "RepDistiller"),
+    ("rkd", "wrn_40_2", "wrn_16_2", "73.35", "RepDistiller"),
+    ("pkt", "resnet32x4", "resnet8x4", "73.64", "RepDistiller"),
+    ("pkt", "wrn_40_2", "wrn_16_2", "74.54", "RepDistiller"),
+    ("sp", "resnet32x4", "resnet8x4", "72.94", "RepDistiller"),
+    ("sp", "wrn_40_2", "wrn_16_2", "73.83", "RepDistiller"),
+    ("dkd", "wrn_40_2", "wrn_16_2", "76.23", "mdistiller"),
+    ("dkd", "resnet56", "resnet20", "71.97", "mdistiller"),
+    ("dkd", "resnet110", "resnet32", "74.11", "mdistiller"),
+    ("dist", "resnet32x4", "resnet8x4", "76.31", "DIST_KD"),
+    ("dist", "wrn_40_2", "wrn_40_1", "74.43", "DIST_KD"),
+    ("dist", "resnet56", "resnet20", "71.75", "DIST_KD"),
+]
+
+
+def test_group_by_shows_the_feature_methods_and_other_pairs_published(tmp_path, capsys):
+    dirs = [fake_run(str(tmp_path), f"{m}-{t}-{s}", method=m, teacher=t, student=s, top1=(50.0, 70.0))
+            for m, t, s, _, _ in PUBLISHED_CIFAR]
+    cli(["compare", *dirs, "--group-by", "method,teacher,student"])
+    out = capsys.readouterr().out
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], {tuple(row[:3]): dict(zip(lines[0], row)) for row in lines[1:]}
+    assert header[:3] == ["method", "teacher", "student"] and len(rows) == len(PUBLISHED_CIFAR)
+    sources = {line.split("] ", 1)[0] + "]": line for line in out.splitlines() if line.startswith("[")}
+    for method, teacher, student, top1, readme in PUBLISHED_CIFAR:
+        row = rows[method, teacher, student]
+        figure, index = row["published"].split()
+        assert figure == top1 and row["last - published"] == f"{70.0 - float(top1):+.2f}", (method, teacher, student)
+        source = sources[index]
+        assert f"{method} {teacher} -> {student}, cifar100: top-1 {top1}%" in source and readme in source, source
+        assert "github.com/" in source  # read back from the README, not only as the design notes give it
+    assert "± 0.19" in sources[rows["dist", "resnet32x4", "resnet8x4"]["published"].split()[1]]
+
+
 def test_group_by_curves_and_odd_groups(tmp_path, capsys):
     from kdscale.analysis.plots import group_series
     from kdscale.analysis.seeds import group_runs
