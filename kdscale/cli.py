@@ -121,13 +121,16 @@ def cmd_methods(_args) -> None:
     CIFAR networks (resnet8 student, resnet20 teacher), so the listing cannot drift from the code."""
     import warnings
 
+    import torch
+
     from kdscale.methods import METHODS, MethodContext
     from kdscale.models import build_model
 
     for name, cls in sorted(METHODS.items()):
         context = MethodContext(num_classes=10, image_size=32, method_name=name, student_name="resnet8",
                             teacher_name="resnet20", teacher_network=build_model("resnet20", 10),
-                            teacher_role=cls.teacher_role, build_model=lambda model: build_model(model, 10))
+                            teacher_role=cls.teacher_role, build_model=lambda model: build_model(model, 10),
+                            train_labels=torch.arange(20) % 10)
         with warnings.catch_warnings():  # untrained probe networks
             warnings.simplefilter("ignore")
             method = cls(build_model("resnet8", 10), cls.Params(), context)

@@ -9,6 +9,8 @@ from kdscale.models import FeatureTaps, build_model
 from kdscale.runtime.teachers import FrozenTeacher
 
 NUM_CLASSES = 10
+TRAIN_SAMPLES = 64
+"""The probe training set's size (methods that keep state per sample: CRD)."""
 
 
 def build_method(name: str, student: str = "resnet8", teacher: str | None = None, **params):
@@ -19,7 +21,8 @@ def build_method(name: str, student: str = "resnet8", teacher: str | None = None
     context = MethodContext(num_classes=NUM_CLASSES, image_size=32, method_name=name, student_name=student,
                         teacher_name=teacher or "", teacher_network=teacher_model, teacher_role=cls.teacher_role,
                         teacher_pretrained=bool(teacher),
-                        build_model=lambda n: build_model(n, NUM_CLASSES))
+                        build_model=lambda n: build_model(n, NUM_CLASSES),
+                        train_labels=torch.arange(TRAIN_SAMPLES) % NUM_CLASSES)
     method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), context).train()
     frozen = None
     if cls.teacher_role == "frozen":

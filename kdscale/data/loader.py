@@ -29,10 +29,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdscale.config.schema import DataSection
+from kdscale.data.bad_samples import DECODE_ERRORS, BadSample, BadSampleLog
 from kdscale.data.device_decode import DeferredDecoder, EncodedBatch, stack_views
 from kdscale.data.transforms import SampleDecoder
 from kdscale.errors import KdscaleError
-from kdscale.log import EVERY_RANK, log, setup_logging
+from kdscale.log import setup_logging
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -46,56 +47,13 @@ class Batch(NamedTuple):
     """Bad samples this worker found (for the first time this epoch) while making this batch."""
     teacher_probs: torch.Tensor | None = None
     """Soft labels replayed from teacher-output shards, (B, classes)."""
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; skipped and counted, not fatal."""
-
-
-class BadSampleLog:
-    """Bad samples of one loader worker: each is named in a warning the first time it is
-    seen, counted once per epoch (a worker may cycle over its shards more than once), and
-    the run stops with a clear error past ``limit`` distinct bad samples."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.seen: set[str] = set()
-        self.seen_this_epoch: set[str] = set()
-        self.pending = 0
-
-    @property
-    def count(self) -> int:
-        return len(self.seen)
-
-    def new_epoch(self) -> None:
-        self.seen_this_epoch = set()
-
-    def take(self) -> int:
-        """Bad samples found since the last call (for the batch being made)."""
-        pending, self.pending = self.pending, 0
-        return pending
-
-    def skip(self, what: str) -> None:
-        if what in self.seen_this_epoch:
-            return
-        self.seen_this_epoch.add(what)
-        self.pending += 1
-        if what in self.seen:
-            return
-        self.seen.add(what)
-        log.warning(f"skipped {what} ({self.count} skipped by this loader worker)", extra=EVERY_RANK)
-        if self.count > self.limit:
-            raise KdscaleError(f"more than data.max_bad_samples={self.limit} bad samples in one loader worker "
-                               f"(last: {what}); check the shards with `kdscale shards verify`, or raise "
-                               f"data.max_bad_samples")
+    indices: torch.Tensor | None = None
+    """Each sample's dataset index (:mod:`kdscale.data.sample_index`), when the stream numbers them."""
 
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on damaged images
 
 
 def _samples_of(urls: list[str], bad: BadSampleLog | None = None) -> Iterator[dict]:
@@ -132,11 +90,12 @@ def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
 
 
 def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog) -> Iterator[tuple]:
-    """(key, image bytes, label, shard, teacher record or None) of the usable samples; the
-    others are logged."""
+    """(key, image bytes, label, shard, teacher record or None, dataset index or -1) of the
+    usable samples; the others are logged."""
     for sample in samples:
         try:
-            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"), sample.get("__teacher__"))
+            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"), sample.get("__teacher__"),
+                   sample.get("__index__", -1))
         except BadSample as err:
             bad.skip(str(err))
 
@@ -144,7 +103,7 @@ def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog) 
 def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog, num_classes: int = 0):
     """The decoded image, or (image, soft label) when the sample carries teacher outputs;
     None for an undecodable image (logged)."""
-    key, jpeg, _label, shard, record = item
+    key, jpeg, _label, shard, record, _index = item
     try:
         return decoder(jpeg, rng) if record is None else decoder.replay(jpeg, record, rng, num_classes)
     except DECODE_ERRORS as err:
@@ -159,8 +118,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: list[str], data: DataSection, *, seed: int, epoch: int, rank: int,
                  world_size: int, batches_per_rank: int, skip_batches: int = 0, epochs: int | None = None,
-                 teacher_outputs: str | None = None):
+                 teacher_outputs: str | None = None, sample_offsets: dict[str, int] | None = None):
         self.shards, self.data, self.teacher_outputs = list(shards), data, teacher_outputs
+        self.sample_offsets = sample_offsets
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.first_epoch, self.end_epoch = epoch, epoch + 1 if epochs is None else epochs
         self.batches_per_rank, self.skip_batches = batches_per_rank, skip_batches
@@ -181,14 +141,17 @@ class TrainStream(IterableDataset):
                 raise KdscaleError(f"training shards {', '.join(shards)} hold no usable samples")
 
     def _raw(self, shards: list[str], bad: BadSampleLog) -> Iterator[dict]:
-        if self.teacher_outputs is None:
-            yield from _samples_of(shards, bad)
-            return
+        from kdscale.data.sample_index import numbered
+        from kdscale.data.tar_reader import iter_samples
         from kdscale.data.teacher_outputs import paired_samples
 
         for shard in shards:
             try:
-                yield from paired_samples(shard, self.teacher_outputs)
+                samples = iter_samples(shard) if self.teacher_outputs is None else \
+                    paired_samples(shard, self.teacher_outputs)
+                if self.sample_offsets is not None:
+                    samples = numbered(samples, self.sample_offsets[os.path.basename(shard)])
+                yield from samples
             except (OSError, ValueError) as err:
                 bad.skip(f"the rest of shard {shard}: {type(err).__name__}: {err}")
 
@@ -249,8 +212,9 @@ class TrainStream(IterableDataset):
                                             bad)
             images = [s[0] if raw[i][4] is not None else s for i, s in enumerate(slots)]
             soft = [s[1] for i, s in enumerate(slots) if raw[i][4] is not None]
+            indices = torch.tensor([item[5] for item in raw]) if self.sample_offsets is not None else None
             yield Batch(stack_views(images), torch.tensor([item[2] for item in raw]), [item[0] for item in raw],
-                        bad.take(), torch.stack(soft) if soft else None)
+                        bad.take(), torch.stack(soft) if soft else None, indices)
 
     def _decode(self, item: tuple, rng: random.Random, bad: BadSampleLog):
         return decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)

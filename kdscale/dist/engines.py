@@ -48,7 +48,9 @@ class Engine(Protocol):
 
     def micro_step(self, phase: str, images: torch.Tensor, targets: torch.Tensor,
                    teacher_output: TeacherOutput | None, sync: bool, lr: float, autocast,
-                   proceed=None) -> tuple[dict[str, torch.Tensor], bool]: ...
+                   proceed=None, sample_indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+        """One phase's forward, backward and (when ``sync``) step; ``sample_indices`` reach
+        methods with ``needs_sample_indices``."""
 
     def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None: ...
 
@@ -83,7 +85,7 @@ class DDPEngine:
                            for name, phase in self.phases.items()}
 
     def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
-                   proceed=None):
+                   proceed=None, sample_indices=None):
         """Forward, backward and (when ``sync``) the optimizer step of one phase; returns
         (loss terms, went on). ``proceed(loss)`` (default :func:`all_finite`; a collective,
         so every rank gets the same answer) decides before the backward: when it says no,
@@ -93,7 +95,8 @@ class DDPEngine:
         no_sync = self.model.no_sync if (not sync and self.ctx.distributed) else contextlib.nullcontext
         with no_sync():
             with autocast():
-                _logits, losses = self.model(images, targets, teacher_output, phase=phase)
+                _logits, losses = self.model(images, targets, teacher_output, phase=phase,
+                                             sample_indices=sample_indices)
                 loss = sum(losses.values())
             if not proceed(loss):
                 self.optimizers[phase].zero_grad(set_to_none=True)
@@ -168,16 +171,17 @@ class DeepSpeedEngine:
                                                           config=dict(ds_config))
 
     def micro_step(self, phase: str, images, targets, teacher_output, sync: bool, lr: float, autocast,
-                   proceed=None):
+                   proceed=None, sample_indices=None):
         """As :meth:`DDPEngine.micro_step`; a "no" from ``proceed`` skips DeepSpeed's backward
         and step alike (so it needs ``grad_accum_steps=1``)."""
         proceed = proceed or (lambda loss: all_finite(loss, self.ctx))
         engine = self.engines[phase]
         with autocast():
             if len(self.phases) == 1:
-                _logits, losses = engine(images, targets, teacher_output, phase=phase)
+                _logits, losses = engine(images, targets, teacher_output, phase=phase, sample_indices=sample_indices)
             else:  # the phase's engine owns only its module; the Distiller routes the phase
-                _logits, losses = self.distiller.forward_train(images, targets, teacher_output, phase)
+                _logits, losses = self.distiller(images, targets, teacher_output, phase=phase,
+                                                 sample_indices=sample_indices)
             loss = sum(losses.values())
         if not proceed(loss):
             return losses, False

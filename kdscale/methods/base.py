@@ -14,7 +14,12 @@ A method author writes (copy ``kd.py``):
 - :meth:`Distiller.forward_train`, returning the student's logits and the loss terms;
 - where needed: :meth:`teacher_needs` (which teacher layers to tap), :meth:`evaluation_logits`
   (more networks to score), :meth:`phases` (several optimizer steps per iteration, or an
-  lr or weight decay of their own for some parameters).
+  lr or weight decay of their own for some parameters);
+- for state kept per training sample (CRD's memory banks): ``needs_sample_indices = True``
+  (``forward_train`` then also receives ``sample_indices``, each image's dataset index) and
+  :meth:`gathered_state` / :meth:`restore_gathered_state` for state that is not in the
+  modules' ``state_dict`` (it differs per rank, so it must not be broadcast or saved from
+  rank 0 alone).
 """
 
 from __future__ import annotations
@@ -97,6 +102,11 @@ class MethodContext:
     """Whether the teacher network was loaded from ``teacher.weights``."""
     build_model: Callable[[str], nn.Module] | None = None
     """Builds another network by model name, with ``num_classes`` outputs (DML peers)."""
+    seed: int = 0
+    """The run's ``experiment.seed``."""
+    train_labels: torch.Tensor | None = None
+    """The label of every training sample by dataset index (-1 where unknown); given to
+    methods with ``needs_sample_indices`` (see :mod:`kdscale.data.sample_index`)."""
 
     def _teacher(self, role: str) -> nn.Module:
         if self.teacher_network is not None and self.teacher_role == role:
@@ -129,6 +139,9 @@ class Distiller(nn.Module):
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"
+    needs_sample_indices: ClassVar[bool] = False
+    """Whether :meth:`forward_train` takes ``sample_indices``: the training images' dataset
+    indices (int64, ``(B,)``), numbered from the shards' ``index.json``."""
 
     def __init__(self, student: nn.Module, params, context: MethodContext):
         super().__init__()
@@ -167,9 +180,22 @@ class Distiller(nn.Module):
         methods whose weights follow the epoch (FFCL's ramp-up) read ``self.epoch``."""
         self.epoch = epoch
 
+    def gathered_state(self) -> dict | None:
+        """State outside the modules' ``state_dict`` that a checkpoint must hold (per-rank
+        shards, e.g. memory banks), gathered whole: called on every rank (it may be a
+        collective), the result is saved from rank 0. Default: none."""
+        return None
+
+    def restore_gathered_state(self, state: dict) -> None:
+        """Take back what :meth:`gathered_state` returned, on any number of ranks."""
+
     # -- plumbing -------------------------------------------------------------------
-    def forward(self, images, targets, teacher_output=None, phase: str = "all"):
+    def forward(self, images, targets, teacher_output=None, phase: str = "all", sample_indices=None):
         """What DDP and DeepSpeed wrap: one phase's training forward."""
+        if self.needs_sample_indices:
+            if sample_indices is None:
+                raise KdscaleError(f"method {self.name!r} needs each image's dataset index; the batch carries none")
+            return self.forward_train(images, targets, teacher_output, phase, sample_indices=sample_indices)
         return self.forward_train(images, targets, teacher_output, phase)
 
     def trained_networks(self) -> list[str]:

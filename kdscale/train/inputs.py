@@ -22,7 +22,7 @@ class InputsMixin:
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
                              epoch=self.epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
                              batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
-                             teacher_outputs=self.teacher.outputs_dir)
+                             teacher_outputs=self.teacher.outputs_dir, sample_offsets=self.plan.sample_offsets)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
     def _val_loader(self):
@@ -47,7 +47,7 @@ class InputsMixin:
 
     def _inputs(self, batch):
         """The micro-batch on the device, mixed (Mixup/CutMix) before any network sees it:
-        (images, targets, replayed teacher probabilities or None)."""
+        (images, targets, replayed teacher probabilities or None, dataset indices or None)."""
         device = self.runtime.device
         images = batch.images.to(device, non_blocking=True)
         if self.runtime.channels_last:
@@ -57,7 +57,8 @@ class InputsMixin:
         if mixing_enabled(self.cfg.data):
             gen = batch_generator(self.cfg.experiment.seed, self.rank, self.epoch, self.batches_done)
             images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
-        return images, targets, probs
+        indices = batch.indices.to(device, non_blocking=True) if batch.indices is not None else None
+        return images, targets, probs, indices
 
     def _autocast(self):
         if self.runtime.autocast_dtype is None:

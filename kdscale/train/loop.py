@@ -34,7 +34,7 @@ from kdscale.runtime.optim import lr_at
 from kdscale.train.inputs import InputsMixin
 from kdscale.train.saving import SavingMixin
 from kdscale.runtime.device import Runtime
-from kdscale.train.setup import build_distiller, plan_data
+from kdscale.train.setup import build_distiller, plan_data, training_labels
 from kdscale.train.teacher_source import teacher_source
 from kdscale.runtime.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
@@ -63,7 +63,7 @@ class Trainer(InputsMixin, SavingMixin):
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
         self.runtime = Runtime.from_config(cfg, self.ctx.device)
         self.plan = plan_data(cfg, self.world)
-        self.distiller, frozen = build_distiller(cfg, self.runtime, self.world)
+        self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, training_labels(self.plan, self.ctx))
         self.teacher = teacher_source(cfg, frozen, self.watchdog)
         self.phase_names = tuple(self.distiller.phases())
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
@@ -134,14 +134,14 @@ class Trainer(InputsMixin, SavingMixin):
 
     def _step(self, batch, window: MetricsWindow) -> tuple[bool, float]:
         """One micro-batch through every phase; (whether it ended an optimizer step, lr)."""
-        images, targets, probs = self._inputs(batch)
+        images, targets, probs, indices = self._inputs(batch)
         teacher_output = self.teacher(images, probs)
         sync = (self.batches_done + 1) % self.cfg.train.grad_accum_steps == 0
         lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
         with self.watchdog.waiting("in the training step (forward, backward, gradient all-reduce)"):
             for phase in self.phase_names:
                 losses, went_on = self.engine.micro_step(phase, images, targets, teacher_output, sync, lr,
-                                                         self._autocast, self._proceed)
+                                                         self._autocast, self._proceed, sample_indices=indices)
                 if not went_on:
                     break
                 window.add_losses(losses)

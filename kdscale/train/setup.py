@@ -14,6 +14,7 @@ from torch import nn
 
 from kdscale.config.schema import ExperimentConfig, ModelSpec
 from kdscale.data.loader import check_shard_count
+from kdscale.data.sample_index import sample_offsets, scan_labels
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
@@ -31,6 +32,10 @@ class DataPlan:
     train_samples: int
     micro_batches_per_epoch: int
     steps_per_epoch: int
+    sample_offsets: dict[str, int] | None = None
+    """Shard name -> dataset index of its first sample, for methods with ``needs_sample_indices``."""
+    dataset_size: int = 0
+    """Samples in the training split that the indices number (``index.json``)."""
 
 
 def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
@@ -55,7 +60,22 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
         raise KdscaleError(f"data.train_samples={samples} is smaller than one global batch "
                            f"(data.batch_size={data.batch_size} x {world_size} processes x "
                            f"train.grad_accum_steps={accum} = {global_batch}); lower data.batch_size")
-    return DataPlan(train, val, samples, steps * accum, steps)
+    plan = DataPlan(train, val, samples, steps * accum, steps)
+    if get_method_class(cfg.method.name).needs_sample_indices:
+        plan.sample_offsets, plan.dataset_size = sample_offsets(train, "data.train_shards")
+    return plan
+
+
+def training_labels(plan: DataPlan, ctx) -> torch.Tensor | None:
+    """The label of every training sample by dataset index, for methods that number the
+    samples (read from the shards' ``.cls`` members, each rank a share of the shards)."""
+    if plan.sample_offsets is None:
+        return None
+    from kdscale.log import log
+
+    log.info(f"reading the labels of {plan.dataset_size} training samples (the method keeps state per sample)")
+    labels = scan_labels(plan.train_shards, plan.sample_offsets, plan.dataset_size, ctx)
+    return labels
 
 
 def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) -> None:
@@ -101,8 +121,8 @@ def _check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.M
                            f"(check teacher.num_classes, student.num_classes and data.num_classes)")
 
 
-def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
-                    world_size: int = 1) -> tuple[Distiller, FrozenTeacher | None]:
+def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1,
+                    train_labels: torch.Tensor | None = None) -> tuple[Distiller, FrozenTeacher | None]:
     method_cls = get_method_class(cfg.method.name)
     num_classes = cfg.data.num_classes
     student = _build(cfg.student, num_classes, "student")
@@ -127,7 +147,8 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime,
                         teacher_name=cfg.teacher.name if teacher_model is not None else "",
                         label_smoothing=cfg.train.label_smoothing, teacher_network=teacher_model, teacher_role=role,
                         teacher_pretrained=teacher_model is not None and bool(cfg.teacher.weights),
-                        build_model=lambda name: build_model(name, num_classes, where="method"))
+                        build_model=lambda name: build_model(name, num_classes, where="method"),
+                        seed=cfg.experiment.seed, train_labels=train_labels)
     distiller = method_cls(student, cfg.method.params, context)
     needs = distiller.teacher_needs()
     if from_shards and needs.features:

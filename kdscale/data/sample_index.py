@@ -1,0 +1,128 @@
+"""Each training sample's stable dataset index, and the label of every index.
+
+Methods that keep state per sample (CRD's memory banks) need to know *which* sample of the
+dataset each image of a batch is, whatever the shuffle, the rank or the resume. kdscale
+numbers the samples of a split in the order ``index.json`` records them: the shards in the
+order of the split's ``records`` (the order they were written), and inside a shard the
+samples in tar order. Sample ``j`` of the shard whose records come after ``n`` samples has
+index ``n + j``. A bad sample keeps its number (the reader counts every sample it sees), so
+the numbering never shifts.
+
+The label table (``scan_labels``) reads only the ``.cls`` members of local shards: every
+other member is skipped with a seek, so a scan costs about one header read per member.
+Ranks scan disjoint shards and combine their tables with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from kdscale.data.shards import INDEX_FILE, read_index
+from kdscale.data.tar_reader import _field, _pax_path, _size, _split_key, iter_samples
+from kdscale.errors import KdscaleError
+
+INDEX_FIELD = "__index__"
+
+
+def sample_offsets(shards: list[str], key: str = "data.train_shards") -> tuple[dict[str, int], int]:
+    """(shard file name -> index of its first sample, samples in the split) from the
+    ``index.json`` beside ``shards``; a one-line error naming the fix when it cannot be read."""
+    index_path = os.path.join(os.path.dirname(shards[0]), INDEX_FILE)
+    fix = ("write the shards with `kdscale shards synth`, `from-folder` or `from-torchvision`, whose index.json "
+           "records each shard's sample count")
+    if not os.path.isfile(index_path):
+        raise KdscaleError(f"{key}: this method numbers the training samples from {index_path}, which does not "
+                           f"exist; {fix}")
+    names = {os.path.basename(s) for s in shards}
+    for split in read_index(index_path).get("splits", {}).values():
+        records = split.get("records") or []
+        recorded = [r.get("name") for r in records]
+        if not names <= set(recorded):
+            continue
+        if any(not isinstance(r.get("samples"), int) for r in records):
+            break
+        offsets, start = {}, 0
+        for record in records:
+            offsets[record["name"]] = start
+            start += record["samples"]
+        return offsets, start
+    raise KdscaleError(f"{key}: {index_path} records no per-shard sample counts for these shards (a split's "
+                       f"\"records\" must list every one of them); {fix}")
+
+
+def numbered(samples: Iterator[dict], first_index: int) -> Iterator[dict]:
+    """The samples of one shard with their dataset index under ``__index__``."""
+    for position, sample in enumerate(samples):
+        sample[INDEX_FIELD] = first_index + position
+        yield sample
+
+
+def _local_labels(path: str) -> list[int]:
+    """Labels of a local shard's samples in tar order (-1 where a sample has no readable
+    ``.cls``), reading only the ``.cls`` members and seeking over the rest."""
+    labels: list[int] = []
+    current_key, long_name = None, None
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(512)
+            if len(header) < 512 or header == bytes(512):
+                return labels
+            size = _size(header)
+            kind = header[156:157]
+            if kind in (b"L", b"x"):
+                data = fh.read(size)
+                fh.seek((-size) % 512, os.SEEK_CUR)
+                long_name = data.split(b"\0", 1)[0].decode() if kind == b"L" else _pax_path(data) or long_name
+                continue
+            if kind not in (b"0", b"\0", b"7"):
+                long_name = None
+                fh.seek(size + (-size) % 512, os.SEEK_CUR)
+                continue
+            name = long_name or (f"{_field(header, 345, 500).decode()}/" if header[345] else "") + \
+                _field(header, 0, 100).decode()
+            long_name = None
+            sample_key, field = _split_key(name)
+            if not field or sample_key.startswith("__") and "/" not in sample_key:
+                fh.seek(size + (-size) % 512, os.SEEK_CUR)
+                continue
+            if sample_key != current_key:
+                current_key = sample_key
+                labels.append(-1)
+            if field.lower() == "cls":
+                labels[-1] = _parse_label(fh.read(size))
+                fh.seek((-size) % 512, os.SEEK_CUR)
+            else:
+                fh.seek(size + (-size) % 512, os.SEEK_CUR)
+
+
+def _parse_label(raw: bytes) -> int:
+    try:
+        return int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return -1
+
+
+def shard_labels(path: str) -> list[int]:
+    """Labels of one shard's samples in tar order (remote shards are streamed whole)."""
+    if "://" in path or path.startswith("pipe:"):
+        return [_parse_label(s["cls"]) if "cls" in s else -1 for s in iter_samples(path)]
+    return _local_labels(path)
+
+
+def scan_labels(shards: list[str], offsets: dict[str, int], total: int, ctx=None) -> torch.Tensor:
+    """The label of every sample index (int64, -1 where unknown). Under a process group
+    (``ctx``, a :class:`~kdscale.runtime.context.DistContext`) each rank reads
+    ``shards[rank::world_size]`` and one all-reduce (max) on its device gives every rank the
+    whole table."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    labels = torch.full((total,), -1, dtype=torch.long)
+    for shard in sorted(shards)[rank::world]:
+        first = offsets[os.path.basename(shard)]
+        found = torch.tensor(shard_labels(shard), dtype=torch.long)
+        labels[first:first + len(found)] = found
+    if world > 1:
+        labels = ctx.all_reduce(labels.to(ctx.device), op="max").cpu()
+    return labels

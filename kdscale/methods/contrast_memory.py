@@ -1,0 +1,217 @@
+"""CRD's memory banks, sharded across ranks, its negative draws and its NCE loss.
+
+The banks hold one L2-normalised embedding per training sample: one of the student's, one
+of the teacher's (``N x D`` floats each; ImageNet: 1.28M x 128 = 656 MB per bank). Rank
+``r`` of ``R`` keeps the rows ``i`` with ``i % R == r`` (row ``i // R`` of its shard), so a
+rank holds ``2 * ceil(N / R) * D * 4`` bytes (:meth:`ContrastMemory.bytes_per_rank`).
+
+One step, on every rank (``b`` images per rank, ``B = R b`` in all, ``K`` negatives):
+1. the batch's embeddings, dataset indices and labels are all-gathered (``B x D``: small;
+   the gather passes gradients back to the rank that made each embedding);
+2. every rank draws the same ``B x K`` negatives: negative ``k`` of the sample with
+   dataset index ``i`` at draw ``d`` is a hash of ``(seed, d, i, k)``, so the draw depends
+   on neither the rank count nor the batch's order (:func:`draw_negatives`); column 0 is
+   the positive, the sample's own row;
+3. each rank scores only the (sample, row) pairs whose row it holds, and sums their NCE
+   terms (the loss has no normaliser across negatives: the constant ``Z`` is fixed once),
+   divided by its own ``b``: DDP's average of the ranks' gradients is then exactly the
+   gradient of the one-process loss over ``B`` images, and the ranks' mean logged value is
+   that loss;
+4. each rank updates the rows it holds of the ``B`` samples (momentum, then L2 norm).
+Nothing but the ``B x D`` embeddings crosses the network; the rows never move.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from kdscale.errors import KdscaleError
+
+EPS = 1e-7  # RepDistiller crd/criterion.py
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MUL1, _MUL2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplications wrap modulo 2^64)."""
+    x = (x ^ _shift_right(x, 30)) * _MUL1
+    x = (x ^ _shift_right(x, 27)) * _MUL2
+    return x ^ _shift_right(x, 31)
+
+
+def uniform_integers(seed: int, draw: int, indices: torch.Tensor, count: int, bounds: torch.Tensor) -> torch.Tensor:
+    """``(len(indices), count)`` integers, row ``b`` uniform in ``[0, bounds[b])``, each a pure
+    function of ``(seed, draw, indices[b], column)``."""
+    base = _mix(torch.tensor(_signed(seed * 0x100000001B3 + draw * _GOLDEN), dtype=torch.long))
+    per_sample = _mix(base.to(indices.device) ^ indices.long())
+    columns = torch.arange(1, count + 1, device=indices.device, dtype=torch.long) * _GOLDEN
+    bits = _shift_right(_mix(per_sample[:, None] + columns[None, :]), 11)  # 53 random bits
+    return (bits.double() * 2.0 ** -53 * bounds.double()[:, None]).long()
+
+
+class NegativeSampler:
+    """Draws CRD's negatives: ``other_class`` (RepDistiller's ``--mode exact``: uniform over
+    the samples of the other classes) or ``uniform`` (over every sample, as ``ContrastMemory``
+    draws when no indices are given). Drawn with replacement; see :mod:`kdscale.methods.crd`."""
+
+    def __init__(self, labels: torch.Tensor, mode: str, seed: int):
+        self.mode, self.seed, self.size = mode, seed, len(labels)
+        classes = labels.long() + 1  # -1 (a sample without a readable label) is a class of its own
+        self.labels = labels.long()
+        self.order = torch.argsort(classes, stable=True)
+        counts = torch.bincount(classes)
+        self.class_count = counts
+        self.class_start = torch.cumsum(counts, 0) - counts
+
+    def __call__(self, draw: int, indices: torch.Tensor, count: int) -> torch.Tensor:
+        device = indices.device
+        if self.mode == "uniform":
+            bounds = torch.full((len(indices),), self.size, device=device)
+            return uniform_integers(self.seed, draw, indices, count, bounds)
+        classes = self.labels.to(device)[indices] + 1
+        n_class = self.class_count.to(device)[classes]
+        start = self.class_start.to(device)[classes]
+        u = uniform_integers(self.seed, draw, indices, count, self.size - n_class)
+        position = u + n_class[:, None] * (u >= start[:, None])  # skip the anchor's class block
+        return self.order.to(device)[position]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its rows."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.start, ctx.size = rank * len(rows), len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.size]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` concatenated in rank order (gradients flow back to their rank)."""
+    return _GatherRows.apply(rows) if _world()[1] > 1 else rows
+
+
+def nce_loss(scores: torch.Tensor, is_positive: torch.Tensor, z: float, temperature: float, negatives: int,
+             dataset_size: int) -> torch.Tensor:
+    """The sum of CRD's NCE terms (RepDistiller ``ContrastLoss``) over scored pairs:
+    ``P = exp(s / T) / Z``, ``c = K / N + eps``; a positive adds ``-log(P / (P + c))``, a
+    negative ``-log((K / N) / (P + c))``."""
+    p = torch.exp(scores / temperature) / z
+    noise = negatives / dataset_size
+    log_d = torch.where(is_positive, torch.log(p / (p + noise + EPS)), torch.log(noise / (p + noise + EPS)))
+    return -log_d.sum()
+
+
+class ContrastMemory:
+    """The two banks of one rank and the constants ``Z``; not a module: its rows differ per
+    rank, so they are neither broadcast like buffers nor saved from rank 0 alone (the method
+    gathers them for checkpoints)."""
+
+    def __init__(self, dataset_size: int, dim: int, seed: int, device: torch.device | str = "cpu"):
+        self.size, self.dim = dataset_size, dim
+        self.rank, self.world = _world()
+        self.rows = len(range(self.rank, dataset_size, self.world))
+        self.student, self.teacher = self._initial_rows(seed, device)
+        self.z_student = self.z_teacher = -1.0
+        self.draws = 0
+
+    def _initial_rows(self, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RepDistiller's init (uniform in ``+-1/sqrt(D/3)``), drawn for the whole bank from one
+        seeded generator in fixed chunks and kept where this rank holds the row, so every
+        rank count starts from the same banks."""
+        stdv = 1.0 / math.sqrt(self.dim / 3)
+        gen = torch.Generator().manual_seed(seed)
+        banks = []
+        for _ in range(2):
+            mine = []
+            for start in range(0, self.size, 1 << 16):
+                chunk = torch.rand(min(1 << 16, self.size - start), self.dim, generator=gen) * (2 * stdv) - stdv
+                first = (self.rank - start) % self.world
+                mine.append(chunk[first::self.world])
+            banks.append(torch.cat(mine).to(device))
+        return banks[0], banks[1]
+
+    def bytes_per_rank(self) -> int:
+        return 2 * self.student.numel() * self.student.element_size()
+
+    def to(self, device) -> None:
+        self.student, self.teacher = self.student.to(device), self.teacher.to(device)
+
+    def scores(self, bank: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tensor):
+        """(scores, is_positive, sample of each score) of the pairs whose row this rank holds:
+        ``<bank row, anchor>`` for every column of ``contrast`` (column 0: the positive)."""
+        held = contrast % self.world == self.rank
+        sample, column = held.nonzero(as_tuple=True)
+        rows = bank[contrast[sample, column] // self.world]
+        return (rows * anchors[sample]).sum(dim=1), column == 0
+
+    def update(self, indices: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
+        """Momentum update and L2 normalisation of the held rows of ``indices`` (RepDistiller's
+        ``ContrastMemory.forward``, after the scores are taken)."""
+        held = indices % self.world == self.rank
+        rows = indices[held] // self.world
+        for bank, new in ((self.student, student[held]), (self.teacher, teacher[held])):
+            mixed = bank[rows] * momentum + new.detach().to(bank.dtype) * (1 - momentum)
+            bank.index_copy_(0, rows, mixed / mixed.pow(2).sum(1, keepdim=True).sqrt())
+
+    # -- checkpoints ------------------------------------------------------------------
+    def gathered(self) -> dict:
+        """Both whole banks (on rank 0; a collective) and the constants."""
+        state = {"z_student": self.z_student, "z_teacher": self.z_teacher, "draws": self.draws}
+        for name, bank in (("student", self.student), ("teacher", self.teacher)):
+            state[name] = self._whole(bank)
+        return state
+
+    def _whole(self, bank: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return bank.detach().cpu().clone()
+        most = len(range(0, self.size, self.world))
+        padded = torch.zeros(most, self.dim, dtype=bank.dtype, device=bank.device)
+        padded[:len(bank)] = bank
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        whole = torch.empty(self.size, self.dim, dtype=bank.dtype)
+        for rank, part in enumerate(parts):
+            whole[rank::self.world] = part[:len(range(rank, self.size, self.world))].cpu()
+        return whole
+
+    def restore(self, state: dict) -> None:
+        """Rows of the whole banks that this rank holds (any rank count)."""
+        if tuple(state["student"].shape) != (self.size, self.dim):
+            raise KdscaleError(f"the checkpoint's memory banks are {tuple(state['student'].shape)}, this run's "
+                             f"{(self.size, self.dim)} (dataset size, method.feat_dim); resume with the same "
+                             f"training shards and method.feat_dim, or start a new run (experiment.name)")
+        device = self.student.device
+        self.student = state["student"][self.rank::self.world].to(device).clone()
+        self.teacher = state["teacher"][self.rank::self.world].to(device).clone()
+        self.z_student, self.z_teacher = float(state["z_student"]), float(state["z_teacher"])
+        self.draws = int(state["draws"])

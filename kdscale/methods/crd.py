@@ -1,0 +1,182 @@
+"""``crd``: contrastive representation distillation, Tian, Krishnan & Isola, "Contrastive
+Representation Distillation", ICLR 2020 (code: github HobbitLong/RepDistiller).
+
+Two trained heads embed the penultimate features (the input of the last linear layer; see
+:mod:`kdscale.methods.relations`): ``v_S = l2(W_S f_S + b_S)``, ``v_T = l2(W_T sg(f_T) + b_T)``
+(``l2``: divide by the L2 norm; 128 dimensions). Two memory banks hold one embedding per
+training sample, ``M_S`` (the student's) and ``M_T`` (the teacher's). For a sample with
+dataset index ``i`` and ``K`` negatives ``j_1..j_K``, with ``P(v, m) = exp(<v, m> / tau) / Z``
+and ``c = K / N + eps`` (``N`` the training-set size, ``eps = 1e-7``)::
+
+    ce  = ce_weight * CE(z_S, y)
+    crd = beta * (L(v_S, M_T) + L(v_T, M_S))
+    L(v, M) = -1/B sum_i [ log(P(v_i, M_i) / (P(v_i, M_i) + c))
+                           + sum_k log((K / N) / (P(v_i, M_{j_k}) + c)) ]
+
+then ``M_S[i] <- l2(m M_S[i] + (1 - m) v_S)`` (and ``M_T`` alike) after the scores are taken.
+``Z`` is set once, from the first batch: ``mean(exp(<v, m> / tau)) * N`` over its
+``B (K + 1)`` scores, one ``Z`` per direction.
+
+Verified (RepDistiller ``crd/criterion.py``: ``CRDLoss``, ``ContrastLoss``, ``Embed``,
+``Normalize``; ``crd/memory.py``: ``ContrastMemory``; ``dataset/cifar100.py``:
+``CIFAR100InstanceSample``; ``train_student.py``; ``helper/loops.py``):
+- both heads are trained (``trainable_list`` holds ``embed_s`` and ``embed_t``); the bank rows
+  are detached; the teacher's features come from ``feat_t[-1]`` under ``no_grad``;
+- ``feat_dim 128``, ``nce_k 16384``, ``nce_t 0.07``, ``nce_m 0.5``, ``-b 0.8``, CE weight 1, no
+  KD (``-a 0``; CRD+KD is ``-a 1``: ``kd_weight: 1``, T = 4);
+- banks initialised uniform in ``+-1/sqrt(D/3)``; the update uses the embeddings of this
+  step and normalises by the plain L2 norm;
+- ``--mode exact``: the positive is the sample's own row, the negatives are drawn from the
+  samples of the *other* classes (``negatives: other_class``, the default); ``negatives:
+  uniform`` draws over every sample, as ``ContrastMemory`` does when given no indices.
+
+Choices of this port, each stated:
+- Negatives are drawn **with replacement** (RepDistiller's dataset draws each sample's
+  16384 without replacement from ~49500 on CIFAR-100). Every negative is uniform over the
+  same set either way, so the expected loss and gradient are equal; with replacement about
+  1 in 7 of a CIFAR sample's negatives repeat one already drawn (K^2 / 2 / pool).
+- The draw is a hash of ``(experiment.seed, step's draw count, dataset index, column)``, not
+  NumPy's global stream in loader workers: deterministic under a seed, the same on any
+  number of ranks, and restored on resume (the draw count is checkpointed).
+- Banks are sharded across ranks by row (:mod:`kdscale.methods.contrast_memory`), and every
+  rank scores the whole gathered batch against the rows it holds; the loss is then the
+  one-process loss over the global batch (2 ranks x b equal 1 rank x 2b, tested).
+- ``Z`` is taken over the first *global* batch (RepDistiller: its one GPU's batch).
+- Dataset indices come from the shards' ``index.json`` order (:mod:`kdscale.data.sample_index`).
+  With Mixup/CutMix the index is the unmixed sample's; an image the loader could not decode
+  is replaced by another of its batch, index included.
+The embedding heads are children (trained, sharded under ZeRO, checkpointed, not exported);
+the banks are gathered whole into each checkpoint (``2 N D`` floats), so a run resumes on any
+number of ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kdscale.errors import KdscaleError
+from kdscale.log import log
+from kdscale.methods.base import Distiller, TeacherNeeds, register_method
+from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler, gather_rows, nce_loss
+from kdscale.methods.losses import cross_entropy, soft_kl
+from kdscale.methods.relations import FeaturePairs, flat, penultimate_layer
+
+
+class Embedding(nn.Module):
+    """RepDistiller's ``Embed``: flatten, linear, divide by the L2 norm."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.linear(flat(features))
+        return x / x.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def _width(shape, key: str) -> int:
+    width = 1
+    for size in shape:
+        width *= int(size)
+    if width < 1:
+        raise KdscaleError(f"{key}: the layer gives an empty feature of shape {tuple(shape)}")
+    return width
+
+
+@register_method
+class CRD(Distiller):
+    name = "crd"
+    paper = "Tian et al. 2020, contrastive representation distillation"
+    description = "Contrastive representation distillation: NCE against memory banks of student/teacher embeddings."
+    teacher_role = "frozen"
+    needs_sample_indices = True
+
+    @dataclass
+    class Params:
+        beta: float = field(default=0.8, metadata={"ge": 0})
+        ce_weight: float = field(default=1.0, metadata={"ge": 0})
+        kd_weight: float = field(default=0.0, metadata={"ge": 0})
+        temperature: float = field(default=4.0, metadata={"gt": 0})
+        feat_dim: int = field(default=128, metadata={"ge": 1})
+        nce_k: int = field(default=16384, metadata={"ge": 1})
+        nce_t: float = field(default=0.07, metadata={"gt": 0})
+        nce_m: float = field(default=0.5, metadata={"ge": 0, "le": 1})
+        negatives: Literal["other_class", "uniform"] = "other_class"
+        student_layer: str = ""
+        teacher_layer: str = ""
+
+    def __init__(self, student, params, context):
+        super().__init__(student, params, context)
+        if context.train_labels is None:
+            raise KdscaleError("method 'crd' keeps a memory bank row per training sample: it needs the training "
+                               "set's labels by dataset index (kdscale.train reads them from the shards)")
+        self.features = FeaturePairs(student, context.frozen_teacher, [params.student_layer] if params.student_layer
+                                     else [], [params.teacher_layer] if params.teacher_layer else [],
+                                     context.image_size, penultimate_layer, key="layer")
+        s_layer, t_layer = self.features.student_layers[0], self.features.teacher_layers[0]
+        self.embed_student = Embedding(_width(self.features.student_shapes[s_layer], "method.student_layer"),
+                                       params.feat_dim)
+        self.embed_teacher = Embedding(_width(self.features.teacher_shapes[t_layer], "method.teacher_layer"),
+                                       params.feat_dim)
+        labels = context.train_labels
+        self.sampler = NegativeSampler(labels, params.negatives, context.seed)
+        if params.negatives == "other_class" and int(self.sampler.class_count.max()) == len(labels):
+            raise KdscaleError("method.negatives=other_class: every training sample has the same label, so there "
+                                   "is no other class to draw negatives from; use method.negatives=uniform")
+        self.memory = ContrastMemory(len(labels), params.feat_dim, context.seed)
+        log.info(f"crd: memory banks of {len(labels)} samples x {params.feat_dim}: "
+                 f"{self.memory.bytes_per_rank() / 2**20:.1f} MiB on each of {self.memory.world} rank(s)")
+
+    def teacher_needs(self):
+        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
+
+    def forward_train(self, images, targets, teacher_output, phase="all", sample_indices=None):
+        p = self.params
+        logits = self.student(images)
+        (fs, ft), = self.features.pairs(teacher_output.features)
+        with torch.autocast(images.device.type, enabled=False):
+            contrast = self.contrast_loss(self.embed_student(fs), self.embed_teacher(ft.detach()), sample_indices)
+        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing), "crd": p.beta * contrast}
+        if p.kd_weight > 0:
+            terms["kd"] = p.kd_weight * soft_kl(teacher_output.logits.detach(), logits, p.temperature)
+        return logits, terms
+
+    def contrast_loss(self, v_student: torch.Tensor, v_teacher: torch.Tensor,
+                      sample_indices: torch.Tensor) -> torch.Tensor:
+        """``L(v_S, M_T) + L(v_T, M_S)`` of this rank's share, then the banks' update (see
+        :mod:`kdscale.methods.contrast_memory`)."""
+        p, memory = self.params, self.memory
+        if memory.student.device != v_student.device:
+            memory.to(v_student.device)
+        local_batch = len(v_student)
+        v_s, v_t = gather_rows(v_student.float()), gather_rows(v_teacher.float())
+        indices = gather_rows(sample_indices.long())
+        contrast = torch.cat([indices[:, None], self.sampler(memory.draws, indices, p.nce_k)], dim=1)
+        s_scores, positive = memory.scores(memory.teacher, v_s, contrast)
+        t_scores, _ = memory.scores(memory.student, v_t, contrast)
+        if memory.z_student < 0:
+            self._set_normalisers(s_scores, t_scores, contrast.numel())
+        loss = (nce_loss(s_scores, positive, memory.z_student, p.nce_t, p.nce_k, memory.size)
+                + nce_loss(t_scores, positive, memory.z_teacher, p.nce_t, p.nce_k, memory.size)) / local_batch
+        memory.update(indices, v_s, v_t, p.nce_m)
+        memory.draws += 1
+        return loss
+
+    def _set_normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int) -> None:
+        memory, t = self.memory, self.params.nce_t
+        sums = torch.stack([torch.exp(s_scores.detach() / t).sum(), torch.exp(t_scores.detach() / t).sum()])
+        if memory.world > 1:
+            torch.distributed.all_reduce(sums)
+        memory.z_student, memory.z_teacher = (sums / scores_in_batch * memory.size).tolist()
+        log.info(f"crd: normalisation constants Z set to {memory.z_student:.1f} (student anchors) and "
+                 f"{memory.z_teacher:.1f} (teacher anchors)")
+
+    def gathered_state(self) -> dict:
+        return self.memory.gathered()
+
+    def restore_gathered_state(self, state: dict) -> None:
+        self.memory.restore(state)
