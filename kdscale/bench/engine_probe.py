@@ -29,7 +29,7 @@ from kdscale.dist.engines import make_engine
 from kdscale.methods import MethodContext, get_method_class
 from kdscale.runtime.teachers import FrozenTeacher
 
-GLOBAL_BATCH, STEPS, CLASSES = 8, 5, 10
+GLOBAL_BATCH, STEPS, CLASSES, SAMPLES = 8, 5, 10, 64
 
 
 class PlainNet(nn.Module):
@@ -49,9 +49,11 @@ class PlainNet(nn.Module):
 
 
 def global_batches():
-    gen = torch.Generator().manual_seed(123)
+    """(images, targets, dataset indices) of each step; the indices are distinct within a step."""
+    gen, index_gen = torch.Generator().manual_seed(123), torch.Generator().manual_seed(321)
     for _ in range(STEPS):
-        yield torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen)
+        yield (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen),
+               torch.randperm(SAMPLES, generator=index_gen)[:GLOBAL_BATCH])
 
 
 def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | None = None) -> dict:
@@ -63,27 +65,33 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     cls = get_method_class(method_name)
     mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
                          teacher_role=cls.teacher_role, teacher_name="plain24",
-                         teacher_pretrained=True, build_model=lambda _name: PlainNet(24))
+                         teacher_pretrained=True, build_model=lambda _name: PlainNet(24),
+                         train_labels=torch.arange(SAMPLES) % CLASSES)
     distiller = cls(student, cls.Params(**(params or {})), mctx).train()
     frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
         if cls.teacher_role == "frozen" else None
     engine = make_engine(strategy, distiller, cfg, ctx)
     losses = []
-    for images, targets in global_batches():
+    for images, targets, indices in global_batches():
         mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-        images, targets = images[mine], targets[mine]
+        images, targets, indices = images[mine], targets[mine], indices[mine]
         teacher_output = frozen(images) if frozen else None
         step_total = 0.0
         for phase in distiller.phases():
-            terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext)
+            terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext,
+                                         sample_indices=indices)
             step_total += sum(t.detach() for t in terms.values())
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
+    state = distiller.gathered_state()  # per-sample state (CRD's banks), gathered whole
+    banks = {k: v.double().sum().item() for k, v in (state or {}).items() if torch.is_tensor(v)}
     trainable = sum(p.numel() for p in distiller.parameters())
     per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
     return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
             "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
             "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
-            "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes()}
+            "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),
+            "gathered_state_sums": banks, "gathered_state_scalars": {k: v for k, v in (state or {}).items()
+                                                                     if not torch.is_tensor(v)}}
 
 
 def run_teacher(ctx: DistContext) -> dict:

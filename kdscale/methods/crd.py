@@ -60,10 +60,9 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.log import log
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
+from kdscale.methods.base import register_method
 from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler, gather_rows, nce_loss
-from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.methods.relations import FeaturePairs, flat, penultimate_layer
+from kdscale.methods.relations import FeatureDistiller, flat, penultimate_layer
 
 
 class Embedding(nn.Module):
@@ -88,11 +87,11 @@ def _width(shape, key: str) -> int:
 
 
 @register_method
-class CRD(Distiller):
+class CRD(FeatureDistiller):
     name = "crd"
     paper = "Tian et al. 2020, contrastive representation distillation"
     description = "Contrastive representation distillation: NCE against memory banks of student/teacher embeddings."
-    teacher_role = "frozen"
+    default_layer = staticmethod(penultimate_layer)
     needs_sample_indices = True
 
     @dataclass
@@ -110,13 +109,10 @@ class CRD(Distiller):
         teacher_layer: str = ""
 
     def __init__(self, student, params, context):
-        super().__init__(student, params, context)
         if context.train_labels is None:
             raise KdscaleError("method 'crd' keeps a memory bank row per training sample: it needs the training "
                                "set's labels by dataset index (kdscale.train reads them from the shards)")
-        self.features = FeaturePairs(student, context.frozen_teacher, [params.student_layer] if params.student_layer
-                                     else [], [params.teacher_layer] if params.teacher_layer else [],
-                                     context.image_size, penultimate_layer, key="layer")
+        super().__init__(student, params, context)
         s_layer, t_layer = self.features.student_layers[0], self.features.teacher_layers[0]
         self.embed_student = Embedding(_width(self.features.student_shapes[s_layer], "method.student_layer"),
                                        params.feat_dim)
@@ -126,24 +122,16 @@ class CRD(Distiller):
         self.sampler = NegativeSampler(labels, params.negatives, context.seed)
         if params.negatives == "other_class" and int(self.sampler.class_count.max()) == len(labels):
             raise KdscaleError("method.negatives=other_class: every training sample has the same label, so there "
-                                   "is no other class to draw negatives from; use method.negatives=uniform")
+                               "is no other class to draw negatives from; use method.negatives=uniform")
         self.memory = ContrastMemory(len(labels), params.feat_dim, context.seed)
         log.info(f"crd: memory banks of {len(labels)} samples x {params.feat_dim}: "
                  f"{self.memory.bytes_per_rank() / 2**20:.1f} MiB on each of {self.memory.world} rank(s)")
 
-    def teacher_needs(self):
-        return TeacherNeeds(logits=self.params.kd_weight > 0, features=tuple(self.features.teacher_layers))
-
-    def forward_train(self, images, targets, teacher_output, phase="all", sample_indices=None):
-        p = self.params
-        logits = self.student(images)
-        (fs, ft), = self.features.pairs(teacher_output.features)
-        with torch.autocast(images.device.type, enabled=False):
-            contrast = self.contrast_loss(self.embed_student(fs), self.embed_teacher(ft.detach()), sample_indices)
-        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing), "crd": p.beta * contrast}
-        if p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * soft_kl(teacher_output.logits.detach(), logits, p.temperature)
-        return logits, terms
+    def feature_terms(self, pairs, sample_indices=None):
+        (fs, ft), = pairs
+        with torch.autocast(fs.device.type, enabled=False):
+            contrast = self.contrast_loss(self.embed_student(fs), self.embed_teacher(ft), sample_indices)
+        return {"crd": self.params.beta * contrast}
 
     def contrast_loss(self, v_student: torch.Tensor, v_teacher: torch.Tensor,
                       sample_indices: torch.Tensor) -> torch.Tensor:

@@ -244,12 +244,14 @@ class FeatureDistiller(Distiller):
         """Whether CE and KD train now (they stay in the graph at weight 0 when not)."""
         return True
 
-    def forward_train(self, images, targets, teacher_output, phase="all"):
+    def forward_train(self, images, targets, teacher_output, phase="all", **sample_indices):
+        """``sample_indices`` (only for a subclass with ``needs_sample_indices``: CRD) reach
+        :meth:`feature_terms` as its keyword."""
         p = self.params
         logits = self.student(images)
         on = self.logit_terms_on()
         terms = {"ce": (p.ce_weight if on else 0.0) * cross_entropy(logits, targets, self.label_smoothing),
-                 **self.feature_terms(self.features.pairs(teacher_output.features))}
+                 **self.feature_terms(self.features.pairs(teacher_output.features), **sample_indices)}
         if p.kd_weight > 0:
             terms["kd"] = (p.kd_weight if on else 0.0) * soft_kl(teacher_output.logits.detach(), logits,
                                                                    p.temperature)
