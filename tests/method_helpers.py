@@ -35,6 +35,17 @@ def batch(size: int = 4, seed: int = 1):
     return torch.randn(size, 3, 32, 32, generator=gen), torch.randint(0, NUM_CLASSES, (size,), generator=gen)
 
 
+def sample_indices(size: int, seed: int = 1) -> torch.Tensor:
+    """Distinct dataset indices of the probe training set for a batch."""
+    return torch.randperm(TRAIN_SAMPLES, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+def run_forward(method, images, targets, teacher_output, phase: str = "all", seed: int = 1):
+    """``method(...)`` with dataset indices for the methods that read them (CRD)."""
+    extra = {"sample_indices": sample_indices(len(images), seed)} if method.needs_sample_indices else {}
+    return method(images, targets, teacher_output, phase=phase, **extra)
+
+
 def tap(module, layers):
     return FeatureTaps(module, layers, where="test")
 
@@ -57,4 +68,5 @@ def has_grad_from(loss, module) -> bool:
     return any(g is not None and g.abs().sum() > 0 for g in grads(loss, module))
 
 
-__all__ = ["TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from", "rows", "tap"]
+__all__ = ["TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from", "rows", "run_forward",
+           "sample_indices", "tap"]
