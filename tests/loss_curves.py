@@ -37,6 +37,7 @@ CASES = {
     "rkd": ("rkd", "resnet20", {}, 0),
     "pkt": ("pkt", "resnet20", {}, 0),
     "sp": ("sp", "wrn_16_2", {}, 0),
+    "reviewkd-epoch10": ("reviewkd", "resnet20", {}, 10),
 }
 
 

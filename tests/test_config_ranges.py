@@ -60,6 +60,9 @@ RANGES = {
     "pkt:method.temperature": ">0", "pkt:method.eps": ">0",
     "sp:method.beta": ">=0", "sp:method.ce_weight": ">=0", "sp:method.kd_weight": ">=0",
     "sp:method.temperature": ">0",
+    "reviewkd:method.ce_weight": ">=0", "reviewkd:method.review_weight": ">=0",
+    "reviewkd:method.warmup_epochs": ">=0", "reviewkd:method.mid_channels": ">=0",
+    "reviewkd:method.kd_weight": ">=0", "reviewkd:method.temperature": ">0",
 }
 # Numbers with no range: any value is meaningful.
 UNCHECKED = {"experiment.seed", "data.mean"}

@@ -38,10 +38,12 @@ EXPECTED = {
     "rkd": ({"ce", "distance", "angle"}, {"student", "teacher"}),
     "pkt": ({"ce", "pkt"}, {"student", "teacher"}),
     "sp": ({"ce", "sp"}, {"student", "teacher"}),
+    "reviewkd": ({"ce", "review"}, {"student", "teacher"}),
 }
 TEACHERS = {"kd": "resnet20", "at": "resnet20", "ctkd": "resnet20", "prokt": "resnet20", "ffcl": "resnet20",
             "sokd": "wrn_16_2", "dkd": "resnet20", "dist": "resnet20"}
 TEACHERS.update({"fitnet": "resnet20", "rkd": "resnet20", "pkt": "resnet20", "sp": "wrn_16_2"})
+TEACHERS.update({"reviewkd": "resnet20"})
 
 
 @pytest.fixture(scope="module")

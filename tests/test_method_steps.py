@@ -46,6 +46,10 @@ CASES = [
     ("sp", "wrn_16_2", {}, {"student"}, set()),
     ("sp", "resnet20", {"student_layers": ["layer2", "layer3"], "teacher_layers": ["layer2", "layer3"]},
      {"student"}, set()),
+    ("reviewkd", "resnet20", {"warmup_epochs": 0.0}, {"student", "abfs"}, set()),
+    ("reviewkd", "wrn_16_2", {"warmup_epochs": 0.0, "abf_bn": False, "mid_channels": 16, "kd_weight": 0.9},
+     {"student", "abfs"}, set()),
+    ("reviewkd", "resnet20", {}, {"student"}, {"abfs"}),  # epoch 0 of the warm-up: the review term at weight 0
 ]
 
 

@@ -124,6 +124,7 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
 FROZEN = [("kd", "resnet20"), ("at", "resnet20"), ("ctkd", "resnet20"), ("sokd", "wrn_16_2"), ("dkd", "resnet20"),
           ("dist", "resnet20")]
 FROZEN += [("fitnet", "resnet20"), ("rkd", "resnet20"), ("pkt", "resnet20"), ("sp", "wrn_16_2")]
+FROZEN += [("reviewkd", "resnet20")]  # epoch 0: review at weight 0; tests/test_reviewkd.py checks it at full weight
 
 
 @pytest.mark.parametrize("name, teacher", FROZEN)
