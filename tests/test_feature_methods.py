@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import reference as ref
+from dist_helpers import run_probe
 from kdscale.errors import KdscaleError
 from kdscale.methods.relations import penultimate_layer, pkt, rkd_angle, rkd_distance, similarity_preserving
 from kdscale.models import build_model
@@ -258,23 +259,12 @@ def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
 
 
 # -- scale-out (slow tier): the engine probe's BN-free nets, global batch 8 -------------------
-def _probe(folder, ranks: int, *args) -> list[dict]:
-    from conftest import PYTHON, ROOT, run_cli
-
-    out = folder / f"{'-'.join(args).replace('=', '_')}-{ranks}.json"
-    worker = f"{ROOT}/kdscale/bench/engine_probe.py"
-    command = ([PYTHON, worker] if ranks == 1 else ["bash", f"{ROOT}/launch/accelerate.sh", worker]) + [str(out), *args]
-    result = run_cli(command, env_extra={"KDSCALE_CPU_PROCS": str(ranks)}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.load(open(out))
-
-
 @pytest.mark.slow  # real 2-process runs
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_fitnet_two_ranks_match_one_rank(strategy, tmp_path):
     """The student and the regressor (BN-free here, like the probe's nets, so that a split batch
     changes nothing) train under DDP and ZeRO-2: 2 x 4 images give 1 x 8's losses."""
-    one, two = (_probe(tmp_path, ranks, "train", strategy, "fitnet", "regressor_bn=false") for ranks in (1, 2))
+    one, two = (run_probe(tmp_path, ranks, "train", strategy, "fitnet", "regressor_bn=false") for ranks in (1, 2))
     for a, b in zip(one[0]["losses"], two[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-5)
     assert one[0]["losses"][-1] < one[0]["losses"][0]
@@ -292,7 +282,7 @@ def test_fitnet_two_ranks_match_one_rank(strategy, tmp_path):
 
 @pytest.mark.slow  # real 2-process runs
 def test_fitnet_with_bn_regressor_trains_under_zero2(tmp_path):
-    two = _probe(tmp_path, 2, "train", "zero2", "fitnet")
+    two = run_probe(tmp_path, 2, "train", "zero2", "fitnet")
     losses = two[0]["losses"]
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert two[0]["trainable_parameters"] == two[0]["per_network_parameters"]

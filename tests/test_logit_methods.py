@@ -6,13 +6,12 @@ in the slow tier, 2 ranks equal 1 rank under DDP and ZeRO-2 on the engine probe.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
 import reference as ref
-from conftest import PYTHON, ROOT, run_cli
+from dist_helpers import run_probe
 from kdscale.methods.dist import dist_relations
 from kdscale.methods.dkd import decoupled_kd
 from kdscale.methods.losses import soft_kl, standardize_logits
@@ -191,15 +190,6 @@ def test_dist_term_routing():
 # -- scale-out (slow tier): the engine probe's BN-free nets, global batch 8 ---------------------
 PROBES = [("ddp", "dkd"), ("zero2", "dkd"), ("ddp", "dist", "intra_batch=global"),
           ("zero2", "dist", "intra_batch=global")]
-
-
-def run_probe(folder, ranks: int, *args) -> list[dict]:
-    out = folder / f"{'-'.join(args).replace('=', '_')}-{ranks}.json"
-    worker = f"{ROOT}/kdscale/bench/engine_probe.py"
-    command = ([PYTHON, worker] if ranks == 1 else ["bash", f"{ROOT}/launch/accelerate.sh", worker]) + [str(out), *args]
-    result = run_cli(command, env_extra={"KDSCALE_CPU_PROCS": str(ranks)}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.load(open(out))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, base_overrides, make_config, run_cli
+from conftest import ROOT, base_overrides, make_config, run_cli
+from dist_helpers import ACCELERATE, run_probe
 from kdscale.config import load_config
 from kdscale.dist.deepspeed_config import build_deepspeed_config
 from kdscale.errors import KdscaleError
@@ -19,18 +20,8 @@ from kdscale.train.loop import Trainer
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
 
-WORKER = os.path.join(ROOT, "kdscale", "bench", "engine_probe.py")
-ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
 COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("ddp", "prokt"), ("zero2", "prokt"),
           ("ddp", "ctkd"), ("zero2", "ctkd")]
-
-
-def run_worker(tmp_path, ranks: int, *args) -> list[dict]:
-    out = tmp_path / f"{'-'.join(args)}-{ranks}.json"
-    command = ([PYTHON, WORKER] if ranks == 1 else ["bash", ACCELERATE, WORKER]) + [str(out), *args]
-    result = run_cli(command, env_extra={"KDSCALE_CPU_PROCS": str(ranks)}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.load(open(out))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +29,8 @@ def engine_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engines")
     runs = {}
     for strategy, method in COMBOS:
-        runs[strategy, method, 1] = run_worker(folder, 1, "train", strategy, method)
-        runs[strategy, method, 2] = run_worker(folder, 2, "train", strategy, method)
+        runs[strategy, method, 1] = run_probe(folder, 1, "train", strategy, method)
+        runs[strategy, method, 2] = run_probe(folder, 2, "train", strategy, method)
     return runs
 
 
@@ -88,7 +79,7 @@ def test_zero3_partitions_trained_parameters(engine_runs):
 
 
 def test_zero3_frozen_teacher(tmp_path):
-    results = run_worker(tmp_path, 2, "teacher")
+    results = run_probe(tmp_path, 2, "teacher")
     for result in results:
         assert 0.45 < result["local_parameters"] / result["total_parameters"] < 0.55
         assert result["max_abs_diff"] < 1e-5  # same outputs as the unsharded teacher
