@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from method_helpers import batch, build_method  # noqa: E402
+from method_helpers import batch, build_method, run_forward  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "loss_curves.json")
 STEPS = 3
@@ -38,6 +38,7 @@ CASES = {
     "pkt": ("pkt", "resnet20", {}, 0),
     "sp": ("sp", "wrn_16_2", {}, 0),
     "reviewkd-epoch10": ("reviewkd", "resnet20", {}, 10),
+    "crd": ("crd", "resnet20", {"feat_dim": 16, "nce_k": 32}, 0),
 }
 
 
@@ -56,7 +57,8 @@ def loss_curve(case: str) -> list[dict[str, float]]:
         terms = {}
         for phase, optimizer in optimizers.items():
             optimizer.zero_grad(set_to_none=True)
-            _, losses = method(images, targets, frozen(images) if frozen else None, phase=phase)
+            _, losses = run_forward(method, images, targets, frozen(images) if frozen else None, phase=phase,
+                                    seed=step)
             sum(losses.values()).backward()
             optimizer.step()
             terms.update({k: v.item() for k, v in losses.items()})

@@ -63,6 +63,9 @@ RANGES = {
     "reviewkd:method.ce_weight": ">=0", "reviewkd:method.review_weight": ">=0",
     "reviewkd:method.warmup_epochs": ">=0", "reviewkd:method.mid_channels": ">=0",
     "reviewkd:method.kd_weight": ">=0", "reviewkd:method.temperature": ">0",
+    "crd:method.beta": ">=0", "crd:method.ce_weight": ">=0", "crd:method.kd_weight": ">=0",
+    "crd:method.temperature": ">0", "crd:method.feat_dim": ">=1", "crd:method.nce_k": ">=1", "crd:method.nce_t": ">0",
+    "crd:method.nce_m": "[0,1]",
 }
 # Numbers with no range: any value is meaningful.
 UNCHECKED = {"experiment.seed", "data.mean"}

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from method_helpers import batch, build_method, grads
+from method_helpers import batch, build_method, grads, run_forward
 
 # (method, teacher, params, networks that must train, networks that must not)
 CASES = [
@@ -50,6 +50,9 @@ CASES = [
     ("reviewkd", "wrn_16_2", {"warmup_epochs": 0.0, "abf_bn": False, "mid_channels": 16, "kd_weight": 0.9},
      {"student", "abfs"}, set()),
     ("reviewkd", "resnet20", {}, {"student"}, {"abfs"}),  # epoch 0 of the warm-up: the review term at weight 0
+    ("crd", "resnet20", {"feat_dim": 16, "nce_k": 32}, {"student", "embed_student", "embed_teacher"}, set()),
+    ("crd", "wrn_16_2", {"feat_dim": 16, "nce_k": 32, "negatives": "uniform", "kd_weight": 1.0},
+     {"student", "embed_student", "embed_teacher"}, set()),
 ]
 
 
@@ -69,7 +72,7 @@ def test_one_step_trains_exactly_the_intended_networks(name, teacher, params, tr
         optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "lr_scale"}
                                      for g in spec.param_groups()], lr=0.1, momentum=0.9)
         method.zero_grad(set_to_none=True)
-        _, losses = method(images, targets, frozen(images) if frozen else None, phase=phase)
+        _, losses = run_forward(method, images, targets, frozen(images) if frozen else None, phase=phase)
         total = sum(losses.values())
         assert torch.isfinite(total), losses
         phase_params = {id(p) for p in spec.module.parameters()}

@@ -19,7 +19,7 @@ from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps
 from kdscale.runtime.context import DistContext
 from kdscale.train.loop import Trainer
-from method_helpers import batch, build_method
+from method_helpers import batch, build_method, run_forward
 
 CLASSES = 5
 
@@ -124,6 +124,7 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
 FROZEN = [("kd", "resnet20"), ("at", "resnet20"), ("ctkd", "resnet20"), ("sokd", "wrn_16_2"), ("dkd", "resnet20"),
           ("dist", "resnet20")]
 FROZEN += [("fitnet", "resnet20"), ("rkd", "resnet20"), ("pkt", "resnet20"), ("sp", "wrn_16_2")]
+FROZEN += [("crd", "resnet20")]
 FROZEN += [("reviewkd", "resnet20")]  # epoch 0: review at weight 0; tests/test_reviewkd.py checks it at full weight
 
 
@@ -140,7 +141,7 @@ def test_method_lets_no_gradient_reach_the_teacher_through_its_output(name, teac
     logits = live(images)
     output = TeacherOutput(logits, taps.pop() if taps else {})
     assert logits.requires_grad and all(f.requires_grad for f in output.features.values())
-    _, losses = method(images, targets, output)
+    _, losses = run_forward(method, images, targets, output)
     sum(losses.values()).backward()
     assert all(p.grad is None or not p.grad.any() for p in live.parameters()), name
     assert any(p.grad is not None and p.grad.any() for p in method.student.parameters())

@@ -1,0 +1,186 @@
+"""CRD: the loss and bank update against a plain-Python reference of RepDistiller's formulas,
+gradient routing, the negatives' law and determinism, the dataset indices the loader gives,
+2 ranks = 1 rank under DDP and ZeRO-2 (real processes), and a resumed run's banks."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import base_overrides
+from dist_helpers import run_probe
+from method_helpers import NUM_CLASSES, TRAIN_SAMPLES, batch, build_method, has_grad_from, no_grad_from
+from reference_crd import crd_step
+from kdscale.data.loader import TrainStream
+from kdscale.data.sample_index import sample_offsets, scan_labels, shard_labels
+from kdscale.data.tar_reader import iter_samples
+from kdscale.errors import KdscaleError
+from kdscale.methods.contrast_memory import NegativeSampler, uniform_integers
+from kdscale.models import build_model
+from kdscale.train.__main__ import main as train_main
+from kdscale.runtime import checkpoint as ckpt
+
+SMALL = {"feat_dim": 8, "nce_k": 6}
+
+
+def _embeddings(method):
+    """Record what the two embedding heads output in the next forward."""
+    seen = {}
+    for name in ("embed_student", "embed_teacher"):
+        getattr(method, name).register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+    return seen
+
+
+def _rows(t):
+    return t.detach().double().tolist()
+
+
+def test_loss_and_banks_match_the_reference_over_two_steps():
+    method, frozen = build_method("crd", teacher="resnet20", **SMALL)
+    seen = _embeddings(method)
+    bank_s, bank_t = _rows(method.memory.student), _rows(method.memory.teacher)
+    z = None
+    for step, indices in enumerate(([3, 17, 42, 60], [3, 5, 17, 63])):  # rows 3 and 17 updated in step 0
+        images, _ = batch(4, seed=step + 1)
+        indices = torch.tensor(indices)
+        targets = indices % NUM_CLASSES
+        _, terms = method.forward_train(images, targets, frozen(images), sample_indices=indices)
+        contrast = torch.cat([indices[:, None], method.sampler(step, indices, SMALL["nce_k"])], 1).tolist()
+        loss, z, bank_s, bank_t = crd_step(bank_s, bank_t, _rows(seen["embed_student"]), _rows(seen["embed_teacher"]),
+                                           contrast, z, temperature=0.07, momentum=0.5)
+        assert terms["crd"].item() == pytest.approx(0.8 * loss, rel=1e-5)
+        assert (method.memory.z_student, method.memory.z_teacher) == pytest.approx(z, rel=1e-5)
+        assert torch.allclose(method.memory.student.double(), torch.tensor(bank_s, dtype=torch.double), atol=1e-6)
+        assert torch.allclose(method.memory.teacher.double(), torch.tensor(bank_t, dtype=torch.double), atol=1e-6)
+    assert method.memory.draws == 2
+
+
+def test_gradient_routing():
+    method, frozen = build_method("crd", teacher="resnet20", kd_weight=1.0, **SMALL)
+    images, _ = batch(4)
+    indices = torch.tensor([1, 2, 3, 4])
+    _, terms = method.forward_train(images, indices % NUM_CLASSES, frozen(images), sample_indices=indices)
+    assert has_grad_from(terms["crd"], method.student)
+    assert has_grad_from(terms["crd"], method.embed_student) and has_grad_from(terms["crd"], method.embed_teacher)
+    for term in ("ce", "kd"):
+        assert has_grad_from(terms[term], method.student)
+        assert no_grad_from(terms[term], method.embed_student) and no_grad_from(terms[term], method.embed_teacher)
+    assert set(method.trained_networks()) == {"student", "embed_student", "embed_teacher"}
+
+
+def test_other_class_negatives_are_uniform_over_the_other_classes():
+    labels = torch.arange(TRAIN_SAMPLES) % NUM_CLASSES
+    sampler = NegativeSampler(labels, "other_class", seed=5)
+    anchor = torch.tensor([13])  # class 3: rows 3, 13, ..., 63 (7 of 64)
+    drawn = sampler(0, anchor.repeat(1), 57_000)[0]
+    assert not (labels[drawn] == 3).any()
+    counts = torch.bincount(drawn, minlength=TRAIN_SAMPLES)
+    others = counts[labels != 3].double()
+    assert len(others) == 57 and others.min() > 0.85 * 1000 and others.max() < 1.15 * 1000
+    uniform = NegativeSampler(labels, "uniform", seed=5)(0, anchor, 64_000)[0]
+    assert torch.bincount(uniform, minlength=TRAIN_SAMPLES).min() > 850  # every sample, its own class too
+
+
+def test_negatives_are_a_function_of_seed_draw_and_index_only():
+    sampler = NegativeSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=1)
+    both = sampler(4, torch.tensor([7, 30]), 50)
+    assert torch.equal(both, sampler(4, torch.tensor([7, 30]), 50))  # deterministic
+    assert torch.equal(both[1], sampler(4, torch.tensor([30]), 50)[0])  # the batch around it does not matter
+    assert torch.equal(both.flip(0), sampler(4, torch.tensor([30, 7]), 50))
+    assert not torch.equal(both, sampler(5, torch.tensor([7, 30]), 50))  # a new draw each step
+    other_seed = NegativeSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=2)
+    assert not torch.equal(both, other_seed(4, torch.tensor([7, 30]), 50))
+    ints = uniform_integers(0, 0, torch.arange(1000), 100, torch.full((1000,), 10))
+    assert ints.min() == 0 and ints.max() == 9 and abs(ints.double().mean().item() - 4.5) < 0.05
+
+
+def test_indices_number_the_samples_in_index_json_order(synth_data):
+    shards = sorted(glob.glob(os.path.join(synth_data, "train-*.tar")))
+    offsets, total = sample_offsets(shards)
+    assert total == 1600 and sorted(offsets.values()) == list(range(0, 1600, 200))
+    expected_index, expected_label = {}, []
+    for shard in sorted(shards, key=lambda s: offsets[os.path.basename(s)]):
+        for position, sample in enumerate(iter_samples(shard)):
+            expected_index[sample["__key__"]] = offsets[os.path.basename(shard)] + position
+            expected_label.append(int(sample["cls"]))
+        assert shard_labels(shard) == expected_label[offsets[os.path.basename(shard)]:]
+    labels = scan_labels(shards, offsets, total)
+    assert labels.tolist() == expected_label
+    from kdscale.config import load_config
+
+    data = load_config(None, base_overrides(synth_data, "/tmp/unused")).data
+    stream = TrainStream(shards, data, seed=0, epoch=0, rank=0, world_size=1, batches_per_rank=50,
+                         sample_offsets=offsets)
+    seen = []
+    for b in stream:
+        assert [expected_index[k] for k in b.keys] == b.indices.tolist()
+        assert torch.equal(labels[b.indices], b.targets)
+        seen += b.indices.tolist()
+    # An epoch streams 1600 samples through a 256-sample shuffle buffer over cycling shards,
+    # so a few come twice and as many wait for the next epoch; the numbers stay each sample's.
+    assert len(seen) == 1600 and set(seen) <= set(range(1600)) and len(set(seen)) > 1300
+
+
+def test_shards_without_index_json_are_refused(tmp_path, synth_data):
+    import shutil
+
+    shutil.copy(os.path.join(synth_data, "train-000000.tar"), tmp_path / "train-000000.tar")
+    with pytest.raises(KdscaleError, match="index.json"):
+        sample_offsets([str(tmp_path / "train-000000.tar")])
+
+
+def test_a_config_without_labels_is_refused():
+    with pytest.raises(KdscaleError, match="labels"):
+        from kdscale.methods import MethodContext, get_method_class
+
+        cls = get_method_class("crd")
+        context = MethodContext(num_classes=10, image_size=32, method_name="crd",
+                                teacher_network=build_model("resnet20", 10), teacher_role="frozen")
+        cls(build_model("resnet8", 10), cls.Params(), context)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("crd-teacher") / "resnet20.pt")
+    torch.manual_seed(7)
+    torch.save(build_model("resnet20", 10).state_dict(), path)
+    return path
+
+
+def _crd_run(synth_data, out, teacher_file, *extra):
+    return train_main(base_overrides(synth_data, str(out), name="crd") + [
+        "method.name=crd", "student.name=resnet8", "teacher.name=resnet20", f"teacher.weights={teacher_file}",
+        "data.train_samples=320", "train.epochs=1", "method.nce_k=64", "method.feat_dim=16",
+        "train.checkpoint_every_steps=5", *extra])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_restores_the_banks(synth_data, tmp_path, teacher_file):
+    """Stopped after 7 steps and resumed from its step-5 checkpoint, a run ends with the banks
+    (and Z, draw count, losses) of a run that never stopped."""
+    straight = _crd_run(synth_data, tmp_path / "a", teacher_file)
+    stopped = _crd_run(synth_data, tmp_path / "b", teacher_file, "train.stop_after_steps=7")
+    assert stopped["step"] == 7 and not stopped["completed"]
+    os.remove(stopped["checkpoint"])  # resume from step 5: two steps of bank updates to redo
+    resumed = _crd_run(synth_data, tmp_path / "b", teacher_file)
+    assert resumed["completed"] and resumed["step"] == straight["step"] == 10
+    a = ckpt.load_latest_checkpoint(straight["run_dir"])[1]["method_state"]
+    b = ckpt.load_latest_checkpoint(resumed["run_dir"])[1]["method_state"]
+    assert a["draws"] == b["draws"] == 10 and (a["z_student"], a["z_teacher"]) == (b["z_student"], b["z_teacher"])
+    assert torch.equal(a["student"], b["student"]) and torch.equal(a["teacher"], b["teacher"])
+    assert a["student"].shape == (1600, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_ranks_equal_one(tmp_path, strategy):
+    """The probe's BN-free nets on a global batch of 8 split over 2 ranks: the same losses,
+    banks and Z as 1 rank (DDP), and ZeRO-2 trains to the same numbers."""
+    args = ("train", strategy, "crd", "nce_k=20", "feat_dim=16", "student_layer=layer2", "teacher_layer=layer2")
+    one, (two, _) = run_probe(tmp_path, 1, *args)[0], run_probe(tmp_path, 2, *args)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two["gathered_state_scalars"] == pytest.approx(one["gathered_state_scalars"], rel=1e-6)
+    assert two["gathered_state_sums"] == pytest.approx(one["gathered_state_sums"], rel=1e-5)
