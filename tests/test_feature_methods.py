@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import reference as ref
-from dist_helpers import run_probe
+from dist_helpers import run_probes
 from kdscale.errors import KdscaleError
 from kdscale.methods.relations import penultimate_layer, pkt, rkd_angle, rkd_distance, similarity_preserving
 from kdscale.models import build_model
@@ -259,12 +259,23 @@ def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
 
 
 # -- scale-out (slow tier): the engine probe's BN-free nets, global batch 8 -------------------
+@pytest.fixture(scope="module")
+def fitnet_runs(tmp_path_factory):
+    """BN-free FitNet under DDP and ZeRO-2 on 1 and on 2 ranks, and (2 ranks) the BN regressor
+    under ZeRO-2: one launch per rank count."""
+    folder = tmp_path_factory.mktemp("fitnet_probes")
+    plain = [("train", strategy, "fitnet", "regressor_bn=false") for strategy in ("ddp", "zero2")]
+    one = run_probes(folder, 1, *plain)
+    *two, bn = run_probes(folder, 2, *plain, ("train", "zero2", "fitnet"))
+    return {("ddp", 1): one[0], ("zero2", 1): one[1], ("ddp", 2): two[0], ("zero2", 2): two[1], "bn": bn}
+
+
 @pytest.mark.slow  # real 2-process runs
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_fitnet_two_ranks_match_one_rank(strategy, tmp_path):
+def test_fitnet_two_ranks_match_one_rank(strategy, fitnet_runs):
     """The student and the regressor (BN-free here, like the probe's nets, so that a split batch
     changes nothing) train under DDP and ZeRO-2: 2 x 4 images give 1 x 8's losses."""
-    one, two = (run_probe(tmp_path, ranks, "train", strategy, "fitnet", "regressor_bn=false") for ranks in (1, 2))
+    one, two = fitnet_runs[strategy, 1], fitnet_runs[strategy, 2]
     for a, b in zip(one[0]["losses"], two[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-5)
     assert one[0]["losses"][-1] < one[0]["losses"][0]
@@ -281,8 +292,8 @@ def test_fitnet_two_ranks_match_one_rank(strategy, tmp_path):
 
 
 @pytest.mark.slow  # real 2-process runs
-def test_fitnet_with_bn_regressor_trains_under_zero2(tmp_path):
-    two = run_probe(tmp_path, 2, "train", "zero2", "fitnet")
+def test_fitnet_with_bn_regressor_trains_under_zero2(fitnet_runs):
+    two = fitnet_runs["bn"]
     losses = two[0]["losses"]
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert two[0]["trainable_parameters"] == two[0]["per_network_parameters"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reference as ref
-from dist_helpers import run_probe
+from dist_helpers import run_probes
 from kdscale.methods.dist import dist_relations
 from kdscale.methods.dkd import decoupled_kd
 from kdscale.methods.losses import soft_kl, standardize_logits
@@ -194,9 +194,13 @@ PROBES = [("ddp", "dkd"), ("zero2", "dkd"), ("ddp", "dist", "intra_batch=global"
 
 @pytest.fixture(scope="module")
 def probe_runs(tmp_path_factory):
+    """Every probe on 1 and on 2 ranks, and (2 ranks) DIST's local form: one launch per rank count."""
     folder = tmp_path_factory.mktemp("logit_probes")
-    runs = {(probe, ranks): run_probe(folder, ranks, "train", *probe) for probe in PROBES for ranks in (1, 2)}
-    runs["local", 2] = run_probe(folder, 2, "train", "ddp", "dist")
+    cases = [("train", *probe) for probe in PROBES]
+    runs = {(probe, 1): result for probe, result in zip(PROBES, run_probes(folder, 1, *cases))}
+    *two, local = run_probes(folder, 2, *cases, ("train", "ddp", "dist"))
+    runs.update({(probe, 2): result for probe, result in zip(PROBES, two, strict=True)})
+    runs["local", 2] = local
     return runs
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, base_overrides, make_config, run_cli
-from dist_helpers import ACCELERATE, run_probe
+from dist_helpers import ACCELERATE, run_probes
 from kdscale.config import load_config
 from kdscale.dist.deepspeed_config import build_deepspeed_config
 from kdscale.errors import KdscaleError
@@ -26,11 +26,15 @@ COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("dd
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
+    """Every combination on 1 and on 2 ranks, and (2 ranks) the ZeRO-3 frozen teacher: one
+    launch per rank count, the cases one after the other in the same processes."""
     folder = tmp_path_factory.mktemp("engines")
-    runs = {}
-    for strategy, method in COMBOS:
-        runs[strategy, method, 1] = run_probe(folder, 1, "train", strategy, method)
-        runs[strategy, method, 2] = run_probe(folder, 2, "train", strategy, method)
+    cases = [("train", strategy, method) for strategy, method in COMBOS]
+    one = run_probes(folder, 1, *cases)
+    *two, teacher = run_probes(folder, 2, *cases, ("teacher",))
+    runs = {(strategy, method, 1): result for (strategy, method), result in zip(COMBOS, one, strict=True)}
+    runs.update({(strategy, method, 2): result for (strategy, method), result in zip(COMBOS, two, strict=True)})
+    runs["teacher"] = teacher
     return runs
 
 
@@ -78,9 +82,8 @@ def test_zero3_partitions_trained_parameters(engine_runs):
             assert rank_result["local_parameters"] == rank_result["trainable_parameters"]
 
 
-def test_zero3_frozen_teacher(tmp_path):
-    results = run_probe(tmp_path, 2, "teacher")
-    for result in results:
+def test_zero3_frozen_teacher(engine_runs):
+    for result in engine_runs["teacher"]:
         assert 0.45 < result["local_parameters"] / result["total_parameters"] < 0.55
         assert result["max_abs_diff"] < 1e-5  # same outputs as the unsharded teacher
         assert result["feature_shape"] == [4, 32, 8, 8]  # hooks still tap features

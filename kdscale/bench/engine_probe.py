@@ -10,6 +10,10 @@ Modes:
   parameters, the rest keep their defaults.
 - ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
   the unsharded teacher and the locally held parameters.
+
+Modes joined by ``+`` (``OUT train ddp kd + train zero2 kd``) run one after the other in one
+launch, each from its own seed and networks: the scale-out tests pay the process start-up
+(most of a probe's time) once per rank count, not once per case.
 """
 
 from __future__ import annotations
@@ -108,9 +112,8 @@ def run_teacher(ctx: DistContext) -> dict:
             "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
 
 
-def main() -> None:
-    out_path, mode, *rest = sys.argv[1:]
-    ctx = DistContext.from_env()
+def run_spec(ctx: DistContext, mode: str, *rest: str) -> list[dict]:
+    """One mode's result of every rank, in rank order."""
     params = {key: yaml.safe_load(value) for key, value in (arg.split("=", 1) for arg in rest[2:])}
     result = run_teacher(ctx) if mode == "teacher" else run_train(rest[0], rest[1], ctx, params)
     gathered = [None] * ctx.world_size
@@ -118,9 +121,30 @@ def main() -> None:
         torch.distributed.all_gather_object(gathered, result)
     else:
         gathered = [result]
+    return gathered
+
+
+def split_specs(args: list[str]) -> list[list[str]]:
+    """``train ddp kd + train zero2 kd + teacher`` -> one list per mode."""
+    specs: list[list[str]] = [[]]
+    for arg in args:
+        if arg == "+":
+            specs.append([])
+        else:
+            specs[-1].append(arg)
+    return specs
+
+
+def main() -> None:
+    """``OUT MODE ...``: OUT holds the per-rank results. Several modes joined by ``+`` run one after
+    the other in the same processes (one launch); OUT then holds one such list per mode."""
+    out_path, *args = sys.argv[1:]
+    ctx = DistContext.from_env()
+    specs = split_specs(args)
+    results = [run_spec(ctx, *spec) for spec in specs]
     if ctx.is_main:
         with open(out_path, "w") as fh:
-            json.dump(gathered, fh)
+            json.dump(results[0] if len(specs) == 1 else results, fh)
     ctx.barrier()
     ctx.shutdown()
 
