@@ -58,6 +58,24 @@ def memory_ratios(per_rank_bytes: dict[str, list[dict]]) -> dict[str, dict]:
     return ratios
 
 
+def bench_crd(out_dir: str, samples: int, negatives: int, batch_per_rank: int = 32, dim: int = 128,
+              steps: int = 3) -> dict:
+    """CRD's memory banks for ``samples`` training samples on 1 and on 2 ranks: bytes of each
+    rank's rows, the resident memory they added, and the contrast loss's seconds per step
+    (forward and backward, ``batch_per_rank`` images per rank, ``negatives`` each)."""
+    per_rank = {}
+    for processes in (1, 2):
+        path = os.path.join(out_dir, f"crd-bank-{processes}.json")
+        result = launch(processes, ["-m", "kdscale.bench.engine_probe", path, "crd_bank", str(samples), str(dim),
+                                    str(batch_per_rank), str(negatives), str(steps)])
+        if result.returncode != 0:
+            raise RuntimeError(f"CRD bank probe on {processes} process(es) failed:\n{result.stderr[-2000:]}")
+        per_rank[str(processes)] = json.load(open(path))
+    ratio = per_rank["2"][0]["bank_bytes"] / per_rank["1"][0]["bank_bytes"]
+    return {"samples": samples, "dim": dim, "negatives": negatives, "batch_per_rank": batch_per_rank,
+            "per_rank": per_rank, "ratios": {"crd_bank_bytes_2_vs_1_rank": exact_ratio(ratio)}}
+
+
 def training_images_per_s(train_args: list[str], out_dir: str, processes: int, name: str) -> float:
     """Mean logged images/s of one training run, its first (warm-up) window left out."""
     result = launch(processes, ["-m", "kdscale.train", *train_args, f"experiment.name={name}",

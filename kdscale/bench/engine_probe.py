@@ -10,6 +10,10 @@ Modes:
   parameters, the rest keep their defaults.
 - ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
   the unsharded teacher and the locally held parameters.
+- ``crd_bank <samples> <dim> <batch per rank> <negatives> <steps>``: CRD's memory banks for a
+  training set of that size, sharded over the ranks: the bytes of this rank's rows, the
+  resident memory they added, and the seconds per step of the contrast loss's forward and
+  backward (median over the steps after the first) on random embeddings.
 
 Modes joined by ``+`` (``OUT train ddp kd + train zero2 kd``) run one after the other in one
 launch, each from its own seed and networks: the scale-out tests pay the process start-up
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -112,10 +117,48 @@ def run_teacher(ctx: DistContext) -> dict:
             "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_crd_bank(ctx: DistContext, samples: int, dim: int, batch: int, negatives: int, steps: int) -> dict:
+    import statistics
+    import time
+
+    from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler
+
+    ContrastMemory(1 << 13, dim, seed=1, device=ctx.device)  # first-use costs (threads, allocator) left out
+    before = _resident_bytes()
+    memory = ContrastMemory(samples, dim, seed=0, device=ctx.device)
+    added = _resident_bytes() - before
+    sampler = NegativeSampler(torch.arange(samples) % 1000, "other_class", seed=0)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    times = []
+    for step in range(steps + 1):
+        v_s, v_t = (torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(ctx.device)
+                    for _ in range(2))
+        v_s.requires_grad_(True)
+        indices = torch.randint(0, samples, (batch,), generator=gen).to(ctx.device)
+        start = time.perf_counter()
+        memory.contrast_loss(v_s, v_t, indices, sampler, negatives, 0.07, 0.5).backward()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"bank_bytes": memory.bytes_per_rank(), "resident_bytes_added": added, "rows": memory.rows,
+            "step_seconds": statistics.median(times)}
+
+
 def run_spec(ctx: DistContext, mode: str, *rest: str) -> list[dict]:
     """One mode's result of every rank, in rank order."""
-    params = {key: yaml.safe_load(value) for key, value in (arg.split("=", 1) for arg in rest[2:])}
-    result = run_teacher(ctx) if mode == "teacher" else run_train(rest[0], rest[1], ctx, params)
+    if mode == "crd_bank":
+        result = run_crd_bank(ctx, *(int(value) for value in rest))
+    elif mode == "teacher":
+        result = run_teacher(ctx)
+    else:
+        params = {key: yaml.safe_load(value) for key, value in (arg.split("=", 1) for arg in rest[2:])}
+        result = run_train(rest[0], rest[1], ctx, params)
     gathered = [None] * ctx.world_size
     if ctx.distributed:
         torch.distributed.all_gather_object(gathered, result)

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "compile", "data", "imagenet_data", "writer", "memory", "scaling")
+SECTIONS = ("compute", "compile", "data", "imagenet_data", "writer", "memory", "crd", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
@@ -34,8 +34,10 @@ GOALS = {  # ratio -> (goal, description)
     "zero3_parameters_vs_ddp": (0.55, "ZeRO-3 per-rank parameters / DDP's (goal: at most)"),
     "per_process_efficiency_2_vs_1": (None, "images/s per process, 2 processes / 1"),
     "compiled_vs_eager_online_kd": (None, "online KD step with train.compile=all / eager"),
+    "crd_bank_bytes_2_vs_1_rank": (0.5, "CRD memory-bank bytes per rank, 2 ranks / 1 (goal: at most)"),
 }
-AT_MOST = {"zero1_optimizer_state_vs_ddp", "zero2_optimizer_state_vs_ddp", "zero3_optimizer_state_vs_ddp", "zero3_parameters_vs_ddp"}
+AT_MOST = {"zero1_optimizer_state_vs_ddp", "zero2_optimizer_state_vs_ddp", "zero3_optimizer_state_vs_ddp", "zero3_parameters_vs_ddp",
+           "crd_bank_bytes_2_vs_1_rank"}
 
 
 def machine() -> dict:
@@ -120,6 +122,14 @@ def format_report(result: dict) -> str:
         for strategy, ranks in result["memory"]["per_rank_bytes"].items():
             r = ranks[0]
             lines.append(f"- {strategy}: {r['parameter_bytes']} / {r['gradient_bytes']} / {r['optimizer_state_bytes']}")
+    if "crd" in result:
+        crd = result["crd"]
+        lines += ["", f"CRD memory banks, {crd['samples']} samples x {crd['dim']} (bytes of the rows / resident "
+                      f"memory added / contrast-loss seconds per step, {crd['batch_per_rank']} images per rank x "
+                      f"{crd['negatives']} negatives):"]
+        lines += [f"- {processes} rank(s): " + "; ".join(
+            f"rank {i}: {r['bank_bytes'] / 2**20:.1f} MiB / {r['resident_bytes_added'] / 2**20:.1f} MiB / "
+            f"{r['step_seconds']:.3f} s" for i, r in enumerate(ranks)) for processes, ranks in crd["per_rank"].items()]
     if "scaling" in result:
         lines += ["", "training images/s (median, IQR): " + ", ".join(
             f"{k} process(es) {v['median']:.1f} (IQR {v['iqr']:.1f})"
@@ -184,6 +194,11 @@ def run_bench(args) -> dict:
     if "memory" in sections:
         result["memory"] = bench_memory(out)
         result["ratios"].update(result["memory"]["ratios"])
+    if "crd" in sections:  # quick: CIFAR-100's 50000 samples; full: ImageNet's 1281167
+        from kdscale.bench.distributed import bench_crd
+
+        result["crd"] = bench_crd(out, samples=50000 if args.quick else 1281167, negatives=4096 if args.quick else 16384)
+        result["ratios"].update(result["crd"]["ratios"])
     if "scaling" in sections:
         train_args = [f"data.train_shards={data_dir}/train-*.tar", f"data.val_shards={data_dir}/val-*.tar",
                       f"data.num_classes={args.num_classes}", f"data.image_size={args.image_size}",

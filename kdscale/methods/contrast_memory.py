@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kdscale.errors import KdscaleError
+from kdscale.log import log
 
 EPS = 1e-7  # RepDistiller crd/criterion.py
 _MASK64 = (1 << 64) - 1
@@ -152,12 +153,13 @@ class ContrastMemory:
         gen = torch.Generator().manual_seed(seed)
         banks = []
         for _ in range(2):
-            mine = []
-            for start in range(0, self.size, 1 << 16):
-                chunk = torch.rand(min(1 << 16, self.size - start), self.dim, generator=gen) * (2 * stdv) - stdv
-                first = (self.rank - start) % self.world
-                mine.append(chunk[first::self.world])
-            banks.append(torch.cat(mine).to(device))
+            bank, filled = torch.empty(self.rows, self.dim), 0
+            for start in range(0, self.size, 1 << 12):  # small chunks: the peak is the bank + 2 MB
+                chunk = torch.rand(min(1 << 12, self.size - start), self.dim, generator=gen) * (2 * stdv) - stdv
+                mine = chunk[(self.rank - start) % self.world::self.world]
+                bank[filled:filled + len(mine)] = mine
+                filled += len(mine)
+            banks.append(bank.to(device))
         return banks[0], banks[1]
 
     def bytes_per_rank(self) -> int:
@@ -182,6 +184,37 @@ class ContrastMemory:
         for bank, new in ((self.student, student[held]), (self.teacher, teacher[held])):
             mixed = bank[rows] * momentum + new.detach().to(bank.dtype) * (1 - momentum)
             bank.index_copy_(0, rows, mixed / mixed.pow(2).sum(1, keepdim=True).sqrt())
+
+    def contrast_loss(self, v_student: torch.Tensor, v_teacher: torch.Tensor, sample_indices: torch.Tensor,
+                      sampler: NegativeSampler, negatives: int, temperature: float, momentum: float) -> torch.Tensor:
+        """``L(v_S, M_T) + L(v_T, M_S)`` of this rank's share (see the module docstring), then
+        the banks' update and the next draw."""
+        if self.student.device != v_student.device:
+            self.to(v_student.device)
+        local_batch = len(v_student)
+        v_s, v_t = gather_rows(v_student.float()), gather_rows(v_teacher.float())
+        indices = gather_rows(sample_indices.long())
+        contrast = torch.cat([indices[:, None], sampler(self.draws, indices, negatives)], dim=1)
+        s_scores, positive = self.scores(self.teacher, v_s, contrast)
+        t_scores, _ = self.scores(self.student, v_t, contrast)
+        if self.z_student < 0:
+            self._set_normalisers(s_scores, t_scores, contrast.numel(), temperature)
+        loss = (nce_loss(s_scores, positive, self.z_student, temperature, negatives, self.size)
+                + nce_loss(t_scores, positive, self.z_teacher, temperature, negatives, self.size)) / local_batch
+        self.update(indices, v_s, v_t, momentum)
+        self.draws += 1
+        return loss
+
+    def _set_normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int,
+                         temperature: float) -> None:
+        """``Z = mean(exp(s / T)) * N`` over the global batch's scores, once per direction."""
+        sums = torch.stack([torch.exp(s_scores.detach() / temperature).sum(),
+                            torch.exp(t_scores.detach() / temperature).sum()])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        self.z_student, self.z_teacher = (sums / scores_in_batch * self.size).tolist()
+        log.info(f"crd: normalisation constants Z set to {self.z_student:.1f} (student anchors) and "
+                 f"{self.z_teacher:.1f} (teacher anchors)")
 
     # -- checkpoints ------------------------------------------------------------------
     def gathered(self) -> dict:

@@ -61,7 +61,7 @@ from torch import nn
 from kdscale.errors import KdscaleError
 from kdscale.log import log
 from kdscale.methods.base import register_method
-from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler, gather_rows, nce_loss
+from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler
 from kdscale.methods.relations import FeatureDistiller, flat, penultimate_layer
 
 
@@ -130,38 +130,10 @@ class CRD(FeatureDistiller):
     def feature_terms(self, pairs, sample_indices=None):
         (fs, ft), = pairs
         with torch.autocast(fs.device.type, enabled=False):
-            contrast = self.contrast_loss(self.embed_student(fs), self.embed_teacher(ft), sample_indices)
+            p = self.params
+            contrast = self.memory.contrast_loss(self.embed_student(fs), self.embed_teacher(ft), sample_indices,
+                                                 self.sampler, p.nce_k, p.nce_t, p.nce_m)
         return {"crd": self.params.beta * contrast}
-
-    def contrast_loss(self, v_student: torch.Tensor, v_teacher: torch.Tensor,
-                      sample_indices: torch.Tensor) -> torch.Tensor:
-        """``L(v_S, M_T) + L(v_T, M_S)`` of this rank's share, then the banks' update (see
-        :mod:`kdscale.methods.contrast_memory`)."""
-        p, memory = self.params, self.memory
-        if memory.student.device != v_student.device:
-            memory.to(v_student.device)
-        local_batch = len(v_student)
-        v_s, v_t = gather_rows(v_student.float()), gather_rows(v_teacher.float())
-        indices = gather_rows(sample_indices.long())
-        contrast = torch.cat([indices[:, None], self.sampler(memory.draws, indices, p.nce_k)], dim=1)
-        s_scores, positive = memory.scores(memory.teacher, v_s, contrast)
-        t_scores, _ = memory.scores(memory.student, v_t, contrast)
-        if memory.z_student < 0:
-            self._set_normalisers(s_scores, t_scores, contrast.numel())
-        loss = (nce_loss(s_scores, positive, memory.z_student, p.nce_t, p.nce_k, memory.size)
-                + nce_loss(t_scores, positive, memory.z_teacher, p.nce_t, p.nce_k, memory.size)) / local_batch
-        memory.update(indices, v_s, v_t, p.nce_m)
-        memory.draws += 1
-        return loss
-
-    def _set_normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int) -> None:
-        memory, t = self.memory, self.params.nce_t
-        sums = torch.stack([torch.exp(s_scores.detach() / t).sum(), torch.exp(t_scores.detach() / t).sum()])
-        if memory.world > 1:
-            torch.distributed.all_reduce(sums)
-        memory.z_student, memory.z_teacher = (sums / scores_in_batch * memory.size).tolist()
-        log.info(f"crd: normalisation constants Z set to {memory.z_student:.1f} (student anchors) and "
-                 f"{memory.z_teacher:.1f} (teacher anchors)")
 
     def gathered_state(self) -> dict:
         return self.memory.gathered()
