@@ -127,3 +127,19 @@ def test_same_first_batch_loss_as_torchdistill(bench):
     result, _ = bench
     losses = result["compute"]["first_batch_loss"]
     assert losses["kdscale"] == pytest.approx(losses["torchdistill"], rel=1e-5)
+
+
+@pytest.mark.slow  # real multi-process runs
+def test_crd_banks_halve_per_rank_on_two_ranks(tmp_path):
+    """``kdscale bench --sections crd`` at 200000 samples: each of 2 ranks holds half the rows,
+    and the resident memory the banks add is what their bytes say (not a whole bank per rank)."""
+    from kdscale.bench.distributed import bench_crd
+
+    result = bench_crd(str(tmp_path), samples=200_000, negatives=256, steps=1)
+    one, two = result["per_rank"]["1"], result["per_rank"]["2"]
+    assert one[0]["rows"] == 200_000 and [r["rows"] for r in two] == [100_000, 100_000]
+    assert one[0]["bank_bytes"] == 2 * 200_000 * 128 * 4
+    assert result["ratios"]["crd_bank_bytes_2_vs_1_rank"]["median"] == 0.5
+    for rank in one + two:
+        assert 0.5 * rank["bank_bytes"] < rank["resident_bytes_added"] < 1.5 * rank["bank_bytes"], rank
+        assert rank["step_seconds"] > 0

@@ -191,6 +191,8 @@ PUBLISHED_CIFAR = [
     ("pkt", "wrn_40_2", "wrn_16_2", "74.54", "RepDistiller"),
     ("sp", "resnet32x4", "resnet8x4", "72.94", "RepDistiller"),
     ("sp", "wrn_40_2", "wrn_16_2", "73.83", "RepDistiller"),
+    ("crd", "resnet32x4", "resnet8x4", "75.51", "RepDistiller"),
+    ("crd", "wrn_40_2", "wrn_16_2", "75.48", "RepDistiller"),
     ("dkd", "wrn_40_2", "wrn_16_2", "76.23", "mdistiller"),
     ("dkd", "resnet56", "resnet20", "71.97", "mdistiller"),
     ("dkd", "resnet110", "resnet32", "74.11", "mdistiller"),

@@ -5,7 +5,7 @@ Two kinds of figures are here, each with where it is published and the setting i
 measured in:
 - those recorded in the project's design notes (``design/anchors.md``, "published top-1 %,
   from the authors' READMEs");
-- for the methods kdscale ships that the notes leave out (FitNet, RKD, PKT, SP) and the
+- for the methods kdscale ships that the notes leave out (FitNet, RKD, PKT, SP, CRD) and the
   other pairs of DKD and DIST, the figures that the method's config cites
   (``configs/<method>_cifar100.yaml``), each read back from that README table.
 ``checked`` names the README the figure was read back from; an empty ``checked`` means the
@@ -92,6 +92,9 @@ REFERENCES: tuple[Reference, ...] = (
     _cifar("pkt", _W402, _W162, 74.54, REPDISTILLER, URLS["repdistiller"]),
     _cifar("sp", _R32x4, _R8x4, 72.94, REPDISTILLER, URLS["repdistiller"]),
     _cifar("sp", _W402, _W162, 73.83, REPDISTILLER, URLS["repdistiller"]),
+    # CRD itself, cited by configs/crd_cifar100.yaml: the same table's CRD row (-a 0 -b 0.8).
+    _cifar("crd", _R32x4, _R8x4, 75.51, REPDISTILLER, URLS["repdistiller"]),
+    _cifar("crd", _W402, _W162, 75.48, REPDISTILLER, URLS["repdistiller"]),
     _imagenet("kd", _R34, _R18, 71.03, MDISTILLER, URLS["mdistiller"]),
     _imagenet("dkd", _R34, _R18, 71.70, MDISTILLER, URLS["mdistiller"]),
     _imagenet("dist", _R34, _R18, 72.07, DIST, URLS["dist"]),
