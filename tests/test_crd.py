@@ -184,3 +184,23 @@ def test_two_ranks_equal_one(tmp_path, strategy):
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["gathered_state_scalars"] == pytest.approx(one["gathered_state_scalars"], rel=1e-6)
     assert two["gathered_state_sums"] == pytest.approx(one["gathered_state_sums"], rel=1e-5)
+
+
+def test_banks_restore_on_another_rank_count():
+    """A checkpoint holds the banks whole; each rank of any count takes its rows back, and the
+    shards of every count start from the same rows."""
+    from kdscale.methods.contrast_memory import ContrastMemory
+
+    whole = ContrastMemory(50, 4, seed=3)
+    whole.student.add_(1.0)  # as if trained
+    whole.z_student, whole.z_teacher, whole.draws = 7.0, 8.0, 9
+    state = whole.gathered()
+    for world in (2, 3):
+        for rank in range(world):
+            shard = ContrastMemory(50, 4, seed=3, rank_and_world=(rank, world))
+            assert torch.equal(shard.teacher, whole.teacher[rank::world])  # same initial rows on any count
+            shard.restore(state)
+            assert torch.equal(shard.student, whole.student[rank::world])
+            assert (shard.z_student, shard.z_teacher, shard.draws) == (7.0, 8.0, 9)
+    with pytest.raises(KdscaleError, match="feat_dim"):
+        ContrastMemory(50, 8, seed=3).restore(state)

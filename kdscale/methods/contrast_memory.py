@@ -137,9 +137,11 @@ class ContrastMemory:
     rank, so they are neither broadcast like buffers nor saved from rank 0 alone (the method
     gathers them for checkpoints)."""
 
-    def __init__(self, dataset_size: int, dim: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, dataset_size: int, dim: int, seed: int, device: torch.device | str = "cpu",
+                 rank_and_world: tuple[int, int] | None = None):
+        """``rank_and_world``: the shard to hold (default: this process's rank in its group)."""
         self.size, self.dim = dataset_size, dim
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world or _world()
         self.rows = len(range(self.rank, dataset_size, self.world))
         self.student, self.teacher = self._initial_rows(seed, device)
         self.z_student = self.z_teacher = -1.0
