@@ -173,6 +173,40 @@ def test_the_preemption_file_stops_before_any_work(small_data, teacher_file, tmp
     assert summary["ranks_stopped"] == 1 and summary["shards_written"] == 0 and summary["exit_code"] == 0
 
 
+def test_outputs_written_with_other_settings_are_refused(small_data, teacher_file, tmp_path):
+    """A rerun reuses finished companions, so one with another crops_per_image (or top_k, seed,
+    teacher...) must not add to them: one line names what differs, before any work."""
+    from kdscale.errors import KdscaleError
+    from kdscale.teach.writer import teach
+
+    outputs = str(tmp_path / "out")
+    flag = tmp_path / "preempt"
+    flag.touch()  # writes the metadata, then stops before any shard
+    teach(teach_config(small_data, outputs, teacher_file, f"train.preempt_file={flag}"))
+    with pytest.raises(KdscaleError, match=r"crops_per_image 3 there, 5 now.*another teacher\.outputs"):
+        teach(teach_config(small_data, outputs, teacher_file, "teacher.crops_per_image=5"))
+    with pytest.raises(KdscaleError, match=r"seed 7 there, 8 now"):
+        teach(teach_config(small_data, outputs, teacher_file, "experiment.seed=8"))
+    assert teach(teach_config(small_data, outputs, teacher_file, f"train.preempt_file={flag}"))["exit_code"] == 0
+
+
+def test_a_second_job_on_the_same_outputs_is_refused(small_data, teacher_file, tmp_path):
+    """Two kdscale.teach jobs on one teacher.outputs would write the same companions: the
+    second is refused at once, naming the first (the lock is the kernel's, as for runs)."""
+    from kdscale.errors import KdscaleError
+    from kdscale.lifecycle.run_lock import RunLock
+    from kdscale.teach.writer import teach
+
+    outputs = str(tmp_path / "out")
+    first = RunLock(outputs).acquire(what="kdscale.teach job")  # the other job, holding the directory
+    try:
+        with pytest.raises(KdscaleError, match=r"in use by another kdscale\.teach job \(pid \d+ .*teacher\.outputs"):
+            teach(teach_config(small_data, outputs, teacher_file))
+        assert not [n for n in os.listdir(outputs) if n.endswith(".tar")]
+    finally:
+        first.release()
+
+
 @pytest.mark.slow
 def test_loader_workers_write_what_the_per_image_writer_wrote(small_data, teacher_file, tmp_path):
     from kdscale.teach.writer import teach

@@ -111,6 +111,24 @@ def companion_path(image_shard: str, outputs_dir: str) -> str:
     return os.path.join(outputs_dir, os.path.basename(image_shard))
 
 
+def check_same_settings(outputs_dir: str, meta: dict) -> None:
+    """Refuse to add to (or reuse) teacher outputs written with other settings than ``meta``
+    (kdscale.teach reuses finished companions as they are, so every setting that shapes a
+    record must be the one recorded); the list of image shards may grow."""
+    path = os.path.join(outputs_dir, META_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        recorded = json.load(fh)
+    wanted = json.loads(json.dumps(meta))  # as JSON gives it back (tuples as lists)
+    changed = [key for key in wanted if key != "image_shards" and recorded.get(key, wanted[key]) != wanted[key]]
+    if changed:
+        what = ", ".join(f"{key} {recorded.get(key)!r} there, {wanted[key]!r} now" for key in changed)
+        raise KdscaleError(f"teacher.outputs={outputs_dir} holds teacher outputs written with other settings ({what}); "
+                           f"a rerun reuses its finished shards, so use another teacher.outputs, or delete that "
+                           f"directory to rewrite it")
+
+
 def read_meta(outputs_dir: str) -> dict:
     path = os.path.join(outputs_dir, META_FILE)
     if not os.path.isfile(path):

@@ -22,8 +22,9 @@ class RunLock:
         self.path = os.path.join(run_dir, LOCK_FILE)
         self._fh = None
 
-    def acquire(self, what: str = "run") -> "RunLock":
-        """Take the lock or raise :class:`KdscaleError` naming its holder."""
+    def acquire(self, what: str = "run", fix: str = "(it resumes from its last checkpoint), or choose another "
+                                                        "experiment.name") -> "RunLock":
+        """Take the lock or raise :class:`KdscaleError` naming its holder (``fix``: what to do)."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -34,7 +35,7 @@ class RunLock:
             fh.close()
             run_dir = os.path.dirname(self.path)
             raise KdscaleError(f"{run_dir} is in use by another {what} ({holder}); wait for it to end or stop it "
-                               f"(it resumes from its last checkpoint), or choose another experiment.name") from None
+                               f"{fix}") from None
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
@@ -58,7 +59,7 @@ def _describe(text: str) -> str:
         return "holder unknown"
 
 
-def lock_for_ranks(ctx, run_dir: str, held: RunLock | None = None) -> RunLock | None:
+def lock_for_ranks(ctx, run_dir: str, held: RunLock | None = None, **acquire) -> RunLock | None:
     """Rank 0 takes ``run_dir``'s lock (unless it already ``held`` it) and every rank of
     ``ctx`` learns whether it did: rank 0 raises the refusal, the others exit quietly with
     the same status."""
@@ -67,7 +68,7 @@ def lock_for_ranks(ctx, run_dir: str, held: RunLock | None = None) -> RunLock | 
     lock, refusal = held, None
     if ctx.is_main and lock is None:
         try:
-            lock = RunLock(run_dir).acquire()
+            lock = RunLock(run_dir).acquire(**acquire)
         except KdscaleError as err:
             refusal = err
     held = torch.tensor([0.0 if refusal else 1.0], device=ctx.device)

@@ -31,7 +31,7 @@ import torch
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.shards import expand_shards, samples_from_index
-from kdscale.data.teacher_outputs import FIELD, META_FILE, companion_path, encode_record
+from kdscale.data.teacher_outputs import FIELD, META_FILE, check_same_settings, companion_path, encode_record
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import EVERY_RANK, log
@@ -218,12 +218,15 @@ class TeacherOutputWriter:
         return make_loader(stream, dataclasses.replace(data, num_workers=workers),
                            pin_memory=self.ctx.device.type == "cuda")
 
-    def _write_meta(self) -> None:
-        meta = {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
+    def _meta(self) -> dict:
+        return {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
                 "top_k": self.spec.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
                 "num_classes": self.cfg.data.num_classes, "softmax_temperature": 1.0,
                 "teacher_preprocessing": self.view.target.as_meta(),
                 "image_shards": [os.path.basename(s) for s in self.shards]}
+
+    def _write_meta(self) -> None:
+        meta = self._meta()
         path = os.path.join(self.spec.outputs, META_FILE)
         with open(path + TMP, "w") as fh:
             json.dump(meta, fh, indent=2)
@@ -255,6 +258,7 @@ class TeacherOutputWriter:
 
     def run(self) -> dict:
         os.makedirs(self.spec.outputs, exist_ok=True)
+        check_same_settings(self.spec.outputs, self._meta())
         if self.ctx.is_main:
             self._write_meta()
         mine = self.shards[self.ctx.rank::self.ctx.world_size]
@@ -294,27 +298,33 @@ def teach(cfg: ExperimentConfig, watchdog: Watchdog | None = None) -> dict:
     """Write the teacher outputs; ``summary["exit_code"]`` is 0, or 128 + N after SIGINT or
     SIGTERM (stopped, not finished; SIGUSR1 and the preemption file are 0: requeue)."""
     from kdscale.config import config_to_dict
+    from kdscale.lifecycle.run_lock import lock_for_ranks
     from kdscale.lifecycle.stop import StopSignals
     from kdscale.runtime.tracking import Tracker
 
     ctx = DistContext.from_env(cfg.distributed.timeout_s)
-    tracker = None
+    tracker = lock = None
     failed = True
     signals = StopSignals(ctx.rank)
     try:
         with signals:
+            writer = TeacherOutputWriter(cfg, ctx, watchdog, signals)
+            lock = lock_for_ranks(ctx, cfg.teacher.outputs, what="kdscale.teach job",
+                                  fix="(a rerun continues its shards), or choose another teacher.outputs")
             tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
             start = time.perf_counter()
-            summary = TeacherOutputWriter(cfg, ctx, watchdog, signals).run()
+            summary = writer.run()
         summary["images_per_s"] = summary["samples_written"] / max(1e-9, time.perf_counter() - start)
         summary["stopped_by"], summary["exit_code"] = signals.name, signals.exit_code()
         tracker.log({"teach/samples_written": summary["samples_written"],
                      "teach/shards_written": summary["shards_written"],
                      "perf/images_per_s": summary["images_per_s"]}, 0)
         failed = False
-    finally:  # flush the tracker and end the process group, also after a failure
+    finally:  # flush the tracker, free the output directory and end the process group, also after a failure
         if tracker is not None:
             tracker.finish(failed=failed)
+        if lock is not None:
+            lock.release()
         ctx.shutdown()
     log.info(f"teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
              f"shards ({summary['shards_reused']} already done) in {summary['outputs']}")
