@@ -111,7 +111,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from kdscale.analysis.plan import run_plan
+    from kdscale.analysis.plan_report import run_plan
 
     run_plan(args)
 

@@ -76,6 +76,11 @@ class NetworkSizes:
     teacher_persistent: int = 0
     teacher_largest_module: int = 0
     teacher_buffer_bytes: int = 0
+    state_bytes_per_sample: int = 0  # per training sample, rows sharded across ranks (CRD's memory banks)
+    dataset_size: int = 0
+
+    def rank_state_bytes(self, ranks: int) -> int:
+        return self.state_bytes_per_sample * math.ceil(self.dataset_size / ranks)
 
 
 @dataclasses.dataclass
@@ -170,8 +175,9 @@ def _saved_in_phase(distiller, phase: str, inputs: tuple, kept: list, autocast) 
             saved[ptr] = nbytes
         return tensor
 
+    extra = {"sample_indices": torch.arange(len(inputs[0]))} if distiller.needs_sample_indices else {}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        _logits, losses = distiller(*inputs, phase=phase)
+        _logits, losses = distiller(*inputs, phase=phase, **extra)
         loss = sum(losses.values())
     if loss.requires_grad:
         loss.backward()
@@ -217,7 +223,9 @@ def build_networks(cfg: ExperimentConfig):
     torch.manual_seed(cfg.experiment.seed)
     with warnings.catch_warnings():  # "teacher.weights is not set": dropped on purpose
         warnings.simplefilter("ignore")
-        distiller, frozen = build_distiller(cfg, Runtime(torch.device("cpu"), autocast_dtype, False), world_size=1)
+        labels = torch.arange(PROBE_BATCHES[-1]) % cfg.data.num_classes  # per-sample state (CRD) at probe size
+        distiller, frozen = build_distiller(cfg, Runtime(torch.device("cpu"), autocast_dtype, False), world_size=1,
+                                            train_labels=labels)
     return distiller.train(), frozen, autocast_dtype
 
 
@@ -254,6 +262,7 @@ def rank_plan(strategy: str, teacher_sharding: str, sizes: NetworkSizes, activat
         teacher += 4 * sizes.teacher
     comm_bytes = int(4 * comm * ring)
     row["parameters"] += sizes.trained_buffer_bytes
+    row["buffers"] += sizes.rank_state_bytes(n)
     return RankPlan(strategy, teacher_sharding, **row, teacher=teacher, activations=activations,
                     comm_bytes=comm_bytes, comm_seconds=comm_bytes / (link_gbps * 1e9 / 8))
 
@@ -277,6 +286,8 @@ def plan_networks(distiller, frozen, cfg: ExperimentConfig, gpus: int, gpu_memor
     """Plan built networks (``frozen``: a :class:`FrozenTeacher` or None) on ``gpus`` ranks."""
     threshold = zero_settings(cfg, 3)["stage3_param_persistence_threshold"]
     sizes = network_sizes(distiller, frozen.model if frozen is not None else None, threshold)
+    sizes.state_bytes_per_sample = distiller.state_bytes_per_sample()
+    sizes.dataset_size = training_samples(cfg) if sizes.state_bytes_per_sample else 0
     estimate = measure_activations(distiller, frozen, cfg, autocast_dtype)
     activations = estimate.at(cfg.data.batch_size, cfg.data.image_size)
     placements = (("replicated", "zero3")[:1 + (gpus > 1)] if frozen is not None else
@@ -292,6 +303,18 @@ def plan_config(cfg: ExperimentConfig, gpus: int, gpu_memory_gib: float = 80.0, 
     return plan_networks(distiller, frozen, cfg, gpus, gpu_memory_gib, link_gbps, autocast_dtype)
 
 
+def training_samples(cfg: ExperimentConfig) -> int:
+    """``data.train_samples``, else the count in the shards' ``index.json``."""
+    from kdscale.data.shards import expand_shards, samples_from_index
+
+    if cfg.data.train_samples:
+        return cfg.data.train_samples
+    count = samples_from_index(expand_shards(cfg.data.train_shards, "data.train_shards"), "train")
+    if not count:
+        raise KdscaleError(f"method {cfg.method.name!r} keeps state per training sample: set data.train_samples")
+    return count
+
+
 def check_plan_arguments(gpus: int, gpu_memory_gib: float, link_gbps: float) -> None:
     if gpus < 1:
         raise KdscaleError(f"--gpus must be at least 1, got {gpus}")
@@ -299,51 +322,3 @@ def check_plan_arguments(gpus: int, gpu_memory_gib: float, link_gbps: float) -> 
         raise KdscaleError(f"--gpu-memory must be a positive number of GiB per GPU, got {gpu_memory_gib}")
     if not link_gbps > 0:
         raise KdscaleError(f"--link-gbps must be a positive link speed in Gbit/s, got {link_gbps}")
-
-
-FOOTNOTE = ("rows: strategy and frozen-teacher placement, * the config's. buffers: DDP's reducer buckets, DeepSpeed's "
-            "gradient buckets (reduce_bucket_size). ZeRO-3 params include what DeepSpeed keeps gathered (an upper "
-            "bound). Not counted: CUDA context and cuDNN workspace (~1 GiB), allocator fragmentation.")
-COLUMNS = (("params", 7), ("grads", 6), ("optim", 6), ("master", 6), ("buffers", 7), ("teacher", 7), ("activ", 6),
-           ("total", 7))
-
-
-def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> str:
-    from kdscale.dist.deepspeed_config import _config_path, resolve_strategy
-
-    sizes, est, data = plan.sizes, plan.activation, cfg.data
-    teacher = f"; frozen teacher {cfg.teacher.name}: {sizes.teacher / 1e6:.2f} M parameters" if sizes.teacher else ""
-    header = (
-        f"kdscale plan: {config_path or 'overrides'} on {plan.gpus} GPU(s) x {plan.gpu_memory_gib:g} GiB, "
-        f"link {plan.link_gbps:g} Gbit/s\n"
-        f"method {cfg.method.name}: trained {sizes.trained / 1e6:.2f} M parameters ({sizes.phases} optimizer "
-        f"phase(s)){teacher}\n"
-        f"optimizer {cfg.optim.name}: {optimizer_states_per_parameter(cfg)} fp32 state(s) per parameter; precision "
-        f"{plan.precision} (autocast: weights and gradients stay fp32)\n"
-        f"activations: {est.at(data.batch_size, data.image_size) / GIB:.2f} GiB at batch {data.batch_size} x "
-        f"{data.image_size}px: {(est.at(1, data.image_size) - est.constant) / 2**20:.2f} MiB per sample + "
-        f"{est.constant / 2**20:.1f} MiB (measured on CPU at batches {PROBE_BATCHES[0]} and {PROBE_BATCHES[1]} x "
-        f"{est.probe_side}px)\n"
-        f"DeepSpeed ZeRO settings: {_config_path(cfg) or 'DeepSpeed defaults (no distributed.deepspeed_config)'}\n")
-    lines = [header, f"{'per rank, GiB':18s} " + " ".join(f"{name:>{w}s}" for name, w in COLUMNS)
-             + f"  {'comm/step':>10s} {'time':>9s}  fits"]
-    configured = {(resolve_strategy(cfg), t) for t in (cfg.distributed.teacher_sharding, "none", "shards")}
-    for row in plan.rows:
-        mark = "*" if (row.strategy, row.teacher_sharding) in configured else " "
-        cells = (row.parameters + row.gathered, row.gradients, row.optimizer_states, row.master_weights, row.buffers,
-                 row.teacher, row.activations, row.total)
-        lines.append(f"{mark}{row.strategy:6s} {row.teacher_sharding:10s} "
-                     + " ".join(f"{c / GIB:{w}.2f}" for c, (_, w) in zip(cells, COLUMNS))
-                     + f"  {row.comm_bytes / 1e6:7.2f} MB {row.comm_seconds * 1e3:6.1f} ms  "
-                     + ("yes" if plan.fits(row) else "no"))
-    fitting = [f"{r.strategy}/{r.teacher_sharding}" for r in plan.rows if plan.fits(r)]
-    lines += ["", f"fits in {plan.gpu_memory_gib:g} GiB: {', '.join(fitting) or 'none'}", FOOTNOTE]
-    return "\n".join(lines)
-
-
-def run_plan(args) -> None:
-    """``kdscale plan``: load the config like the trainer and print the plan."""
-    from kdscale.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    print(format_plan(plan_config(cfg, args.gpus, args.gpu_memory, args.link_gbps), cfg, args.config))

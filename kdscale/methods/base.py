@@ -189,6 +189,11 @@ class Distiller(nn.Module):
     def restore_gathered_state(self, state: dict) -> None:
         """Take back what :meth:`gathered_state` returned, on any number of ranks."""
 
+    def state_bytes_per_sample(self) -> int:
+        """Bytes of state kept per training sample, its rows sharded across ranks (``kdscale
+        plan`` counts ``ceil(N / ranks)`` of them per rank). Default: none."""
+        return 0
+
     # -- plumbing -------------------------------------------------------------------
     def forward(self, images, targets, teacher_output=None, phase: str = "all", sample_indices=None):
         """What DDP and DeepSpeed wrap: one phase's training forward."""

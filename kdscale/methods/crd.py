@@ -135,6 +135,9 @@ class CRD(FeatureDistiller):
                                                  self.sampler, p.nce_k, p.nce_t, p.nce_m)
         return {"crd": self.params.beta * contrast}
 
+    def state_bytes_per_sample(self) -> int:
+        return 2 * self.params.feat_dim * 4  # a float32 row in each bank
+
     def gathered_state(self) -> dict:
         return self.memory.gathered()
 
