@@ -111,3 +111,19 @@ def test_bad_input_gives_one_clear_line(capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("kdscale: error: ") and message in err, err
+
+
+def test_crd_banks_are_planned_per_rank():
+    """CRD keeps two float32 rows of feat_dim per training sample, sharded across ranks: the plan
+    counts ceil(N / ranks) of them in every row's buffers and says so."""
+    from kdscale.analysis.plan import plan_config
+    from kdscale.analysis.plan_report import format_plan
+
+    cfg = load_config(f"{ROOT}/configs/crd_cifar100.yaml", ["teacher.weights=null"])
+    plans = {gpus: plan_config(cfg, gpus) for gpus in (1, 4)}
+    assert plans[1].sizes.rank_state_bytes(1) == 50000 * 2 * 128 * 4
+    assert plans[4].sizes.rank_state_bytes(4) == 12500 * 2 * 128 * 4
+    ddp = {gpus: next(r for r in plan.rows if r.strategy == "ddp") for gpus, plan in plans.items()}
+    assert ddp[1].buffers - ddp[4].buffers == (50000 - 12500) * 2 * 128 * 4  # DDP's buckets do not change
+    text = format_plan(plans[4], cfg, "configs/crd_cifar100.yaml")
+    assert "per-sample state: 1024 bytes x 50000 samples, sharded: 0.01 GiB per rank (in buffers)" in text
