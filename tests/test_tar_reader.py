@@ -101,6 +101,30 @@ def test_samples_group_long_and_non_ascii_keys(tmp_path):
         assert samples[1]["jpg"] == _payload(2, names[2])
 
 
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_declined_members_are_skipped_by_seeks(fmt, tmp_path):
+    """``read`` declines members: they come with no data, the others as tarfile reads them,
+    with long names (GNU, pax) and the skipped link members in between intact."""
+    tar_format, names = FORMATS[fmt]
+    path = tmp_path / f"{fmt}.tar"
+    _write(path, tar_format, names)
+    with open(path, "rb") as stream:
+        kept = list(iter_members(stream, str(path), read=lambda name: name.endswith(".cls")))
+    assert kept == [(name, data if name.endswith(".cls") else None) for name, data in _tarfile_members(path)]
+
+
+def test_samples_with_only_some_fields(tmp_path):
+    names = []
+    for key in (LONG_DIR + "k" * 80, "données/éléphant-0001", "no-label", "plain"):
+        names += [f"{key}.jpg"] + ([f"{key}.cls"] if key != "no-label" else [])
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"fields-{fmt}.tar"
+        _write(path, fmt, names, extras=False)
+        full, labels = list(iter_samples(str(path))), list(iter_samples(str(path), fields={"cls"}))
+        assert [s["__key__"] for s in labels] == [s["__key__"] for s in full]  # every sample, in order
+        assert [s.get("cls") for s in labels] == [s.get("cls") for s in full] and "jpg" not in labels[0]
+
+
 def _boundaries(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
     """(header start, data start, data end) of every header block as laid out, and the
     offset of the end-of-archive marker."""

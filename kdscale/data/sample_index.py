@@ -9,7 +9,8 @@ index ``n + j``. A bad sample keeps its number (the reader counts every sample i
 the numbering never shifts.
 
 The label table (``scan_labels``) reads only the ``.cls`` members of local shards: every
-other member is skipped with a seek, so a scan costs about one header read per member.
+other member is skipped with a seek (:func:`~kdscale.data.tar_reader.iter_samples` with
+``fields``), so a scan costs about one header read per member.
 Ranks scan disjoint shards and combine their tables with one all-reduce.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from kdscale.data.shards import INDEX_FILE, read_index
-from kdscale.data.tar_reader import _field, _pax_path, _size, _split_key, iter_samples
+from kdscale.data.tar_reader import iter_samples
 from kdscale.errors import KdscaleError
 
 INDEX_FIELD = "__index__"
@@ -60,44 +61,6 @@ def numbered(samples: Iterator[dict], first_index: int) -> Iterator[dict]:
         yield sample
 
 
-def _local_labels(path: str) -> list[int]:
-    """Labels of a local shard's samples in tar order (-1 where a sample has no readable
-    ``.cls``), reading only the ``.cls`` members and seeking over the rest."""
-    labels: list[int] = []
-    current_key, long_name = None, None
-    with open(path, "rb") as fh:
-        while True:
-            header = fh.read(512)
-            if len(header) < 512 or header == bytes(512):
-                return labels
-            size = _size(header)
-            kind = header[156:157]
-            if kind in (b"L", b"x"):
-                data = fh.read(size)
-                fh.seek((-size) % 512, os.SEEK_CUR)
-                long_name = data.split(b"\0", 1)[0].decode() if kind == b"L" else _pax_path(data) or long_name
-                continue
-            if kind not in (b"0", b"\0", b"7"):
-                long_name = None
-                fh.seek(size + (-size) % 512, os.SEEK_CUR)
-                continue
-            name = long_name or (f"{_field(header, 345, 500).decode()}/" if header[345] else "") + \
-                _field(header, 0, 100).decode()
-            long_name = None
-            sample_key, field = _split_key(name)
-            if not field or sample_key.startswith("__") and "/" not in sample_key:
-                fh.seek(size + (-size) % 512, os.SEEK_CUR)
-                continue
-            if sample_key != current_key:
-                current_key = sample_key
-                labels.append(-1)
-            if field.lower() == "cls":
-                labels[-1] = _parse_label(fh.read(size))
-                fh.seek((-size) % 512, os.SEEK_CUR)
-            else:
-                fh.seek(size + (-size) % 512, os.SEEK_CUR)
-
-
 def _parse_label(raw: bytes) -> int:
     try:
         return int(raw.decode().strip())
@@ -106,10 +69,10 @@ def _parse_label(raw: bytes) -> int:
 
 
 def shard_labels(path: str) -> list[int]:
-    """Labels of one shard's samples in tar order (remote shards are streamed whole)."""
-    if "://" in path or path.startswith("pipe:"):
-        return [_parse_label(s["cls"]) if "cls" in s else -1 for s in iter_samples(path)]
-    return _local_labels(path)
+    """Labels of one shard's samples in tar order (-1 where a sample has no readable ``.cls``):
+    a local shard's other members are skipped with seeks; a remote one is streamed whole."""
+    remote = "://" in path or path.startswith("pipe:")
+    return [_parse_label(s["cls"]) if "cls" in s else -1 for s in iter_samples(path, None if remote else {"cls"})]
 
 
 def scan_labels(shards: list[str], offsets: dict[str, int], total: int, ctx=None) -> torch.Tensor:

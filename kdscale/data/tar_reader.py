@@ -50,8 +50,9 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of the regular files in a tar stream."""
+def iter_members(stream, url: str, read=None) -> Iterator[tuple[str, bytes | None]]:
+    """(path, bytes) of the regular files in a tar stream. With ``read`` (a predicate on the
+    path), a member it declines comes as (path, None), its data skipped with a seek."""
     long_name = None
     while True:
         header = stream.read(512)
@@ -62,30 +63,34 @@ def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         if header == bytes(512):
             return
         size = _size(header)
+        kind = header[156:157]
+        name = None
+        if kind in (b"0", b"\0", b"7"):
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = _field(header, 0, 100).decode()
+                prefix = _field(header, 345, 500).decode()
+                if prefix:
+                    name = f"{prefix}/{name}"
+        padding = (-size) % 512
+        if name is not None and read is not None and not read(name):
+            stream.seek(size + padding, os.SEEK_CUR)
+            yield name, None
+            continue
         data = stream.read(size)
         if len(data) < size:
             raise TruncatedShard(f"{url}: truncated inside a member ({len(data)} of {size} bytes)")
-        padding = (-size) % 512
         if padding:
             stream.read(padding)
-        kind = header[156:157]
         if kind == b"L":  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode()
-            continue
-        if kind == b"x":  # pax header: take the path record if any
+        elif kind == b"x":  # pax header: take the path record if any
             long_name = _pax_path(data) or long_name
-            continue
-        if kind not in (b"0", b"\0", b"7"):
+        elif name is None:
             long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
         else:
-            name = _field(header, 0, 100).decode()
-            prefix = _field(header, 345, 500).decode()
-            if prefix:
-                name = f"{prefix}/{name}"
-        yield name, data
+            yield name, data
 
 
 def _split_key(path: str) -> tuple[str, str]:
@@ -96,14 +101,17 @@ def _split_key(path: str) -> tuple[str, str]:
     return path[:dot], path[dot + 1:]
 
 
-def iter_samples(url: str) -> Iterator[dict]:
-    """Samples (dicts of field -> bytes, plus ``__key__`` and ``__url__``) of one shard."""
+def iter_samples(url: str, fields: set[str] | None = None) -> Iterator[dict]:
+    """Samples (dicts of field -> bytes, plus ``__key__`` and ``__url__``) of one shard. With
+    ``fields`` (of a local, seekable shard) only those fields are read; the other members are
+    skipped with seeks, and every sample is still yielded, in order."""
     from webdataset.gopen import gopen
 
     stream = gopen(url, "rb")
+    read = None if fields is None else (lambda path: _split_key(path)[1].lower() in fields)
     try:
         current: dict | None = None
-        for path, data in iter_members(stream, url):
+        for path, data in iter_members(stream, url, read):
             key, field = _split_key(path)
             if not field or key.startswith("__") and "/" not in key:
                 continue  # metadata members (e.g. __index__) carry no sample
@@ -111,7 +119,8 @@ def iter_samples(url: str) -> Iterator[dict]:
                 if current is not None:
                     yield current
                 current = {"__key__": key, "__url__": url}
-            current[field.lower()] = data
+            if data is not None:
+                current[field.lower()] = data
         if current is not None:
             yield current
     finally:
