@@ -38,19 +38,37 @@ def _rows(t):
     return t.detach().double().tolist()
 
 
+def _embedding(features, head) -> list[list[float]]:
+    """RepDistiller's Embed in plain floats: ``l2(W f + b)`` of the flattened features."""
+    weight, bias = _rows(head.linear.weight), head.linear.bias.detach().double().tolist()
+    rows = []
+    for f in features.detach().double().flatten(1).tolist():
+        v = [sum(w * x for w, x in zip(w_row, f)) + b for w_row, b in zip(weight, bias)]
+        norm = sum(x * x for x in v) ** 0.5
+        rows.append([x / norm for x in v])
+    return rows
+
+
 def test_loss_and_banks_match_the_reference_over_two_steps():
     method, frozen = build_method("crd", teacher="resnet20", **SMALL)
+    assert method.features.student_layers == method.features.teacher_layers == ["avgpool"]  # RepDistiller's feat[-1]
     seen = _embeddings(method)
+    pooled = {}
+    method.student.avgpool.register_forward_hook(lambda _m, _i, out: pooled.__setitem__("student", out))
     bank_s, bank_t = _rows(method.memory.student), _rows(method.memory.teacher)
     z = None
     for step, indices in enumerate(([3, 17, 42, 60], [3, 5, 17, 63])):  # rows 3 and 17 updated in step 0
         images, _ = batch(4, seed=step + 1)
         indices = torch.tensor(indices)
         targets = indices % NUM_CLASSES
-        _, terms = method.forward_train(images, targets, frozen(images), sample_indices=indices)
+        teacher_output = frozen(images)
+        _, terms = method.forward_train(images, targets, teacher_output, sample_indices=indices)
+        v_s = _embedding(pooled["student"], method.embed_student)  # the student's features through its head,
+        v_t = _embedding(teacher_output.features["avgpool"], method.embed_teacher)  # the teacher's through its own
+        assert torch.allclose(torch.tensor(v_s, dtype=torch.double), seen["embed_student"].double(), atol=1e-5)
+        assert torch.allclose(torch.tensor(v_t, dtype=torch.double), seen["embed_teacher"].double(), atol=1e-5)
         contrast = torch.cat([indices[:, None], method.sampler(step, indices, SMALL["nce_k"])], 1).tolist()
-        loss, z, bank_s, bank_t = crd_step(bank_s, bank_t, _rows(seen["embed_student"]), _rows(seen["embed_teacher"]),
-                                           contrast, z, temperature=0.07, momentum=0.5)
+        loss, z, bank_s, bank_t = crd_step(bank_s, bank_t, v_s, v_t, contrast, z, temperature=0.07, momentum=0.5)
         assert terms["crd"].item() == pytest.approx(0.8 * loss, rel=1e-5)
         assert (method.memory.z_student, method.memory.z_teacher) == pytest.approx(z, rel=1e-5)
         assert torch.allclose(method.memory.student.double(), torch.tensor(bank_s, dtype=torch.double), atol=1e-6)
@@ -124,6 +142,30 @@ def test_indices_number_the_samples_in_index_json_order(synth_data):
     assert len(seen) == 1600 and set(seen) <= set(range(1600)) and len(set(seen)) > 1300
 
 
+def test_a_subset_of_the_shards_is_numbered_on_its_own(synth_data):
+    shards = [os.path.join(synth_data, f"train-00000{i}.tar") for i in (5, 2)]
+    assert sample_offsets(shards) == ({"train-000002.tar": 0, "train-000005.tar": 200}, 400)
+
+
+def test_a_non_finite_step_leaves_the_banks_and_z_alone():
+    """Under train.nonfinite=skip a step with a non-finite loss is dropped: its embeddings must
+    not reach the banks, nor its scores set Z (a NaN row would poison every later loss)."""
+    from kdscale.methods.contrast_memory import ContrastMemory
+
+    memory = ContrastMemory(64, 4, seed=0)
+    sampler = NegativeSampler(torch.arange(64) % NUM_CLASSES, "other_class", seed=0)
+    before = memory.student.clone(), memory.teacher.clone()
+    v = torch.nn.functional.normalize(torch.randn(4, 4), dim=1)
+    broken = v.clone()
+    broken[1] = float("nan")
+    loss = memory.contrast_loss(broken, v, torch.tensor([1, 2, 3, 4]), sampler, 6, 0.07, 0.5)
+    assert not torch.isfinite(loss)
+    assert torch.equal(memory.student, before[0]) and torch.equal(memory.teacher, before[1])
+    assert memory.z_student < 0 and memory.draws == 1
+    loss = memory.contrast_loss(v, v, torch.tensor([1, 2, 3, 4]), sampler, 6, 0.07, 0.5)
+    assert torch.isfinite(loss) and memory.z_student > 0 and not torch.equal(memory.student, before[0])
+
+
 def test_shards_without_index_json_are_refused(tmp_path, synth_data):
     import shutil
 
@@ -184,6 +226,8 @@ def test_two_ranks_equal_one(tmp_path, strategy):
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["gathered_state_scalars"] == pytest.approx(one["gathered_state_scalars"], rel=1e-6)
     assert two["gathered_state_sums"] == pytest.approx(one["gathered_state_sums"], rel=1e-5)
+    for bank in ("student", "teacher"):  # row by row: rank 0 reassembles the shards in dataset order
+        assert two["gathered_state_values"][bank] == pytest.approx(one["gathered_state_values"][bank], abs=1e-5)
 
 
 def test_banks_restore_on_another_rank_count():

@@ -61,7 +61,8 @@ def global_batches():
     """(images, targets, dataset indices) of each step; the indices are distinct within a step."""
     gen, index_gen = torch.Generator().manual_seed(123), torch.Generator().manual_seed(321)
     for _ in range(STEPS):
-        yield (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen), torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen),
+        images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen)
+        yield (images, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=gen),
                torch.randperm(SAMPLES, generator=index_gen)[:GLOBAL_BATCH])
 
 
@@ -93,14 +94,15 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
         losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
     state = distiller.gathered_state()  # per-sample state (CRD's banks), gathered whole
     banks = {k: v.double().sum().item() for k, v in (state or {}).items() if torch.is_tensor(v)}
+    values = {k: v.flatten().tolist() for k, v in (state or {}).items() if torch.is_tensor(v) and v.numel() <= 4096}
     trainable = sum(p.numel() for p in distiller.parameters())
     per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
     return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
             "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
             "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
             "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),
-            "gathered_state_sums": banks, "gathered_state_scalars": {k: v for k, v in (state or {}).items()
-                                                                     if not torch.is_tensor(v)}}
+            "gathered_state_sums": banks, "gathered_state_values": values,
+            "gathered_state_scalars": {k: v for k, v in (state or {}).items() if isinstance(v, (int, float))}}
 
 
 def run_teacher(ctx: DistContext) -> dict:
@@ -113,7 +115,8 @@ def run_teacher(ctx: DistContext) -> dict:
     frozen = FrozenTeacher(teacher, ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
     out = frozen(images)
     total = sum(p.numel() for p in reference.parameters())
-    return {"max_abs_diff": (out.logits - expected).abs().max().item(), "local_parameters": frozen.local_parameter_count(),
+    return {"max_abs_diff": (out.logits - expected).abs().max().item(),
+            "local_parameters": frozen.local_parameter_count(),
             "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
 
 

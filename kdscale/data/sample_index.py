@@ -2,11 +2,13 @@
 
 Methods that keep state per sample (CRD's memory banks) need to know *which* sample of the
 dataset each image of a batch is, whatever the shuffle, the rank or the resume. kdscale
-numbers the samples of a split in the order ``index.json`` records them: the shards in the
-order of the split's ``records`` (the order they were written), and inside a shard the
-samples in tar order. Sample ``j`` of the shard whose records come after ``n`` samples has
-index ``n + j``. A bad sample keeps its number (the reader counts every sample it sees), so
-the numbering never shifts.
+numbers the samples of the training shards in the order ``index.json`` records them: the
+shards in the order of the split's ``records`` (the order they were written), and inside a
+shard the samples in tar order. Sample ``j`` of the shard whose records come after ``n``
+samples (of the shards given) has index ``n + j``; a subset of a split is numbered
+``0 .. N-1`` on its own, so per-sample state covers exactly the samples trained on. A bad
+sample keeps its number (the reader counts every sample it sees), so the numbering never
+shifts.
 
 The label table (``scan_labels``) reads only the ``.cls`` members of local shards: every
 other member is skipped with a seek (:func:`~kdscale.data.tar_reader.iter_samples` with
@@ -29,8 +31,9 @@ INDEX_FIELD = "__index__"
 
 
 def sample_offsets(shards: list[str], key: str = "data.train_shards") -> tuple[dict[str, int], int]:
-    """(shard file name -> index of its first sample, samples in the split) from the
-    ``index.json`` beside ``shards``; a one-line error naming the fix when it cannot be read."""
+    """(shard file name -> index of its first sample, samples in these shards) from the
+    ``index.json`` beside ``shards``, numbering only the given shards, in the order the index
+    records them; a one-line error naming the fix when it cannot be read."""
     index_path = os.path.join(os.path.dirname(shards[0]), INDEX_FILE)
     fix = ("write the shards with `kdscale shards synth`, `from-folder` or `from-torchvision`, whose index.json "
            "records each shard's sample count")
@@ -39,12 +42,9 @@ def sample_offsets(shards: list[str], key: str = "data.train_shards") -> tuple[d
                            f"exist; {fix}")
     names = {os.path.basename(s) for s in shards}
     for split in read_index(index_path).get("splits", {}).values():
-        records = split.get("records") or []
-        recorded = [r.get("name") for r in records]
-        if not names <= set(recorded):
+        records = [r for r in split.get("records") or [] if r.get("name") in names]
+        if len(records) != len(names) or any(not isinstance(r.get("samples"), int) for r in records):
             continue
-        if any(not isinstance(r.get("samples"), int) for r in records):
-            break
         offsets, start = {}, 0
         for record in records:
             offsets[record["name"]] = start

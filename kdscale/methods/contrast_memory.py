@@ -78,18 +78,27 @@ class NegativeSampler:
         counts = torch.bincount(classes)
         self.class_count = counts
         self.class_start = torch.cumsum(counts, 0) - counts
+        self._on_device: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(labels, order, class counts, class starts) on ``device``, copied there once."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(t.to(device) for t in (self.labels, self.order, self.class_count,
+                                                                 self.class_start))
+        return self._on_device[key]
 
     def __call__(self, draw: int, indices: torch.Tensor, count: int) -> torch.Tensor:
         device = indices.device
         if self.mode == "uniform":
             bounds = torch.full((len(indices),), self.size, device=device)
             return uniform_integers(self.seed, draw, indices, count, bounds)
-        classes = self.labels.to(device)[indices] + 1
-        n_class = self.class_count.to(device)[classes]
-        start = self.class_start.to(device)[classes]
+        labels, order, class_count, class_start = self._tables(device)
+        classes = labels[indices] + 1
+        n_class, start = class_count[classes], class_start[classes]
         u = uniform_integers(self.seed, draw, indices, count, self.size - n_class)
         position = u + n_class[:, None] * (u >= start[:, None])  # skip the anchor's class block
-        return self.order.to(device)[position]
+        return order[position]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -105,7 +114,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # reduced in place: never the autograd engine's own buffer
         dist.all_reduce(grad)
         return grad[ctx.start:ctx.start + ctx.size]
 
@@ -125,11 +134,12 @@ def nce_loss(scores: torch.Tensor, is_positive: torch.Tensor, z: float, temperat
              dataset_size: int) -> torch.Tensor:
     """The sum of CRD's NCE terms (RepDistiller ``ContrastLoss``) over scored pairs:
     ``P = exp(s / T) / Z``, ``c = K / N + eps``; a positive adds ``-log(P / (P + c))``, a
-    negative ``-log((K / N) / (P + c))``."""
-    p = torch.exp(scores / temperature) / z
+    negative ``-log((K / N) / (P + c))``. Computed from ``log P = s / T - log Z`` (the same
+    numbers, without ``exp`` overflowing or ``log 0`` at small temperatures)."""
     noise = negatives / dataset_size
-    log_d = torch.where(is_positive, torch.log(p / (p + noise + EPS)), torch.log(noise / (p + noise + EPS)))
-    return -log_d.sum()
+    log_p = scores / temperature - math.log(z)
+    log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, math.log(noise + EPS)))
+    return -(torch.where(is_positive, log_p, math.log(noise)) - log_denominator).sum()
 
 
 class ContrastMemory:
@@ -199,41 +209,52 @@ class ContrastMemory:
         contrast = torch.cat([indices[:, None], sampler(self.draws, indices, negatives)], dim=1)
         s_scores, positive = self.scores(self.teacher, v_s, contrast)
         t_scores, _ = self.scores(self.student, v_t, contrast)
-        if self.z_student < 0:
-            self._set_normalisers(s_scores, t_scores, contrast.numel(), temperature)
-        loss = (nce_loss(s_scores, positive, self.z_student, temperature, negatives, self.size)
-                + nce_loss(t_scores, positive, self.z_teacher, temperature, negatives, self.size)) / local_batch
-        self.update(indices, v_s, v_t, momentum)
+        z_student, z_teacher = (self.z_student, self.z_teacher) if self.z_student > 0 else \
+            self._normalisers(s_scores, t_scores, contrast.numel(), temperature)
+        loss = (nce_loss(s_scores, positive, z_student, temperature, negatives, self.size)
+                + nce_loss(t_scores, positive, z_teacher, temperature, negatives, self.size)) / local_batch
+        # A non-finite embedding makes the loss non-finite, and that step is skipped or stops
+        # the run (train.nonfinite): it must not reach the banks (every rank sees the same
+        # gathered rows, so all decide alike).
+        if bool(torch.isfinite(v_s).all() and torch.isfinite(v_t).all()):
+            self.update(indices, v_s, v_t, momentum)
         self.draws += 1
         return loss
 
-    def _set_normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int,
-                         temperature: float) -> None:
-        """``Z = mean(exp(s / T)) * N`` over the global batch's scores, once per direction."""
-        sums = torch.stack([torch.exp(s_scores.detach() / temperature).sum(),
-                            torch.exp(t_scores.detach() / temperature).sum()])
+    def _normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int,
+                     temperature: float) -> tuple[float, float]:
+        """``Z = mean(exp(s / T)) * N`` over the global batch's scores, per direction; kept for
+        the rest of the run once finite (a non-finite first batch is skipped, the next sets it)."""
+        sums = torch.stack([torch.exp(s_scores.detach().double() / temperature).sum(),
+                            torch.exp(t_scores.detach().double() / temperature).sum()])
         if self.world > 1:
             dist.all_reduce(sums)
-        self.z_student, self.z_teacher = (sums / scores_in_batch * self.size).tolist()
-        log.info(f"crd: normalisation constants Z set to {self.z_student:.1f} (student anchors) and "
-                 f"{self.z_teacher:.1f} (teacher anchors)")
+        z_student, z_teacher = (sums / scores_in_batch * self.size).tolist()
+        if math.isfinite(z_student) and math.isfinite(z_teacher) and z_student > 0 and z_teacher > 0:
+            self.z_student, self.z_teacher = z_student, z_teacher
+            log.info(f"crd: normalisation constants Z set to {z_student:.1f} (student anchors) and "
+                     f"{z_teacher:.1f} (teacher anchors)")
+        return z_student, z_teacher
 
     # -- checkpoints ------------------------------------------------------------------
     def gathered(self) -> dict:
-        """Both whole banks (on rank 0; a collective) and the constants."""
+        """Both whole banks (on rank 0, None elsewhere; a collective) and the constants."""
         state = {"z_student": self.z_student, "z_teacher": self.z_teacher, "draws": self.draws}
         for name, bank in (("student", self.student), ("teacher", self.teacher)):
             state[name] = self._whole(bank)
         return state
 
-    def _whole(self, bank: torch.Tensor) -> torch.Tensor:
+    def _whole(self, bank: torch.Tensor) -> torch.Tensor | None:
         if self.world == 1:
             return bank.detach().cpu().clone()
         most = len(range(0, self.size, self.world))
         padded = torch.zeros(most, self.dim, dtype=bank.dtype, device=bank.device)
         padded[:len(bank)] = bank
+        if self.rank != 0:  # only rank 0 writes the checkpoint: the others send their rows
+            dist.gather(padded, None, dst=0)
+            return None
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
+        dist.gather(padded, parts, dst=0)
         whole = torch.empty(self.size, self.dim, dtype=bank.dtype)
         for rank, part in enumerate(parts):
             whole[rank::self.world] = part[:len(range(rank, self.size, self.world))].cpu()
