@@ -110,3 +110,33 @@ def test_torchvision_weight_enum_loads_through_torchvision_cache(tmp_path, monke
         build_model("torchvision:resnet18", 1000, "torchvision:IMAGENET9")
     with pytest.raises(KdscaleError, match="torchvision weights exist only for torchvision"):
         build_model("resnet8", 10, "torchvision:DEFAULT")
+
+
+class _InPlaceAfter(torch.nn.Module):
+    """``bn`` followed by an in-place ReLU, as in WRN and torchvision blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn(x)).mean()
+
+
+def test_a_tap_changed_in_place_is_refused_or_copied():
+    """Tapping ``bn`` would hand over the ReLU's output: the student's taps refuse it by name,
+    the frozen teacher's (copy=True) keep the values ``bn`` returned (negatives included)."""
+    from kdscale.errors import KdscaleError
+    from kdscale.models.features import FeatureTaps
+
+    net, images = _InPlaceAfter(), torch.randn(2, 3, 4, 4)
+    taps = FeatureTaps(net, ["bn"], where="student")
+    net(images)
+    with pytest.raises(KdscaleError, match="student layer 'bn': an in-place operation that follows it"):
+        taps.pop()
+    taps.remove()
+    copied = FeatureTaps(net, ["bn"], where="teacher", copy=True)
+    with torch.inference_mode():
+        net(images)
+    assert copied.pop()["bn"].min() < 0

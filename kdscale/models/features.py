@@ -25,23 +25,48 @@ def check_layer_paths(model: nn.Module, paths: list[str], where: str) -> dict[st
 
 
 class FeatureTaps:
-    """Record the outputs of named submodules during forward passes."""
+    """Record the outputs of named submodules during forward passes.
 
-    def __init__(self, model: nn.Module, paths: list[str], where: str = "model"):
+    A module whose output a later in-place operation changes (``ReLU(inplace=True)``,
+    ``out += identity``) would hand over the changed values. With ``copy`` the hook keeps a
+    copy taken as the module returns (the frozen teacher's taps: inference tensors track no
+    versions); without, :meth:`pop` checks the tensor's version counter and refuses a tap
+    that was changed, naming the layer (not inside a ``torch.compile`` graph, where the
+    counter says nothing)."""
+
+    def __init__(self, model: nn.Module, paths: list[str], where: str = "model", copy: bool = False):
         self.features: dict[str, torch.Tensor] = {}
+        self.where, self.copy = where, copy
+        self._versions: dict[str, int | None] = {}
         self._handles = []
         for path, module in check_layer_paths(model, list(paths), where).items():
             self._handles.append(module.register_forward_hook(self._recorder(path)))
 
     def _recorder(self, path: str):
         def hook(_module, _inputs, output):
+            if self.copy:
+                self.features[path] = output.clone()
+                return
             self.features[path] = output
+            if torch.compiler.is_compiling():  # traced into a graph: versions say nothing there
+                self._versions[path] = None
+                return
+            try:
+                self._versions[path] = output._version
+            except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor
+                self._versions[path] = None
 
         return hook
 
     def pop(self) -> dict[str, torch.Tensor]:
         """The features of the last forward pass; the taps then forget them."""
         out, self.features = self.features, {}
+        versions, self._versions = self._versions, {}
+        for path, version in versions.items():
+            if version is not None and path in out and out[path]._version != version:
+                raise KdscaleError(f"{self.where} layer {path!r}: an in-place operation that follows it (e.g. "
+                                   f"ReLU(inplace=True) or out += identity) changes its output after it is tapped, "
+                                   f"so the method would read the changed values; tap another layer")
         return out
 
     def remove(self) -> None:

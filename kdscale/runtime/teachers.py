@@ -48,7 +48,7 @@ class FrozenTeacher:
         self.device, self.autocast_dtype = device, autocast_dtype
         self.lockstep = sharding == "zero3"
         # Taps go on before DeepSpeed wraps the model; ZeRO-3 keeps the module structure.
-        self.taps = FeatureTaps(self.model, feature_layers, where="teacher") if feature_layers else None
+        self.taps = FeatureTaps(self.model, feature_layers, where="teacher", copy=True) if feature_layers else None
         if compile:  # in place, after the taps (train.compile; never with ZeRO-3, checked in setup)
             self.model.compile()
         self.engine = None
