@@ -32,7 +32,7 @@ class AttentionToTeacher:
                 f"{self.teacher_layers}, which differ in number; set {key} and method.teacher_layers to lists "
                 f"of the same length")
         feature_shapes(network, self.network_layers, image_size, where=f"{key} ({role})")
-        feature_shapes(teacher, self.teacher_layers, image_size, where="method.teacher_layers (teacher)")
+        feature_shapes(teacher, self.teacher_layers, image_size, where="method.teacher_layers (teacher)", frozen=True)
         self.taps = FeatureTaps(network, self.network_layers, where=role)
 
     def loss(self, teacher_features: dict[str, torch.Tensor], beta: float, mode: str) -> torch.Tensor:

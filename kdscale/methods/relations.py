@@ -196,7 +196,8 @@ class FeaturePairs:
             raise KdscaleError(f"{s_key} {self.student_layers} and {t_key} {self.teacher_layers} pair up by position "
                                f"and must have the same length")
         self.student_shapes = feature_shapes(student, self.student_layers, image_size, where=f"{s_key} (student)")
-        self.teacher_shapes = feature_shapes(teacher, self.teacher_layers, image_size, where=f"{t_key} (teacher)")
+        self.teacher_shapes = feature_shapes(teacher, self.teacher_layers, image_size, where=f"{t_key} (teacher)",
+                                             frozen=True)
         self.taps = FeatureTaps(student, self.student_layers, where="student")
 
     def pairs(self, teacher_features: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -51,7 +51,9 @@ stage; WRNs after the next block's BN, before its ReLU) and the student's post-R
 pre-ReLU sums). A ResNet stage's pre-ReLU sum is no module's output, so kdscale uses the stage
 outputs for both networks: post-ReLU for ResNets (the student as in the code, the teacher not),
 pre-activation for WRNs (the student as in the code; the teacher without the next BN). The
-pooled features are the same as the code's. Other differences: the authors' CIFAR
+pooled features are the same as the code's. For a WRN teacher the code's features *are* module
+outputs: ``method.teacher_layers=[block2.0.bn1,block3.0.bn1,bn1,avgpool]`` taps them (the
+frozen teacher's taps copy each output as the module returns it, before the in-place ReLU). Other differences: the authors' CIFAR
 ``train.py`` never calls ``teacher.eval()`` (its teacher's BN uses batch statistics);
 kdscale's frozen teacher is in eval mode, as in mdistiller and the ImageNet code. The paper's
 text was not re-read for this port; the code is the form (no paper option).

@@ -61,7 +61,8 @@ def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_cl
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     body.requires_grad_(True)
-    input_shape = feature_shapes(teacher, [input_layer], image_size, where="method.bridge_input (teacher)")[input_layer]
+    input_shape = feature_shapes(teacher, [input_layer], image_size, where="method.bridge_input (teacher)",
+                                 frozen=True)[input_layer]
     try:
         with torch.no_grad():
             channels = body.eval()(torch.zeros(1, *input_shape)).shape[1]

@@ -116,10 +116,13 @@ def residual_stages(model: nn.Module, where: str) -> list[str]:
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, paths: list[str], image_size: int, where: str) -> dict[str, torch.Size]:
+def feature_shapes(model: nn.Module, paths: list[str], image_size: int, where: str,
+                   frozen: bool = False) -> dict[str, torch.Size]:
     """Shapes (without the batch) of the named features for one ``image_size`` image,
-    from a dry forward in eval mode (BN statistics untouched)."""
-    taps = FeatureTaps(model, paths, where=where)
+    from a dry forward in eval mode (BN statistics untouched). A trained network's layer that
+    an in-place operation changes is refused here, before training; a ``frozen`` teacher's
+    taps copy their outputs, so any layer serves."""
+    taps = FeatureTaps(model, paths, where=where, copy=frozen)
     was_training = model.training
     model.eval()
     try:
