@@ -36,12 +36,12 @@ def probe_plan(gpus: int):
 
 @pytest.fixture(scope="module")
 def zero_probes(tmp_path_factory):
-    from test_zero import (
-        run_worker,  # the same 2-rank gloo launch as the scale-out tests
-    )
+    from dist_helpers import run_probes  # the same 2-rank gloo launch as the scale-out tests
 
     folder = tmp_path_factory.mktemp("plan-probes")
-    return {strategy: run_worker(folder, 2, "train", strategy, "kd") for strategy in ("zero1", "zero2", "zero3")}
+    strategies = ("zero1", "zero2", "zero3")
+    results = run_probes(folder, 2, *(("train", strategy, "kd") for strategy in strategies))  # one launch
+    return dict(zip(strategies, results))
 
 
 @pytest.mark.slow
