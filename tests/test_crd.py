@@ -248,3 +248,28 @@ def test_banks_restore_on_another_rank_count():
             assert (shard.z_student, shard.z_teacher, shard.draws) == (7.0, 8.0, 9)
     with pytest.raises(KdscaleError, match="feat_dim"):
         ContrastMemory(50, 8, seed=3).restore(state)
+
+
+def test_chunked_nce_gradient_is_the_formula_s():
+    """HeldPairsNCE keeps d loss / d anchors from its forward: it equals autograd's over the
+    plain formula, and passes gradcheck (chunks smaller than the pairs, so several are summed)."""
+    from kdscale.methods import contrast_memory as cm
+
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randn(5, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    bank = torch.randn(30, 4, dtype=torch.double, generator=gen)
+    sample = torch.arange(5).repeat_interleave(7)
+    row = torch.randint(0, 30, (35,), generator=gen)
+    positive = torch.arange(35) % 7 == 0
+    args = (bank, sample, row, positive, 3.0, 0.5, 6, 30)
+    old, cm.PAIRS_PER_CHUNK = cm.PAIRS_PER_CHUNK, 8
+    try:
+        assert torch.autograd.gradcheck(lambda a: cm.HeldPairsNCE.apply(a, *args), (anchors,))
+        chunked = torch.autograd.grad(cm.HeldPairsNCE.apply(anchors, *args), anchors)[0]
+    finally:
+        cm.PAIRS_PER_CHUNK = old
+    p = torch.exp((bank[row] * anchors[sample]).sum(1) / 0.5) / 3.0
+    noise = 6 / 30
+    plain = -torch.where(positive, torch.log(p / (p + noise + 1e-7)), torch.log(noise / (p + noise + 1e-7))).sum()
+    assert torch.allclose(cm.HeldPairsNCE.apply(anchors, *args), plain)
+    assert torch.allclose(chunked, torch.autograd.grad(plain, anchors)[0])

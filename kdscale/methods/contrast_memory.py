@@ -130,16 +130,54 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(rows) if _world()[1] > 1 else rows
 
 
-def nce_loss(scores: torch.Tensor, is_positive: torch.Tensor, z: float, temperature: float, negatives: int,
-             dataset_size: int) -> torch.Tensor:
-    """The sum of CRD's NCE terms (RepDistiller ``ContrastLoss``) over scored pairs:
-    ``P = exp(s / T) / Z``, ``c = K / N + eps``; a positive adds ``-log(P / (P + c))``, a
-    negative ``-log((K / N) / (P + c))``. Computed from ``log P = s / T - log Z`` (the same
-    numbers, without ``exp`` overflowing or ``log 0`` at small temperatures)."""
-    noise = negatives / dataset_size
-    log_p = scores / temperature - math.log(z)
-    log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, math.log(noise + EPS)))
-    return -(torch.where(is_positive, log_p, math.log(noise)) - log_denominator).sum()
+PAIRS_PER_CHUNK = 1 << 15
+"""Scored pairs per chunk: the bank rows of one chunk (32768 x D floats) are all that is
+gathered at a time, and nothing per pair is kept for the backward."""
+
+
+class HeldPairsNCE(torch.autograd.Function):
+    """The sum of CRD's NCE terms (RepDistiller ``ContrastLoss``) over the scored pairs, with
+    ``s = <bank row, anchor>``, ``log P = s / T - log Z`` and ``c = K / N + eps``: a positive
+    adds ``-log(P / (P + c))``, a negative ``-log((K / N) / (P + c))``.
+
+    Computed in chunks of pairs, from ``log P`` (no ``exp`` overflow, no ``log 0`` at small
+    temperatures); the gradient with respect to the anchors, ``sum (P / (P + c) - [positive]) /
+    T * row``, is accumulated in the same pass, so the backward keeps one ``B x D`` tensor
+    instead of every gathered row (RepDistiller's ``bmm`` keeps ``B (K + 1) D`` floats)."""
+
+    @staticmethod
+    def forward(ctx, anchors, bank, sample, row, positive, z: float, temperature: float, negatives: int,
+                dataset_size: int):
+        noise = negatives / dataset_size
+        log_c, log_noise, log_z = math.log(noise + EPS), math.log(noise), math.log(z)
+        total = torch.zeros((), dtype=torch.float64, device=anchors.device)
+        grad = torch.zeros_like(anchors)
+        for start in range(0, len(sample), PAIRS_PER_CHUNK):
+            part = slice(start, start + PAIRS_PER_CHUNK)
+            rows, samples, is_positive = bank[row[part]], sample[part], positive[part]
+            log_p = (rows * anchors[samples]).sum(dim=1) / temperature - log_z
+            log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, log_c))
+            total -= (torch.where(is_positive, log_p, log_noise) - log_denominator).double().sum()
+            slope = (torch.exp(log_p - log_denominator) - is_positive.to(log_p.dtype)) / temperature
+            grad.index_add_(0, samples, slope[:, None] * rows)
+        ctx.save_for_backward(grad)
+        return total.to(anchors.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad_output * grad,) + (None,) * 8
+
+
+def exp_score_sum(anchors: torch.Tensor, bank: torch.Tensor, sample: torch.Tensor, row: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """``sum exp(s / T)`` over the scored pairs in float64 (for ``Z``), in chunks."""
+    total = torch.zeros((), dtype=torch.float64, device=anchors.device)
+    with torch.no_grad():
+        for start in range(0, len(sample), PAIRS_PER_CHUNK):
+            part = slice(start, start + PAIRS_PER_CHUNK)
+            total += torch.exp((bank[row[part]] * anchors[sample[part]]).sum(dim=1).double() / temperature).sum()
+    return total
 
 
 class ContrastMemory:
@@ -180,13 +218,12 @@ class ContrastMemory:
     def to(self, device) -> None:
         self.student, self.teacher = self.student.to(device), self.teacher.to(device)
 
-    def scores(self, bank: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tensor):
-        """(scores, is_positive, sample of each score) of the pairs whose row this rank holds:
-        ``<bank row, anchor>`` for every column of ``contrast`` (column 0: the positive)."""
+    def held_pairs(self, contrast: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, row of this rank's shard, is positive) of the pairs ``(b, contrast[b, k])``
+        whose row this rank holds (column 0: the positive)."""
         held = contrast % self.world == self.rank
         sample, column = held.nonzero(as_tuple=True)
-        rows = bank[contrast[sample, column] // self.world]
-        return (rows * anchors[sample]).sum(dim=1), column == 0
+        return sample, contrast[sample, column] // self.world, column == 0
 
     def update(self, indices: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
         """Momentum update and L2 normalisation of the held rows of ``indices`` (RepDistiller's
@@ -207,12 +244,14 @@ class ContrastMemory:
         v_s, v_t = gather_rows(v_student.float()), gather_rows(v_teacher.float())
         indices = gather_rows(sample_indices.long())
         contrast = torch.cat([indices[:, None], sampler(self.draws, indices, negatives)], dim=1)
-        s_scores, positive = self.scores(self.teacher, v_s, contrast)
-        t_scores, _ = self.scores(self.student, v_t, contrast)
+        pairs = self.held_pairs(contrast)
         z_student, z_teacher = (self.z_student, self.z_teacher) if self.z_student > 0 else \
-            self._normalisers(s_scores, t_scores, contrast.numel(), temperature)
-        loss = (nce_loss(s_scores, positive, z_student, temperature, negatives, self.size)
-                + nce_loss(t_scores, positive, z_teacher, temperature, negatives, self.size)) / local_batch
+            self._normalisers(v_s, v_t, pairs, contrast.numel(), temperature)
+        sample, row, positive = pairs  # student anchors against the teacher's bank, and the reverse
+        loss = (HeldPairsNCE.apply(v_s, self.teacher, sample, row, positive, z_student, temperature, negatives,
+                                   self.size)
+                + HeldPairsNCE.apply(v_t, self.student, sample, row, positive, z_teacher, temperature, negatives,
+                                     self.size)) / local_batch
         # A non-finite embedding makes the loss non-finite, and that step is skipped or stops
         # the run (train.nonfinite): it must not reach the banks (every rank sees the same
         # gathered rows, so all decide alike).
@@ -221,12 +260,13 @@ class ContrastMemory:
         self.draws += 1
         return loss
 
-    def _normalisers(self, s_scores: torch.Tensor, t_scores: torch.Tensor, scores_in_batch: int,
+    def _normalisers(self, v_s: torch.Tensor, v_t: torch.Tensor, pairs: tuple, scores_in_batch: int,
                      temperature: float) -> tuple[float, float]:
         """``Z = mean(exp(s / T)) * N`` over the global batch's scores, per direction; kept for
         the rest of the run once finite (a non-finite first batch is skipped, the next sets it)."""
-        sums = torch.stack([torch.exp(s_scores.detach().double() / temperature).sum(),
-                            torch.exp(t_scores.detach().double() / temperature).sum()])
+        sample, row, _ = pairs
+        sums = torch.stack([exp_score_sum(v_s, self.teacher, sample, row, temperature),
+                            exp_score_sum(v_t, self.student, sample, row, temperature)])
         if self.world > 1:
             dist.all_reduce(sums)
         z_student, z_teacher = (sums / scores_in_batch * self.size).tolist()
