@@ -18,7 +18,7 @@ from kdscale.data.loader import TrainStream
 from kdscale.data.sample_index import sample_offsets, scan_labels, shard_labels
 from kdscale.data.tar_reader import iter_samples
 from kdscale.errors import KdscaleError
-from kdscale.methods.contrast_memory import NegativeSampler, uniform_integers
+from kdscale.methods.contrast_memory import ContrastSampler, uniform_integers
 from kdscale.models import build_model
 from kdscale.train.__main__ import main as train_main
 from kdscale.runtime import checkpoint as ckpt
@@ -91,25 +91,25 @@ def test_gradient_routing():
 
 def test_other_class_negatives_are_uniform_over_the_other_classes():
     labels = torch.arange(TRAIN_SAMPLES) % NUM_CLASSES
-    sampler = NegativeSampler(labels, "other_class", seed=5)
+    sampler = ContrastSampler(labels, "other_class", seed=5)
     anchor = torch.tensor([13])  # class 3: rows 3, 13, ..., 63 (7 of 64)
     drawn = sampler(0, anchor.repeat(1), 57_000)[0]
     assert not (labels[drawn] == 3).any()
     counts = torch.bincount(drawn, minlength=TRAIN_SAMPLES)
     others = counts[labels != 3].double()
     assert len(others) == 57 and others.min() > 0.85 * 1000 and others.max() < 1.15 * 1000
-    uniform = NegativeSampler(labels, "uniform", seed=5)(0, anchor, 64_000)[0]
+    uniform = ContrastSampler(labels, "uniform", seed=5)(0, anchor, 64_000)[0]
     assert torch.bincount(uniform, minlength=TRAIN_SAMPLES).min() > 850  # every sample, its own class too
 
 
 def test_negatives_are_a_function_of_seed_draw_and_index_only():
-    sampler = NegativeSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=1)
+    sampler = ContrastSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=1)
     both = sampler(4, torch.tensor([7, 30]), 50)
     assert torch.equal(both, sampler(4, torch.tensor([7, 30]), 50))  # deterministic
     assert torch.equal(both[1], sampler(4, torch.tensor([30]), 50)[0])  # the batch around it does not matter
     assert torch.equal(both.flip(0), sampler(4, torch.tensor([30, 7]), 50))
     assert not torch.equal(both, sampler(5, torch.tensor([7, 30]), 50))  # a new draw each step
-    other_seed = NegativeSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=2)
+    other_seed = ContrastSampler(torch.arange(TRAIN_SAMPLES) % NUM_CLASSES, "other_class", seed=2)
     assert not torch.equal(both, other_seed(4, torch.tensor([7, 30]), 50))
     ints = uniform_integers(0, 0, torch.arange(1000), 100, torch.full((1000,), 10))
     assert ints.min() == 0 and ints.max() == 9 and abs(ints.double().mean().item() - 4.5) < 0.05
@@ -153,7 +153,7 @@ def test_a_non_finite_step_leaves_the_banks_and_z_alone():
     from kdscale.methods.contrast_memory import ContrastMemory
 
     memory = ContrastMemory(64, 4, seed=0)
-    sampler = NegativeSampler(torch.arange(64) % NUM_CLASSES, "other_class", seed=0)
+    sampler = ContrastSampler(torch.arange(64) % NUM_CLASSES, "other_class", seed=0)
     before = memory.student.clone(), memory.teacher.clone()
     v = torch.nn.functional.normalize(torch.randn(4, 4), dim=1)
     broken = v.clone()
@@ -273,3 +273,23 @@ def test_chunked_nce_gradient_is_the_formula_s():
     plain = -torch.where(positive, torch.log(p / (p + noise + 1e-7)), torch.log(noise / (p + noise + 1e-7))).sum()
     assert torch.allclose(cm.HeldPairsNCE.apply(anchors, *args), plain)
     assert torch.allclose(chunked, torch.autograd.grad(plain, anchors)[0])
+
+
+def test_relaxed_positives_are_same_class_samples():
+    """``positive: relax`` (RepDistiller's --mode relax): column 0 is a sample of the anchor's
+    class, itself included, drawn uniformly and deterministically; ``exact`` is the sample itself."""
+    labels = torch.arange(TRAIN_SAMPLES) % NUM_CLASSES
+    sampler = ContrastSampler(labels, "other_class", seed=3)
+    # the same anchor over 7000 steps (a draw is a function of seed, step and index)
+    drawn = torch.cat([sampler.positives(draw, torch.tensor([13]), "relax") for draw in range(7000)])
+    assert (labels[drawn] == 3).all()
+    counts = torch.bincount(drawn, minlength=TRAIN_SAMPLES)[labels == 3]  # 3, 13, ..., 63: 7 samples
+    assert len(counts) == 7 and counts.min() > 850
+    again = torch.cat([sampler.positives(draw, torch.tensor([13]), "relax") for draw in range(5)])
+    assert torch.equal(drawn[:5], again)
+    assert torch.equal(sampler.positives(0, torch.tensor([5, 9]), "exact"), torch.tensor([5, 9]))
+    method, frozen = build_method("crd", teacher="resnet20", positive="relax", **SMALL)
+    images, _ = batch(4)
+    indices = torch.tensor([1, 2, 3, 4])
+    _, terms = method.forward_train(images, indices % NUM_CLASSES, frozen(images), sample_indices=indices)
+    assert torch.isfinite(terms["crd"])

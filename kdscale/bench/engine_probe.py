@@ -129,13 +129,13 @@ def run_crd_bank(ctx: DistContext, samples: int, dim: int, batch: int, negatives
     import statistics
     import time
 
-    from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler
+    from kdscale.methods.contrast_memory import ContrastMemory, ContrastSampler
 
     ContrastMemory(1 << 13, dim, seed=1, device=ctx.device)  # first-use costs (threads, allocator) left out
     before = _resident_bytes()
     memory = ContrastMemory(samples, dim, seed=0, device=ctx.device)
     added = _resident_bytes() - before
-    sampler = NegativeSampler(torch.arange(samples) % 1000, "other_class", seed=0)
+    sampler = ContrastSampler(torch.arange(samples) % 1000, "other_class", seed=0)
     gen = torch.Generator().manual_seed(ctx.rank)
     times = []
     for step in range(steps + 1):

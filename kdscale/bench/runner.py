@@ -34,7 +34,8 @@ GOALS = {  # ratio -> (goal, description)
     "zero3_parameters_vs_ddp": (0.55, "ZeRO-3 per-rank parameters / DDP's (goal: at most)"),
     "per_process_efficiency_2_vs_1": (None, "images/s per process, 2 processes / 1"),
     "compiled_vs_eager_online_kd": (None, "online KD step with train.compile=all / eager"),
-    "crd_bank_bytes_2_vs_1_rank": (0.501, "CRD memory-bank bytes per rank, 2 ranks / 1 (goal: at most; half, plus a row for an odd N)"),
+    "crd_bank_bytes_2_vs_1_rank": (0.501, "CRD memory-bank bytes per rank, 2 ranks / 1 "
+                                          "(goal: at most; half, plus a row for an odd N)"),
 }
 AT_MOST = {"zero1_optimizer_state_vs_ddp", "zero2_optimizer_state_vs_ddp", "zero3_optimizer_state_vs_ddp", "zero3_parameters_vs_ddp",
            "crd_bank_bytes_2_vs_1_rank"}

@@ -55,20 +55,23 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def uniform_integers(seed: int, draw: int, indices: torch.Tensor, count: int, bounds: torch.Tensor) -> torch.Tensor:
+def uniform_integers(seed: int, draw: int, indices: torch.Tensor, count: int, bounds: torch.Tensor,
+                     stream: int = 0) -> torch.Tensor:
     """``(len(indices), count)`` integers, row ``b`` uniform in ``[0, bounds[b])``, each a pure
-    function of ``(seed, draw, indices[b], column)``."""
-    base = _mix(torch.tensor(_signed(seed * 0x100000001B3 + draw * _GOLDEN), dtype=torch.long))
+    function of ``(seed, stream, draw, indices[b], column)``."""
+    base = _mix(torch.tensor(_signed(seed * 0x100000001B3 + draw * _GOLDEN + stream * _MUL2), dtype=torch.long))
     per_sample = _mix(base.to(indices.device) ^ indices.long())
     columns = torch.arange(1, count + 1, device=indices.device, dtype=torch.long) * _GOLDEN
     bits = _shift_right(_mix(per_sample[:, None] + columns[None, :]), 11)  # 53 random bits
     return (bits.double() * 2.0 ** -53 * bounds.double()[:, None]).long()
 
 
-class NegativeSampler:
-    """Draws CRD's negatives: ``other_class`` (RepDistiller's ``--mode exact``: uniform over
-    the samples of the other classes) or ``uniform`` (over every sample, as ``ContrastMemory``
-    draws when no indices are given). Drawn with replacement; see :mod:`kdscale.methods.crd`."""
+class ContrastSampler:
+    """Draws CRD's contrast indices. Negatives: ``other_class`` (RepDistiller's ``--mode exact``:
+    uniform over the samples of the other classes) or ``uniform`` (over every sample, as
+    ``ContrastMemory`` draws when no indices are given), with replacement; see
+    :mod:`kdscale.methods.crd`. Positives (:meth:`positives`): the sample itself (``exact``) or
+    a sample of its class drawn uniformly, itself included (``--mode relax``)."""
 
     def __init__(self, labels: torch.Tensor, mode: str, seed: int):
         self.mode, self.seed, self.size = mode, seed, len(labels)
@@ -100,6 +103,15 @@ class NegativeSampler:
         position = u + n_class[:, None] * (u >= start[:, None])  # skip the anchor's class block
         return order[position]
 
+    def positives(self, draw: int, indices: torch.Tensor, mode: str) -> torch.Tensor:
+        """Column 0 of the contrast indices: ``indices`` (``exact``) or a same-class sample (``relax``)."""
+        if mode == "exact":
+            return indices
+        labels, order, class_count, class_start = self._tables(indices.device)
+        classes = labels[indices] + 1
+        u = uniform_integers(self.seed, draw, indices, 1, class_count[classes], stream=1)[:, 0]
+        return order[class_start[classes] + u]
+
 
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the summed gradient of its rows."""
@@ -130,6 +142,8 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(rows) if _world()[1] > 1 else rows
 
 
+SAMPLES_PER_DRAW = 64
+"""Samples whose contrast indices are drawn at a time (64 x 16384 indices)."""
 PAIRS_PER_CHUNK = 1 << 15
 """Scored pairs per chunk: the bank rows of one chunk (32768 x D floats) are all that is
 gathered at a time, and nothing per pair is kept for the backward."""
@@ -218,12 +232,20 @@ class ContrastMemory:
     def to(self, device) -> None:
         self.student, self.teacher = self.student.to(device), self.teacher.to(device)
 
-    def held_pairs(self, contrast: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sample, row of this rank's shard, is positive) of the pairs ``(b, contrast[b, k])``
-        whose row this rank holds (column 0: the positive)."""
-        held = contrast % self.world == self.rank
-        sample, column = held.nonzero(as_tuple=True)
-        return sample, contrast[sample, column] // self.world, column == 0
+    def held_pairs(self, indices: torch.Tensor, sampler: ContrastSampler, negatives: int,
+                   positive: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, row of this rank's shard, is positive) of the pairs ``(b, c)`` whose row
+        this rank holds, ``c`` running over sample ``b``'s positive and its negatives. Drawn
+        for blocks of samples, so the full ``B x (K + 1)`` draw is never held at once."""
+        parts = []
+        for start in range(0, len(indices), SAMPLES_PER_DRAW):
+            block = indices[start:start + SAMPLES_PER_DRAW]
+            contrast = torch.cat([sampler.positives(self.draws, block, positive)[:, None],
+                                  sampler(self.draws, block, negatives)], dim=1)
+            sample, column = (contrast % self.world == self.rank).nonzero(as_tuple=True)
+            parts.append((sample + start, contrast[sample, column] // self.world, column == 0))
+        sample, row, is_positive = (torch.cat(part) for part in zip(*parts))
+        return sample, row, is_positive
 
     def update(self, indices: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
         """Momentum update and L2 normalisation of the held rows of ``indices`` (RepDistiller's
@@ -235,7 +257,8 @@ class ContrastMemory:
             bank.index_copy_(0, rows, mixed / mixed.pow(2).sum(1, keepdim=True).sqrt())
 
     def contrast_loss(self, v_student: torch.Tensor, v_teacher: torch.Tensor, sample_indices: torch.Tensor,
-                      sampler: NegativeSampler, negatives: int, temperature: float, momentum: float) -> torch.Tensor:
+                      sampler: ContrastSampler, negatives: int, temperature: float, momentum: float,
+                      positive: str = "exact") -> torch.Tensor:
         """``L(v_S, M_T) + L(v_T, M_S)`` of this rank's share (see the module docstring), then
         the banks' update and the next draw."""
         if self.student.device != v_student.device:
@@ -243,10 +266,9 @@ class ContrastMemory:
         local_batch = len(v_student)
         v_s, v_t = gather_rows(v_student.float()), gather_rows(v_teacher.float())
         indices = gather_rows(sample_indices.long())
-        contrast = torch.cat([indices[:, None], sampler(self.draws, indices, negatives)], dim=1)
-        pairs = self.held_pairs(contrast)
+        pairs = self.held_pairs(indices, sampler, negatives, positive)
         z_student, z_teacher = (self.z_student, self.z_teacher) if self.z_student > 0 else \
-            self._normalisers(v_s, v_t, pairs, contrast.numel(), temperature)
+            self._normalisers(v_s, v_t, pairs, len(indices) * (negatives + 1), temperature)
         sample, row, positive = pairs  # student anchors against the teacher's bank, and the reverse
         loss = (HeldPairsNCE.apply(v_s, self.teacher, sample, row, positive, z_student, temperature, negatives,
                                    self.size)

@@ -28,7 +28,9 @@ Verified (RepDistiller ``crd/criterion.py``: ``CRDLoss``, ``ContrastLoss``, ``Em
   step and normalises by the plain L2 norm;
 - ``--mode exact``: the positive is the sample's own row, the negatives are drawn from the
   samples of the *other* classes (``negatives: other_class``, the default); ``negatives:
-  uniform`` draws over every sample, as ``ContrastMemory`` does when given no indices.
+  uniform`` draws over every sample, as ``ContrastMemory`` does when given no indices;
+  ``positive: relax`` (``--mode relax``) takes as positive the row of a sample of the same
+  class, drawn uniformly (itself included); the bank still updates the sample's own row.
 
 Choices of this port, each stated:
 - Negatives are drawn **with replacement** (RepDistiller's dataset draws each sample's
@@ -61,7 +63,7 @@ from torch import nn
 from kdscale.errors import KdscaleError
 from kdscale.log import log
 from kdscale.methods.base import register_method
-from kdscale.methods.contrast_memory import ContrastMemory, NegativeSampler
+from kdscale.methods.contrast_memory import ContrastMemory, ContrastSampler
 from kdscale.methods.relations import FeatureDistiller, flat, penultimate_layer
 
 
@@ -105,6 +107,7 @@ class CRD(FeatureDistiller):
         nce_t: float = field(default=0.07, metadata={"gt": 0})
         nce_m: float = field(default=0.5, metadata={"ge": 0, "le": 1})
         negatives: Literal["other_class", "uniform"] = "other_class"
+        positive: Literal["exact", "relax"] = "exact"
         student_layer: str = ""
         teacher_layer: str = ""
 
@@ -119,7 +122,7 @@ class CRD(FeatureDistiller):
         self.embed_teacher = Embedding(_width(self.features.teacher_shapes[t_layer], "method.teacher_layer"),
                                        params.feat_dim)
         labels = context.train_labels
-        self.sampler = NegativeSampler(labels, params.negatives, context.seed)
+        self.sampler = ContrastSampler(labels, params.negatives, context.seed)
         if params.negatives == "other_class" and int(self.sampler.class_count.max()) == len(labels):
             raise KdscaleError("method.negatives=other_class: every training sample has the same label, so there "
                                "is no other class to draw negatives from; use method.negatives=uniform")
@@ -132,7 +135,7 @@ class CRD(FeatureDistiller):
         with torch.autocast(fs.device.type, enabled=False):
             p = self.params
             contrast = self.memory.contrast_loss(self.embed_student(fs), self.embed_teacher(ft), sample_indices,
-                                                 self.sampler, p.nce_k, p.nce_t, p.nce_m)
+                                                 self.sampler, p.nce_k, p.nce_t, p.nce_m, p.positive)
         return {"crd": self.params.beta * contrast}
 
     def state_bytes_per_sample(self) -> int:

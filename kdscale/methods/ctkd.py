@@ -75,8 +75,9 @@ class CTKD(Distiller):
             if params.share_stem else []
         self.attention = {}
         if params.at_target in ("scratch", "both"):
-            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, context.frozen_teacher, params.scratch_layers,
-                                                              params.teacher_layers, context.image_size, "scratch")
+            self.attention["at_scratch"] = AttentionToTeacher(self.scratch_teacher, context.frozen_teacher,
+                                                              params.scratch_layers, params.teacher_layers,
+                                                              context.image_size, "scratch")
         if params.at_target in ("student", "both"):
             self.attention["at_student"] = AttentionToTeacher(student, context.frozen_teacher, params.student_layers,
                                                               params.teacher_layers, context.image_size, "student")

@@ -53,10 +53,11 @@ outputs for both networks: post-ReLU for ResNets (the student as in the code, th
 pre-activation for WRNs (the student as in the code; the teacher without the next BN). The
 pooled features are the same as the code's. For a WRN teacher the code's features *are* module
 outputs: ``method.teacher_layers=[block2.0.bn1,block3.0.bn1,bn1,avgpool]`` taps them (the
-frozen teacher's taps copy each output as the module returns it, before the in-place ReLU). Other differences: the authors' CIFAR
-``train.py`` never calls ``teacher.eval()`` (its teacher's BN uses batch statistics);
-kdscale's frozen teacher is in eval mode, as in mdistiller and the ImageNet code. The paper's
-text was not re-read for this port; the code is the form (no paper option).
+frozen teacher's taps copy each output as the module returns it, before the in-place ReLU).
+Other differences: the authors' CIFAR ``train.py`` never calls ``teacher.eval()`` (its
+teacher's BN uses batch statistics); kdscale's frozen teacher is in eval mode, as in mdistiller
+and the ImageNet code. The paper's text was not re-read for this port; the code is the form
+(no paper option).
 
 Options, inferred: ``abf_bn: false`` replaces the ABF's BNs by identities (not in the code: for
 checks where per-rank batch statistics must not matter, e.g. 2 ranks = 1 rank).
