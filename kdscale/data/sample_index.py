@@ -19,7 +19,7 @@ Ranks scan disjoint shards and combine their tables with one all-reduce.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -75,17 +75,24 @@ def shard_labels(path: str) -> list[int]:
     return [_parse_label(s["cls"]) if "cls" in s else -1 for s in iter_samples(path, None if remote else {"cls"})]
 
 
-def scan_labels(shards: list[str], offsets: dict[str, int], total: int, ctx=None) -> torch.Tensor:
+def scan_labels(shards: list[str], offsets: dict[str, int], total: int, ctx=None,
+                on_shard: Callable[[], None] | None = None) -> torch.Tensor:
     """The label of every sample index (int64, -1 where unknown). Under a process group
     (``ctx``, a :class:`~kdscale.runtime.context.DistContext`) each rank reads
     ``shards[rank::world_size]`` and one all-reduce (max) on its device gives every rank the
-    whole table."""
+    whole table. ``on_shard`` is called after each shard (the stall watchdog's progress); rank
+    0 shows a progress bar."""
+    from kdscale.progress import progress_bar
+
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     labels = torch.full((total,), -1, dtype=torch.long)
-    for shard in sorted(shards)[rank::world]:
+    mine = sorted(shards)[rank::world]
+    for shard in progress_bar(mine, desc="labels", unit="shard", disable=rank != 0 or len(mine) < 8):
         first = offsets[os.path.basename(shard)]
         found = torch.tensor(shard_labels(shard), dtype=torch.long)
         labels[first:first + len(found)] = found
+        if on_shard is not None:
+            on_shard()
     if world > 1:
         labels = ctx.all_reduce(labels.to(ctx.device), op="max").cpu()
     return labels

@@ -63,7 +63,8 @@ class Trainer(InputsMixin, SavingMixin):
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
         self.runtime = Runtime.from_config(cfg, self.ctx.device)
         self.plan = plan_data(cfg, self.world)
-        self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, training_labels(self.plan, self.ctx))
+        labels = training_labels(self.plan, self.ctx, self.watchdog.progress)  # a long scan is no stall
+        self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, labels)
         self.teacher = teacher_source(cfg, frozen, self.watchdog)
         self.phase_names = tuple(self.distiller.phases())
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:

@@ -66,16 +66,16 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
     return plan
 
 
-def training_labels(plan: DataPlan, ctx) -> torch.Tensor | None:
+def training_labels(plan: DataPlan, ctx, on_shard=None) -> torch.Tensor | None:
     """The label of every training sample by dataset index, for methods that number the
-    samples (read from the shards' ``.cls`` members, each rank a share of the shards)."""
+    samples (read from the shards' ``.cls`` members, each rank a share of the shards;
+    ``on_shard``: called after each, e.g. the stall watchdog's progress)."""
     if plan.sample_offsets is None:
         return None
     from kdscale.log import log
 
     log.info(f"reading the labels of {plan.dataset_size} training samples (the method keeps state per sample)")
-    labels = scan_labels(plan.train_shards, plan.sample_offsets, plan.dataset_size, ctx)
-    return labels
+    return scan_labels(plan.train_shards, plan.sample_offsets, plan.dataset_size, ctx, on_shard)
 
 
 def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) -> None:
