@@ -1,8 +1,9 @@
 """Pinned short loss curves: every method's loss terms over its first steps on fixed tiny
 data, so that a refactor cannot change the math silently.
 
-``python tests/loss_curves.py --write`` regenerates ``tests/golden/loss_curves.json``; do
-that only for a change of the math that is meant (and say so in the commit)."""
+``python tests/loss_curves.py --write [CASE ...]`` regenerates ``tests/golden/loss_curves.json``
+(the named cases only, or every case); do that only for a change of the math that is meant
+(and say so in the commit)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ CASES = {
     "prokt-converged-dual": ("prokt", "resnet20", {"teacher_init": "converged", "dual": True}, 0),
     "ffcl-epoch40": ("ffcl", "resnet20", {}, 40),
     "sokd": ("sokd", "wrn_16_2", {}, 0),
-    "kd-ls": ("kd", "resnet20", {"logit_standardization": True, "temperature": 2.0, "ce_weight": 1.0,
+    "kd-ls": ("kd", "resnet20", {"logit_standardization": True, "temperature": 2.0, "ce_weight": 0.1,
                                  "kd_weight": 9.0}, 0),
     "dkd-epoch5": ("dkd", "resnet20", {}, 5),
     "dkd-ls": ("dkd", "resnet20", {"logit_standardization": True, "warmup": 1}, 0),
@@ -67,9 +68,11 @@ def loss_curve(case: str) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/loss_curves.py --write")
+    if not sys.argv[1:] or sys.argv[1] != "--write" or any(case not in CASES for case in sys.argv[2:]):
+        sys.exit("usage: python tests/loss_curves.py --write [CASE ...]  (no case: every case)")
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    pinned = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
+    pinned.update({case: loss_curve(case) for case in (sys.argv[2:] or CASES)})
     with open(GOLDEN, "w") as fh:
-        json.dump({case: loss_curve(case) for case in CASES}, fh, indent=1, sort_keys=True)
-    print(f"wrote {GOLDEN}")
+        json.dump(pinned, fh, indent=1, sort_keys=True)
+    print(f"wrote {GOLDEN}: {', '.join(sys.argv[2:]) or 'every case'}")

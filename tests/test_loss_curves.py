@@ -10,6 +10,11 @@ import pytest
 
 from loss_curves import CASES, GOLDEN, loss_curve
 
+REL = 1e-3
+"""Three SGD steps amplify the CPU's float rounding (its SIMD kernels and summation order):
+dist-tau4 and dkd-ls differ by 1.2e-4 and 9.7e-5 between two x86 machines here. A change of
+the math moves a term by far more (the smallest default change pinned so far: 2.6e-1)."""
+
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_loss_curve_is_pinned(case):
@@ -18,4 +23,4 @@ def test_loss_curve_is_pinned(case):
     assert [sorted(step) for step in got] == [sorted(step) for step in pinned]
     for step, (now, then) in enumerate(zip(got, pinned)):
         for term, value in then.items():
-            assert now[term] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, term)
+            assert now[term] == pytest.approx(value, rel=REL, abs=1e-6), (step, term)

@@ -133,24 +133,33 @@ def test_warmup_follows_the_epoch():
 
 
 # -- the ABF chain on the CIFAR and ImageNet pairs ---------------------------------------------------
-# (student, teacher, layers, ABF in / out channels shallow to deep, mid): the authors' build_review_kd
-# lists (CIFAR-100/model/reviewkd.py; ImageNet/models/reviewkd.py for ResNet-18).
+# (student, teacher, student layers, teacher layers, ABF in / out channels shallow to deep, mid): the
+# authors' build_review_kd lists (CIFAR-100/model/reviewkd.py; ImageNet/models/reviewkd.py for ResNet-18);
+# the CIFAR teachers' layers are the code's pre-ReLU features (preact=True).
+_RESNET, _WRN = ["layer1", "layer2", "layer3", "avgpool"], ["block1", "block2", "block3", "avgpool"]
+_WRN_PREACT = ["block2.0.bn1", "block3.0.bn1", "bn1", "avgpool"]
+
+
+def _preact(blocks):
+    return [f"layer{i}.{blocks - 1}.preact" for i in (1, 2, 3)] + ["avgpool"]
+
+
 PAIRS = [
-    ("resnet8x4", "resnet32x4", ["layer1", "layer2", "layer3", "avgpool"], [64, 128, 256, 256],
-     [64, 128, 256, 256], 256),
-    ("wrn_16_2", "wrn_40_2", ["block1", "block2", "block3", "avgpool"], [32, 64, 128, 128], [32, 64, 128, 128], 128),
-    ("wrn_40_1", "wrn_40_2", ["block1", "block2", "block3", "avgpool"], [16, 32, 64, 64], [32, 64, 128, 128], 64),
-    ("resnet20", "resnet56", ["layer1", "layer2", "layer3", "avgpool"], [16, 32, 64, 64], [16, 32, 64, 64], 64),
+    ("resnet8x4", "resnet32x4", _RESNET, _preact(5), [64, 128, 256, 256], [64, 128, 256, 256], 256),
+    ("wrn_16_2", "wrn_40_2", _WRN, _WRN_PREACT, [32, 64, 128, 128], [32, 64, 128, 128], 128),
+    ("wrn_40_1", "wrn_40_2", _WRN, _WRN_PREACT, [16, 32, 64, 64], [32, 64, 128, 128], 64),
+    ("resnet20", "resnet56", _RESNET, _preact(9), [16, 32, 64, 64], [16, 32, 64, 64], 64),
     pytest.param("torchvision:resnet18", "torchvision:resnet34", ["layer1", "layer2", "layer3", "layer4", "avgpool"],
-                 [64, 128, 256, 512, 512], [64, 128, 256, 512, 512], 512, marks=pytest.mark.slow),  # ImageNet nets
+                 ["layer1", "layer2", "layer3", "layer4", "avgpool"], [64, 128, 256, 512, 512],
+                 [64, 128, 256, 512, 512], 512, marks=pytest.mark.slow),  # ImageNet nets
 ]
 
 
-@pytest.mark.parametrize("student, teacher, layers, c_in, c_out, mid", PAIRS,
+@pytest.mark.parametrize("student, teacher, layers, teacher_layers, c_in, c_out, mid", PAIRS,
                          ids=["r32x4-r8x4", "wrn402-wrn162", "wrn402-wrn401", "r56-r20", "r34-r18"])
-def test_abf_chain_shapes(student, teacher, layers, c_in, c_out, mid):
+def test_abf_chain_shapes(student, teacher, layers, teacher_layers, c_in, c_out, mid):
     method, frozen = build_method("reviewkd", student, teacher, warmup_epochs=0.0)
-    assert method.features.student_layers == layers and method.features.teacher_layers == layers
+    assert method.features.student_layers == layers and method.features.teacher_layers == teacher_layers
     assert [a.conv1[0].in_channels for a in method.abfs] == c_in
     assert [a.conv2[0].out_channels for a in method.abfs] == c_out
     assert {a.conv1[0].out_channels for a in method.abfs} == {mid}
@@ -162,8 +171,8 @@ def test_abf_chain_shapes(student, teacher, layers, c_in, c_out, mid):
     method.student(images)
     tapped = probe.pop()
     maps = [tapped[layer] for layer in layers]
-    outputs = method.review(maps, [tuple(out.features[layer].shape[-2:]) for layer in layers])
-    assert [o.shape for o in outputs] == [out.features[layer].shape for layer in layers]
+    outputs = method.review(maps, [tuple(out.features[layer].shape[-2:]) for layer in teacher_layers])
+    assert [o.shape for o in outputs] == [out.features[layer].shape for layer in teacher_layers]
 
 
 def test_options_change_the_abfs():
@@ -243,7 +252,7 @@ def test_no_gradient_reaches_the_teacher_after_warmup():
     method, frozen = build_method("reviewkd", "resnet8", "resnet20", kd_weight=1.0)
     method.set_epoch(20)
     live = copy.deepcopy(frozen.model).requires_grad_(True)
-    taps = FeatureTaps(live, list(method.teacher_needs().features), where="test")
+    taps = FeatureTaps(live, list(method.teacher_needs().features), where="test", copy=True)  # as FrozenTeacher's
     images, targets = batch()
     logits = live(images)
     output = TeacherOutput(logits, taps.pop())

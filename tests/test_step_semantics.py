@@ -136,7 +136,7 @@ def test_method_lets_no_gradient_reach_the_teacher_through_its_output(name, teac
     method, frozen = build_method(name, "resnet8", teacher)
     live = copy.deepcopy(frozen.model).requires_grad_(True)
     layers = list(method.teacher_needs().features)
-    taps = FeatureTaps(live, layers, where="test") if layers else None
+    taps = FeatureTaps(live, layers, where="test", copy=True) if layers else None  # copying, as FrozenTeacher's
     images, targets = batch()
     logits = live(images)
     output = TeacherOutput(logits, taps.pop() if taps else {})

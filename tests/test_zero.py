@@ -31,10 +31,13 @@ def engine_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engines")
     cases = [("train", strategy, method) for strategy, method in COMBOS]
     one = run_probes(folder, 1, *cases)
-    *two, teacher = run_probes(folder, 2, *cases, ("teacher",))
+    *two, teacher, ffl_ddp, ffl_zero2 = run_probes(folder, 2, *cases, ("teacher",),
+                                                   ("train", "ddp", "ffcl", "share_trunk=true"),
+                                                   ("train", "zero2", "ffcl", "share_trunk=true"))
     runs = {(strategy, method, 1): result for (strategy, method), result in zip(COMBOS, one, strict=True)}
     runs.update({(strategy, method, 2): result for (strategy, method), result in zip(COMBOS, two, strict=True)})
     runs["teacher"] = teacher
+    runs["ffl", "ddp"], runs["ffl", "zero2"] = ffl_ddp, ffl_zero2
     return runs
 
 
@@ -71,6 +74,21 @@ def test_ctkd_shared_stem_is_one_set_of_parameters(engine_runs):
     zero = engine_runs["zero2", "ctkd", 2]
     held = sum(rank_result["optimizer_parameters"] for rank_result in zero)
     assert zero[0]["trainable_parameters"] <= held < zero[0]["trainable_parameters"] + stem
+
+
+def test_ffl_shared_trunk_is_one_set_of_parameters(engine_runs):
+    """FFL's two branches share the trunk (the probe network's conv1 16x3x3x3 + 16 and layer1
+    16x16x3x3 + 16): held once by the optimizers under DDP (every rank) and ZeRO-2 (the
+    partitions add up to it), and the branches train."""
+    trunk = (16 * 3 * 3 * 3 + 16) + (16 * 16 * 3 * 3 + 16)
+    for rank_result in engine_runs["ffl", "ddp"]:
+        assert rank_result["per_network_parameters"] == rank_result["trainable_parameters"] + trunk
+        assert rank_result["optimizer_parameters"] == rank_result["trainable_parameters"]
+    zero = engine_runs["ffl", "zero2"]
+    held = sum(rank_result["optimizer_parameters"] for rank_result in zero)
+    assert zero[0]["trainable_parameters"] <= held < zero[0]["trainable_parameters"] + trunk
+    for run in (engine_runs["ffl", "ddp"], engine_runs["ffl", "zero2"]):
+        assert run[0]["losses"][-1] < run[0]["losses"][0]
 
 
 def test_zero3_partitions_trained_parameters(engine_runs):

@@ -119,7 +119,7 @@ class RankPlan:
 
 
 def planned_precision(cfg: ExperimentConfig) -> str:
-    return "fp32" if cfg.train.precision == "fp32" else "bf16"  # auto: bf16 on a GPU
+    return "fp32" if cfg.train.precision in ("fp32", "tf32") else "bf16"  # auto: bf16 on a GPU
 
 
 def optimizer_states_per_parameter(cfg: ExperimentConfig) -> int:

@@ -12,7 +12,9 @@ measured in:
 figure is as the design notes give it and was not found in the README text we checked (the
 authors' paper is the likely place): treat it with care. No other figures are added here: a
 number neither in the design notes nor cited by a shipped config, and read back from its
-README, has no place in this table, however well known.
+README, has no place in this table, however well known. One exception, marked in its
+``source``: where the authors publish no README table (ReviewKD's CIFAR-100 README has none),
+the paper's figure that the shipped config cites, with ``checked`` empty.
 
 Matching ignores case, ``-``, ``_``, spaces and a ``torchvision:``/``timm:`` prefix, so
 ``wrn_40_2`` matches ``wrn-40-2`` and ``torchvision:resnet34`` matches ``ResNet-34``.
@@ -28,6 +30,8 @@ MDISTILLER = "mdistiller README, DKD main results (Zhao et al., DKD, CVPR 2022)"
 DIST = "DIST_KD README, ImageNet baseline settings (Huang et al., DIST, NeurIPS 2022)"
 DIST_CIFAR = "DIST_KD README, CIFAR-100 table (Huang et al., DIST, NeurIPS 2022)"
 LOGIT_STD = "logit-standardization-KD README, CIFAR-100 table (Sun et al., CVPR 2024)"
+REVIEWKD = ("ReviewKD paper, CIFAR-100 table (Chen et al., CVPR 2021), as configs/reviewkd_cifar100.yaml cites it; "
+            "the authors' README has no table")
 
 CIFAR_SETTING = "CIFAR-100 test set, RepDistiller protocol (240 epochs, SGD)"
 IMAGENET_SETTING = "ImageNet-1k validation set, 224 px"
@@ -92,6 +96,12 @@ REFERENCES: tuple[Reference, ...] = (
     _cifar("pkt", _W402, _W162, 74.54, REPDISTILLER, URLS["repdistiller"]),
     _cifar("sp", _R32x4, _R8x4, 72.94, REPDISTILLER, URLS["repdistiller"]),
     _cifar("sp", _W402, _W162, 73.83, REPDISTILLER, URLS["repdistiller"]),
+    # AT, cited by configs/at_cifar100.yaml: the same table's AT row (the design notes' table too).
+    _cifar("at", _W402, _W162, 74.08, REPDISTILLER, URLS["repdistiller"]),
+    _cifar("at", _R32x4, _R8x4, 73.44, REPDISTILLER, URLS["repdistiller"]),
+    # ReviewKD, cited by configs/reviewkd_cifar100.yaml: the paper's CIFAR-100 table (no README table).
+    _cifar("reviewkd", _R32x4, _R8x4, 75.63, REVIEWKD, ""),
+    _cifar("reviewkd", _W402, _W162, 76.12, REVIEWKD, ""),
     # CRD itself, cited by configs/crd_cifar100.yaml: the same table's CRD row (-a 0 -b 0.8).
     _cifar("crd", _R32x4, _R8x4, 75.51, REPDISTILLER, URLS["repdistiller"]),
     _cifar("crd", _W402, _W162, 75.48, REPDISTILLER, URLS["repdistiller"]),

@@ -71,7 +71,8 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     cfg = load_config(None, [f"distributed.strategy={strategy}", f"data.batch_size={per_rank}",
                              "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"])
     torch.manual_seed(0)
-    student, teacher = PlainNet(16), PlainNet(24)
+    teacher_width = 16 if (params or {}).get("share_trunk") else 24  # a shared trunk needs the same widths
+    student, teacher = PlainNet(16), PlainNet(teacher_width)
     cls = get_method_class(method_name)
     mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
                          teacher_role=cls.teacher_role, teacher_name="plain24",

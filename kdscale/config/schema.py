@@ -130,8 +130,10 @@ class TrainSection:
     grad_accum_steps: int = ranged(1, "micro-batches per optimizer step; 1 does not accumulate", ge=1)
     clip_grad_norm: Optional[float] = ranged(None, "the gradient-norm limit; null does not clip", gt=0)
     label_smoothing: float = ranged(0.0, "0 turns label smoothing off", ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU. ``fp32``: no autocast and no TF32 (IEEE
+    fp32 throughout, as the CIFAR papers trained); ``tf32``: no autocast, TF32 matmuls and
+    convolutions on GPU (fp32 on CPU)."""
     channels_last: Optional[bool] = None
     """None: channels-last on GPU only."""
     compile: Literal["none", "networks", "teacher", "all"] = "none"

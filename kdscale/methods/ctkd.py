@@ -41,7 +41,7 @@ from typing import Literal
 from kdscale.methods.attention import AttentionToTeacher
 from kdscale.methods.base import Distiller, TeacherNeeds, register_method
 from kdscale.methods.losses import cross_entropy, soft_kl
-from kdscale.models.stem import share_stem
+from kdscale.models.sharing import share_stem
 
 
 @register_method

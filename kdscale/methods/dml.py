@@ -8,6 +8,9 @@ Choices:
   stop-gradients above, the common implementation. The paper's Algorithm 1 alternates the
   peer updates (each peer recomputes its peers' predictions after the previous update);
   that sequential form is not offered.
+- ``peer_kl: mean`` (default, the paper's Eq. 10: ``1/(K-1)`` times the sum over the other
+  peers) or ``sum`` (the authors' code, which adds the K-1 KL terms without dividing); the
+  two agree at K = 2, the default.
 - ``T = 1`` by default as in the paper; the ``T^2`` factor is then 1.
 - The student is peer 0; ``peers`` lists the other architectures (default: one peer of
   the student's architecture). Every peer is evaluated as ``val/peer<k>_top1``.
@@ -16,6 +19,7 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import nn
 
@@ -35,6 +39,7 @@ class DML(Distiller):
         temperature: float = field(default=1.0, metadata={"gt": 0})
         ce_weight: float = field(default=1.0, metadata={"ge": 0})
         kl_weight: float = field(default=1.0, metadata={"ge": 0})
+        peer_kl: Literal["mean", "sum"] = "mean"
 
     def __init__(self, student, params, context):
         super().__init__(student, params, context)
@@ -53,7 +58,7 @@ class DML(Distiller):
         for k, (prefix, _) in enumerate(networks):
             losses[f"{prefix}ce"] = p.ce_weight * cross_entropy(logits[k], targets, self.label_smoothing)
             mutual = sum(soft_kl(logits[j].detach(), logits[k], p.temperature) for j in range(len(logits)) if j != k)
-            losses[f"{prefix}kl"] = p.kl_weight / others * mutual
+            losses[f"{prefix}kl"] = p.kl_weight / (others if p.peer_kl == "mean" else 1) * mutual
         return logits[0], losses
 
     def evaluation_logits(self, images, teacher_output=None):

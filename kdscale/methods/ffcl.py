@@ -23,8 +23,24 @@ With ``T = 3`` and every KL term scaled by ``T^2``, targets detached:
   its own SGD); the networks use ``optim.weight_decay``.
 - FFL's KL adds 1e-7 to the target probabilities; kdscale does not (a change below 1e-6).
 
+Two networks or one (``share_trunk``):
+- ``share_trunk: false`` (default, FFCL): two separate networks, as the seed paper's "the
+  teacher and the student networks" reads (inferred from its abstract).
+- ``share_trunk: true`` (FFL as its code builds it, verified: ``our_network.py``,
+  ``FFL_ResNet``): one network whose two branches share ``conv1``, ``layer1`` and ``layer2``
+  and duplicate only the last stage and the classifier; the fusion module takes the two
+  branches' last-stage maps. kdscale builds the student and the teacher and makes the
+  teacher's trunk (stem + every residual stage but the last) use the student's parameters:
+  one set, counted once under DDP and ZeRO, whose gradient sums both branches' paths, as
+  the one trunk's does in the code. Each branch keeps its own copy of the trunk's BN running
+  statistics; both see the same batch, so they hold the values the one trunk would. The
+  trunk is computed twice per forward (about 2/3 of a ResNet's compute: a cost, not a
+  change of the math). Both networks must have the same trunk (FFL runs two branches of
+  one architecture: ``configs/ffl_cifar100.yaml`` uses resnet32 for both, the code's
+  ``--depth 32``); otherwise a one-line error.
+
 FFCL's extras, inferred from its abstract, each behind its own weight (all 0 runs plain
-FFL, ``configs/ffl_cifar100.yaml``):
+FFL, ``configs/ffl_cifar100.yaml``, which also shares the trunk):
 - ``mutual_to_student``, ``mutual_to_teacher``: ``w(e) * mutual_weight * KL(sg(p_T) || p_S)``
   and the reverse (response-based knowledge between the two networks);
 - ``at_to_student``, ``at_to_teacher``: AT (code form, ``at_beta``) over the residual
@@ -48,6 +64,7 @@ from torch import nn
 from kdscale.methods.base import Distiller, Phase, register_method
 from kdscale.methods.losses import attention_transfer, cross_entropy, soft_kl, soft_kl_to_probs
 from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
+from kdscale.models.sharing import share_trunk
 
 
 class FusionModule(nn.Module):
@@ -111,10 +128,12 @@ class FFCL(Distiller):
         pk_weight: float = field(default=0.5, metadata={"ge": 0})
         pk_correct_prob: float = field(default=0.9, metadata={"ge": 0, "le": 1})
         detach_fusion_inputs: bool = False
+        share_trunk: bool = False
 
     def __init__(self, student, params, context):
         super().__init__(student, params, context)
         self.teacher = context.trained_teacher.requires_grad_(True)
+        self.shared_trunk = share_trunk(student, self.teacher, "student", "teacher") if params.share_trunk else []
         self.num_classes = context.num_classes
         s_stages = residual_stages(student, "student")
         t_stages = residual_stages(self.teacher, "teacher")

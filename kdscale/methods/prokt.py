@@ -38,6 +38,14 @@ Choices, each configurable:
   fresh one for this task's classes, zeroed when ``zero_classifier``; ``converged`` uses
   ``teacher.weights`` as they are; ``scratch`` trains the teacher from random weights
   (``teacher.weights`` must be unset; ``zero_classifier`` applies).
+- ``zero_student_classifier: true`` (verified: ``run_glue_milestone.py`` builds the student's
+  and the teacher's training arguments from one command line, so ``--init_classifier_to_zero``
+  zeroes the student's classifier too, ``init_classifier_as_zero(model_s)``): the student's last
+  ``nn.Linear`` starts at zero. ``false`` keeps the student's own initialisation.
+- Gradient clipping (verified: the code clips each network's gradient norm on its own at the
+  HF trainer's ``max_grad_norm``, 1.0, before each of the two optimizer steps): kdscale clips
+  each phase's parameters on their own with ``train.clip_grad_norm``, which the shipped ProKT
+  configs set to 1.0 (null: no clipping).
 - ``dual: true``: the code's mirror-descent variant, ``L_T = CE + beta * (KL - eps)`` with
   ``beta <- max(0, beta + dual_lr * (KL - eps))`` after each teacher forward (defaults
   ``dual_lr = 1e-3``, ``eps = 1``, ``beta0 = 1``, as in the code). Under DDP every rank
@@ -104,6 +112,17 @@ def replace_classifier(network: nn.Module, num_classes: int, zero: bool) -> None
     setattr(parent, name.rpartition(".")[2], head)
 
 
+def zero_classifier_(network: nn.Module, key: str) -> None:
+    """Zero the weight and bias of ``network``'s last ``nn.Linear`` in place."""
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise KdscaleError(f"{key}: {type(network).__name__} has no nn.Linear classifier to zero; set {key}=false")
+    with torch.no_grad():
+        linears[-1].weight.zero_()
+        if linears[-1].bias is not None:
+            linears[-1].bias.zero_()
+
+
 @register_method
 class ProKT(Distiller):
     name = "prokt"
@@ -121,6 +140,7 @@ class ProKT(Distiller):
         target_bn: Literal["batch", "running"] = "batch"
         teacher_init: Literal["generic", "converged", "scratch"] = "generic"
         zero_classifier: bool = True
+        zero_student_classifier: bool = True
         dual: bool = False
         dual_eps: float = field(default=1.0, metadata={"ge": 0})
         dual_lr: float = field(default=1e-3, metadata={"ge": 0})
@@ -137,6 +157,8 @@ class ProKT(Distiller):
                           f"starts from random weights", stacklevel=2)
         if params.teacher_init == "generic" or (params.teacher_init == "scratch" and params.zero_classifier):
             replace_classifier(self.teacher, context.num_classes, params.zero_classifier)
+        if params.zero_student_classifier:
+            zero_classifier_(student, "method.zero_student_classifier")
         self.register_buffer("dual_beta", torch.tensor(float(params.dual_beta0)))
 
     def phases(self):

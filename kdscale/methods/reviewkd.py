@@ -43,17 +43,24 @@ mdistiller ``mdistiller/distillers/ReviewKD.py``, ``mdistiller/engine/cfg.py``,
   ``teacher_layers`` name others (shallow to deep; a vector output is a 1x1 map).
 - ``kd_weight > 0``: the CIFAR code's ``--use-kl``, ``T^2 KL(p_T^T || p_S^T)`` batch mean, T=4.
 
-Which features (a choice): kdscale taps module **outputs** with forward hooks (the frozen
-teacher is run outside the method and never rewritten). The authors' CIFAR code takes the
-teacher's pre-activation stage outputs (``preact=True``: ResNets before the last ReLU of each
-stage; WRNs after the next block's BN, before its ReLU) and the student's post-ReLU outputs
-(mdistiller the same; its ImageNet config, and the ImageNet code for both networks, use the
-pre-ReLU sums). A ResNet stage's pre-ReLU sum is no module's output, so kdscale uses the stage
-outputs for both networks: post-ReLU for ResNets (the student as in the code, the teacher not),
-pre-activation for WRNs (the student as in the code; the teacher without the next BN). The
-pooled features are the same as the code's. For a WRN teacher the code's features *are* module
-outputs: ``method.teacher_layers=[block2.0.bn1,block3.0.bn1,bn1,avgpool]`` taps them (the
-frozen teacher's taps copy each output as the module returns it, before the in-place ReLU).
+Which features (verified: the authors' CIFAR ``train.py`` and ``model/resnet_cifar.py``,
+``preact=True`` for the teacher): the student's are its stage outputs (post-ReLU for ResNets,
+pre-activation for WRNs, as in the code); the **teacher's default to the code's pre-ReLU
+features** where kdscale's own CIFAR networks make them module outputs (the frozen teacher's
+taps copy each output as the module returns it, before the in-place ReLU that follows):
+- kdscale's CIFAR ResNets: each stage's residual sum before its last ReLU, the last block's
+  ``preact`` identity (``layer1.2.preact, layer2.2.preact, layer3.2.preact`` for resnet20),
+  so the student regresses negative values too, as in the code;
+- kdscale's WRNs: ``block2.0.bn1, block3.0.bn1, bn1`` (each group's output after the next
+  block's BN, before its ReLU, as the code's ``preact`` features);
+- then the pooled features, as in the code.
+torchvision and timm ResNets have no module whose output is the pre-ReLU sum (torchvision's
+``BasicBlock`` adds and applies ``relu``, a module it also calls after ``bn1``; in timm's
+blocks the sum is the *input* of ``act2``, and kdscale taps outputs), so their teachers default to the post-ReLU stage outputs
+(``layer1..4``) and the pooled features; the ImageNet code distils pre-ReLU sums for both
+networks, which kdscale cannot tap there without rewriting the forward. ``teacher_layers``
+names any other layers (``[layer1,layer2,layer3,avgpool]`` gives the post-ReLU outputs on
+CIFAR ResNets too).
 Other differences: the authors' CIFAR ``train.py`` never calls ``teacher.eval()`` (its
 teacher's BN uses batch statistics); kdscale's frozen teacher is in eval mode, as in mdistiller
 and the ImageNet code. The paper's text was not re-read for this port; the code is the form
@@ -78,6 +85,7 @@ from torch import nn
 from kdscale.errors import KdscaleError
 from kdscale.methods.base import register_method
 from kdscale.methods.relations import FeatureDistiller, last_stage, penultimate_layer
+from kdscale.models.cifar import CifarResNet, WideResNet
 from kdscale.models.features import residual_stages
 
 HCL_LEVELS = (4, 2, 1)
@@ -131,6 +139,21 @@ def review_layers(model: nn.Module, image_size: int, where: str) -> list[str]:
     return residual_stages(model, where) + [penultimate_layer(model, image_size, where)]
 
 
+def code_teacher_layers(model: nn.Module, image_size: int, where: str) -> list[str]:
+    """The teacher features of the authors' CIFAR code (``preact=True``) where kdscale's own
+    CIFAR networks make them module outputs: a ResNet's residual sum before the last ReLU of
+    each stage (the last block's ``preact`` tap), a WRN's group output after the next block's
+    BN (``block2.0.bn1``, ``block3.0.bn1``, the final ``bn1``), then the pooled features.
+    Other networks: :func:`review_layers`."""
+    if isinstance(model, CifarResNet):
+        stages = residual_stages(model, where)
+        return [f"{stage}.{len(model.get_submodule(stage)) - 1}.preact" for stage in stages] + \
+            [penultimate_layer(model, image_size, where)]
+    if isinstance(model, WideResNet):
+        return ["block2.0.bn1", "block3.0.bn1", "bn1", penultimate_layer(model, image_size, where)]
+    return review_layers(model, image_size, where)
+
+
 def as_map(feature: torch.Tensor) -> torch.Tensor:
     """A pooled vector ``(B, C)`` as the 1x1 map ``(B, C, 1, 1)``; maps unchanged."""
     return feature.reshape(*feature.shape, 1, 1) if feature.dim() == 2 else feature
@@ -172,8 +195,8 @@ class ReviewKD(FeatureDistiller):
         size = context.image_size
         params = dataclasses.replace(  # empty lists: every stage and the pooled features
             params, student_layers=list(params.student_layers) or review_layers(student, size, "method.student_layers"),
-            teacher_layers=list(params.teacher_layers) or review_layers(context.frozen_teacher, size,
-                                                                        "method.teacher_layers"))
+            teacher_layers=list(params.teacher_layers) or code_teacher_layers(context.frozen_teacher, size,
+                                                                              "method.teacher_layers"))
         super().__init__(student, params, context)
         s_shapes = _map_shapes(self.features.student_layers, self.features.student_shapes, "method.student_layers")
         t_shapes = _map_shapes(self.features.teacher_layers, self.features.teacher_shapes, "method.teacher_layers")

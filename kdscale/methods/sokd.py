@@ -12,8 +12,14 @@ student; the student learns only from the KBM (never from the teacher's logits):
 One backward pass on ``L_A + L_S`` and one optimizer step; ``T = 4``, all weights 1.
 
 Choices:
-- The frozen teacher stays in **eval** mode. The authors' code leaves it in train mode,
-  so its BN statistics drift; the paper describes a fixed teacher, which kdscale keeps.
+- The frozen teacher stays in **eval** mode (deviates from the code, on purpose). The
+  authors' code leaves it in train mode, so its BN layers normalise with each batch's
+  statistics and their running statistics drift; the paper describes a fixed teacher, which
+  kdscale keeps. The code's form is not offered: kdscale's frozen teachers run outside the
+  method under ``inference_mode``, shared with evaluation and teacher-output shards, and a
+  teacher whose statistics change would have to join the checkpoint for exact resume and
+  differ between ranks under DDP. What the code's mode changes in the loss is only that the
+  teacher's logits and bridge input use batch statistics (WRN's dropout is 0).
 - ``bridge_input`` defaults to the teacher's second-to-last residual stage; ``bridge_layers``
   to its last stage plus the BN/ReLU that follow it (WRN: ``block3, bn1, relu``; ResNet:
   ``layer3`` or ``layer4``). The copies are re-initialised as the authors' ``models/wrn.py``

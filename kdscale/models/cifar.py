@@ -33,7 +33,11 @@ Design choices
   (linear weights keep PyTorch's default init).
 * ``forward`` returns logits only. Intermediate features are meant to be read
   with forward hooks on the named sub-modules: ResNets expose ``conv1``,
-  ``bn1``, ``relu``, ``layer1``, ``layer2``, ``layer3``, ``avgpool``, ``fc``;
+  ``bn1``, ``relu``, ``layer1``, ``layer2``, ``layer3``, ``avgpool``, ``fc``, and in
+  every block ``preact``, an identity on the residual sum before the block's final ReLU
+  (the pre-ReLU feature that ReviewKD's code distils from, ``layer3.4.preact``; no
+  parameters, nothing in the state dict; its output is then changed by the in-place ReLU,
+  so a trained network's tap there is refused and a frozen teacher's tap copies it);
   WRNs expose ``conv1``, ``block1``, ``block2``, ``block3``, ``bn1``, ``relu``,
   ``avgpool``, ``fc``. Stage outputs have spatial sizes 32/16/8.
 """
@@ -84,11 +88,12 @@ class BasicBlock(nn.Module):
             )
         else:
             self.downsample = nn.Identity()
+        self.preact = nn.Identity()  # a tap point: the residual sum before the final ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return self.relu(y + self.downsample(x))
+        return self.relu(self.preact(y + self.downsample(x)))
 
 
 class CifarResNet(nn.Module):

@@ -10,6 +10,17 @@ import torch
 from kdscale.config.schema import ExperimentConfig
 
 
+def set_tf32(allowed: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (Ampere and later), process-wide.
+
+    ``train.precision: fp32`` turns both off: IEEE fp32 as the CIFAR papers' numbers were
+    trained (PyTorch's own defaults would leave cuDNN convolutions on TF32). ``tf32`` turns
+    both on: fp32 weights and activations, 10-bit-mantissa products with fp32 accumulation.
+    ``auto`` and ``bf16`` allow TF32 too, for what runs outside autocast."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 @dataclasses.dataclass
 class Runtime:
     """Device-dependent choices, resolved once."""
@@ -22,6 +33,8 @@ class Runtime:
     def from_config(cls, cfg: ExperimentConfig, device: torch.device) -> "Runtime":
         on_gpu = device.type == "cuda"
         precision = cfg.train.precision
+        if on_gpu:
+            set_tf32(precision != "fp32")
         if precision == "bf16" and not on_gpu:
             warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
         use_bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
