@@ -20,4 +20,7 @@ flags=(--num_machines 1 --num_processes "$procs" --mixed_precision no --dynamo_b
 [ "$procs" -gt 1 ] && flags+=(--multi_gpu)
 port=${KDSCALE_MAIN_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 flags+=(--main_process_port "$port")
-exec .venv/bin/accelerate launch "${flags[@]}" "$@"
+# Through kdscale's job launcher (kdscale/lifecycle/launcher.py): the job exits with the status
+# its ranks agreed on (0 done or preempted, 130 Ctrl-C, 143 SIGTERM, 2 refused, 3 stalled), in
+# one line, however it was signalled (this process, its process group, or every process).
+exec .venv/bin/python -m kdscale.lifecycle.launcher .venv/bin/accelerate launch "${flags[@]}" "$@"

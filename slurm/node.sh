@@ -30,5 +30,7 @@ fi
 read -r -a overrides <<< "${KDSCALE_OVERRIDES:-}"
 if [ -n "${KDSCALE_OUTPUT:-}" ]; then overrides+=("experiment.output_dir=$KDSCALE_OUTPUT"); fi
 echo "kdscale slurm: node $SLURM_NODEID ($(hostname -s)): $per_node of $total processes"
-exec "$KDSCALE_PYTHON" -m accelerate.commands.launch "${flags[@]}" -m "kdscale.$mode" --config "$KDSCALE_CONFIG" \
-  "${overrides[@]}"
+# Through kdscale's job launcher: the node's status is what its ranks agreed on (0 for a
+# preemption stop, 143 for scancel / a time limit, 2 for a refused run), with no traceback.
+exec "$KDSCALE_PYTHON" -m kdscale.lifecycle.launcher "$KDSCALE_PYTHON" -m accelerate.commands.launch "${flags[@]}" \
+  -m "kdscale.$mode" --config "$KDSCALE_CONFIG" "${overrides[@]}"

@@ -1,7 +1,8 @@
 """The ProKT teacher-stability figures of docs/methods.md: a converged resnet20 teacher on
 the synthetic task of tests/test_prokt_stability.py, then 6 epochs of ProKT (resnet8
-student) per setting of ``method.target_bn`` x ``method.teacher_lr_scale`` (seed 0),
-printing the teacher's and the student's top-1 after each epoch.
+student) per setting of ``method.target_bn``, ``method.teacher_lr_scale``,
+``method.zero_student_classifier`` and ``train.clip_grad_norm`` (seed 0), printing the
+teacher's and the student's top-1 after each epoch, and the student trained alone.
 
     .venv/bin/python tests/prokt_study.py [OUT_DIR]
 """
@@ -18,7 +19,12 @@ from conftest import base_overrides  # noqa: E402
 from kdscale.data.synth import write_synthetic_shards  # noqa: E402
 from kdscale.train.__main__ import main as train_main  # noqa: E402
 
-SETTINGS = [("batch", 0.03), ("running", 0.03), ("batch", 0.1), ("batch", 0.3), ("running", 0.3)]
+# (target_bn, teacher_lr_scale, zero_student_classifier, clip_grad_norm): the first five as
+# measured before the code's student zeroing and clipping became defaults, then the code's forms.
+SETTINGS = [("batch", 0.03, False, None), ("running", 0.03, False, None), ("batch", 0.1, False, None),
+            ("batch", 0.3, False, None), ("running", 0.3, False, None),
+            ("batch", 0.03, True, None), ("batch", 0.03, True, 1.0), ("running", 0.03, True, 1.0),
+            ("batch", 0.3, True, 1.0), ("running", 0.3, True, 1.0)]
 
 
 def run(data: str, out: str, name: str, *extra: str) -> tuple[dict, list]:
@@ -37,11 +43,17 @@ def main() -> None:
                            samples_per_shard=480, difficulty=0.2, seed=11, progress=False)
     teacher, _ = run(data, out, "teacher", "method.name=vanilla", "student.name=resnet20", "train.epochs=24")
     print(f"converged teacher: {teacher['metrics']['val/student_top1']:.1f}", flush=True)
-    for target_bn, scale in SETTINGS:
-        _, curve = run(data, out, f"prokt-{target_bn}-{scale}", "method.name=prokt", "student.name=resnet8",
+    _, alone = run(data, out, "alone", "method.name=vanilla", "student.name=resnet8", "train.epochs=6")
+    print(f"student alone: top-1 by epoch {[s for _, s in alone]}", flush=True)
+    for target_bn, scale, zero_student, clip in SETTINGS:
+        name = f"prokt-{target_bn}-{scale}-{'zero' if zero_student else 'init'}-{clip}"
+        _, curve = run(data, out, name, "method.name=prokt", "student.name=resnet8",
                        "teacher.name=resnet20", f"teacher.weights={teacher['export']}", "method.teacher_init=converged",
-                       f"method.target_bn={target_bn}", f"method.teacher_lr_scale={scale}", "train.epochs=6")
-        print(f"target_bn={target_bn} teacher_lr_scale={scale}: (teacher, student) top-1 by epoch {curve}", flush=True)
+                       f"method.target_bn={target_bn}", f"method.teacher_lr_scale={scale}",
+                       f"method.zero_student_classifier={str(zero_student).lower()}",
+                       f"train.clip_grad_norm={'null' if clip is None else clip}", "train.epochs=6")
+        print(f"target_bn={target_bn} teacher_lr_scale={scale} zero_student_classifier={zero_student} "
+              f"clip_grad_norm={clip}: (teacher, student) top-1 by epoch {curve}", flush=True)
 
 
 if __name__ == "__main__":

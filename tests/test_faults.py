@@ -119,7 +119,7 @@ def test_sigint_stops_every_rank_at_one_step_and_resumes_exactly(synth_data, tmp
     os.killpg(job.pid, signal.SIGINT)  # Ctrl-C in the job's terminal: every process gets it
     code = finish(job, 60)
     text = open(log).read()
-    assert code != 0, text[-3000:]  # interrupted, not finished
+    assert code == 130, text[-3000:]  # interrupted, not finished: the job's status is the ranks' 128 + SIGINT
     assert "SIGINT received: stopping at the next step with a checkpoint" in text
     assert "stopped at step" in text and "run the same command again" in text
     # No rank fails (accelerate's own agent prints a traceback of its SignalException).
@@ -184,20 +184,24 @@ def test_frozen_loader_worker_ends_the_job_with_stacks(synth_data, tmp_path):
     servers = [p for p in descendants(job.pid) if "forkserver" in table.get(p, (0, ""))[1]]
     workers = [p for p in table if table[p][0] in servers]
     assert workers, table
+    family = descendants(job.pid)
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         code = finish(job, 15 + 90)
+        time.sleep(2)
+        left = [p for p in family if p in processes()]  # before this test ends them by hand
     finally:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     text = open(log).read()
-    assert code != 0
+    assert code == 3, text[-3000:]  # the stall's status, at the job level
     assert time.monotonic() - stopped < 15 + 90
     assert "stalled: nothing finished for" in text and "waiting for a batch from the data loader" in text, text[-4000:]
     assert "Thread 0x" in text or "Current thread 0x" in text  # faulthandler's stacks
+    assert not left, f"outlived the job (stopped workers, forkserver, resource tracker): {left}"
 
 
 def test_kill9_inside_checkpoint_writes_never_loads_a_partial_one(synth_data, tmp_path, uninterrupted):
@@ -301,3 +305,111 @@ def test_kill9_of_one_rank_ends_the_job(synth_data, tmp_path):
     while time.monotonic() < deadline and any(p in processes() for p in family):
         time.sleep(0.5)
     assert not [p for p in family if p in processes()]  # no rank, worker or forkserver left behind
+
+
+# -- signals as clusters send them: to every process, to the process group, to the launcher --------
+def logged_training(run_dir) -> dict[int, dict]:
+    """Step -> the logged training metrics without timings; fails on a step logged twice."""
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        entry = json.loads(line)
+        if "train/loss" in entry:
+            assert entry["step"] not in out, f"step {entry['step']} logged twice"
+            out[entry["step"]] = {k: v for k, v in entry.items() if k.startswith(("train/", "data/"))}
+    return out
+
+
+def no_traceback(text: str) -> None:
+    for bad in ("Traceback", "exited unexpectedly", "resource_tracker", "KeyError", "SignalException",
+                "ChildFailedError"):
+        assert bad not in text, f"{bad!r} in the job's output:\n{text[-4000:]}"
+
+
+def test_sigterm_to_every_process_stops_at_one_step_and_resumes_exactly(synth_data, tmp_path, uninterrupted):
+    """As ``scancel`` and a time limit do: SIGTERM to the launcher, the ranks, their loader
+    workers, the forkserver, the resource tracker and wandb's service, at a random step."""
+    import random
+
+    at = random.Random().randint(3, 9)
+    print(f"SIGTERM to every process after step {at}")
+    args = overrides(synth_data, tmp_path, "ref2", "train.epochs=3", "data.num_workers=1", "wandb.mode=offline")
+    log = tmp_path / "first.log"
+    job = start(args, log, ranks=2)
+    wait_for_steps(tmp_path / "ref2", at, job, log)
+    family = [job.pid, *descendants(job.pid)]
+    assert any("wandb" in processes().get(p, (0, ""))[1] for p in family), "no wandb service to signal"
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    code = finish(job, 90)
+    text = open(log).read()
+    assert code == 143, text[-3000:]
+    no_traceback(text)
+    assert "SIGTERM received: stopping at the next step with a checkpoint" in text
+    assert "job ended with status 143" in text
+    # wandb's service handles SIGTERM itself and goes: said in one line, the history stays in metrics.jsonl.
+    assert text.count("wandb stopped answering") <= 1
+    summary = json.load(open(tmp_path / "ref2" / "summary.json"))
+    assert summary["stopped_by"] == "SIGTERM" and not summary["completed"]
+    assert summary["checkpoint"].endswith(f"step-{summary['step']:08d}.pt") and at <= summary["step"] < 30
+    time.sleep(1)
+    assert not [p for p in family if p in processes()], "a process of the job outlived it"
+    job = start(args, tmp_path / "second.log", ranks=2)
+    assert finish(job, 300) == 0, open(tmp_path / "second.log").read()[-3000:]
+    resumed, reference = final_weights(tmp_path / "ref2"), final_weights(uninterrupted[2])
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert logged_training(tmp_path / "ref2") == logged_training(uninterrupted[2])
+    runs = {path.name.rsplit("-", 1)[-1] for path in (tmp_path / "ref2" / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1, runs  # one wandb run across the stop and the resume
+
+
+@pytest.mark.parametrize("delivery", ["every process", "process group"])
+def test_sigusr1_stops_cleanly_with_status_0(synth_data, tmp_path, delivery):
+    """``--signal=USR1`` without ``B:`` (every process), and USR1 to the launcher's process
+    group: a clean preemption stop (exit 0), the launcher survives, nothing prints a traceback."""
+    args = overrides(synth_data, tmp_path, "usr1", "train.epochs=3", "data.num_workers=1")
+    log = tmp_path / "job.log"
+    job = start(args, log, ranks=2)
+    wait_for_steps(tmp_path / "usr1", 3, job, log)
+    if delivery == "process group":
+        os.killpg(job.pid, signal.SIGUSR1)
+    else:
+        for pid in [job.pid, *descendants(job.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+    code = finish(job, 90)
+    text = open(log).read()
+    assert code == 0, text[-3000:]
+    no_traceback(text)
+    summary = json.load(open(tmp_path / "usr1" / "summary.json"))
+    assert summary["stopped_by"] == "SIGUSR1" and summary["preempted"] and not summary["completed"]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_the_launcher_alone_gives_the_job_status(synth_data, tmp_path, signum, status):
+    args = overrides(synth_data, tmp_path, "alone", "train.epochs=3")
+    log = tmp_path / "job.log"
+    job = start(args, log, ranks=2)
+    wait_for_steps(tmp_path / "alone", 3, job, log)
+    os.kill(job.pid, signum)  # kdscale's launcher passes it on to the ranks
+    code = finish(job, 90)
+    text = open(log).read()
+    assert code == status, text[-3000:]
+    no_traceback(text)
+    assert f"{signal.Signals(signum).name} received" in text
+    # A rank that got the signal from its peer says so and exits with the same status.
+    summary = json.load(open(tmp_path / "alone" / "summary.json"))
+    assert summary["stopped_by"] == signal.Signals(signum).name
+
+
+def test_refused_second_job_has_status_2_at_the_job_level(synth_data, tmp_path):
+    args = overrides(synth_data, tmp_path, "taken", "train.epochs=3")
+    first = start(args, tmp_path / "first.log")
+    wait_for_steps(tmp_path / "taken", 2, first, tmp_path / "first.log")
+    second = subprocess.run(["bash", ACCELERATE, "-m", "kdscale.train", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, KDSCALE_CPU_PROCS="2"))
+    assert second.returncode == 2, second.stderr[-3000:]
+    no_traceback(second.stdout + second.stderr)
+    assert "is in use by another run (pid " in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()

@@ -59,7 +59,7 @@ def _final_state(run_dir):
 
 def test_resume_matches_uninterrupted_run(synth_data, tmp_path):
     common = ["student.name=resnet8", "train.epochs=2", "optim.milestones=[1.5]", "optim.schedule=multistep",
-              "optim.warmup_epochs=0.3"]
+              "optim.warmup_epochs=0.3", "train.log_every_steps=20"]
     straight = Trainer(make_config(synth_data, str(tmp_path), *common, name="straight")).train()
     first = Trainer(make_config(synth_data, str(tmp_path), *common, "train.stop_after_steps=70",
                                 name="stopped")).train()
@@ -74,6 +74,20 @@ def test_resume_matches_uninterrupted_run(synth_data, tmp_path):
     assert opt_a["param_groups"] == opt_b["param_groups"]  # same lr (schedule position) and settings
     for index, state in opt_a["state"].items():
         assert torch.equal(state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"])
+    # The logged history: the same windows at every logged step (the stop at 70 is mid-window).
+    logged_a, logged_b = _logged_training(straight["run_dir"]), _logged_training(resumed["run_dir"])
+    assert sorted(logged_a) == sorted(logged_b) == list(range(20, 101, 20))
+    assert logged_a == logged_b
+
+
+def _logged_training(run_dir) -> dict[int, dict]:
+    """Step -> the logged training metrics but the timings (throughput, data wait, memory)."""
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        entry = json.loads(line)
+        if "train/loss" in entry:
+            out[entry["step"]] = {k: v for k, v in entry.items() if k.startswith(("train/", "data/"))}
+    return out
 
 
 def test_accumulation_clipping_adamw_label_smoothing(synth_data, tmp_path):

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdscale.lifecycle.helpers import start_multiprocessing_helpers
+from kdscale.lifecycle.stop import STOP_SIGNALS
 from kdscale.config.schema import DataSection
 from kdscale.data.bad_samples import DECODE_ERRORS, BadSample, BadSampleLog
 from kdscale.data.device_decode import DeferredDecoder, EncodedBatch, stack_views
@@ -268,14 +270,17 @@ def worker_context():
     imports this module (and torch) once, so a worker starts in milliseconds."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
+    start_multiprocessing_helpers()  # the server and the resource tracker never see the job's stop signals
     return context
 
 
 def _init_worker(rank_pid: int, _worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and SIGUSR1 to their rank: a terminal's Ctrl-C (and
-    Slurm's ``--signal``) reach every process of the job, and a worker that died of them
-    would turn a clean stop into a crash. SIGTERM keeps its default: it is how the loader
-    itself ends a worker that does not stop when asked.
+    """Loader workers leave the stop signals (SIGINT, SIGTERM, SIGUSR1) to their rank: a
+    terminal's Ctrl-C, ``scancel``, a time limit and Slurm's ``--signal`` reach every process
+    of the job, and a worker that died of them would turn a clean stop into a crash. They
+    already start with those signals blocked (forked from a server started that way,
+    :mod:`kdscale.lifecycle.helpers`); ignoring them here keeps it so whatever the start. A
+    worker that does not stop when the loader asks is ended by its rank's exit (SIGKILL).
 
     A forkserver worker's parent is the server, not its rank, and it holds the handle that
     keeps the server alive, so neither notices a rank killed with -9: a thread here ends
@@ -283,7 +288,7 @@ def _init_worker(rank_pid: int, _worker_id: int) -> None:
     import threading
     import time
 
-    for signum in (signal.SIGINT, signal.SIGUSR1):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     setup_logging()
 

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from kdscale.lifecycle.exit import report_and_exit
+
 STALL_EXIT_CODE = 3
 PARENT_EXIT_CODE = 4
 PARENT_GRACE_S = 30.0
@@ -81,7 +83,7 @@ class Watchdog:
         elif self._orphaned_at is not None and now - self._orphaned_at > PARENT_GRACE_S:
             print(f"kdscale (rank {self.rank}): still running {PARENT_GRACE_S:.0f} s after the launcher died "
                   f"(while {self.activity}): exiting", file=sys.stderr, flush=True)
-            os._exit(PARENT_EXIT_CODE)
+            report_and_exit(PARENT_EXIT_CODE, f"rank {self.rank}: the launcher died")
 
     def _stalled(self, now: float) -> None:
         print(f"kdscale (rank {self.rank}): stalled: nothing finished for {now - self.last_progress:.0f} s "
@@ -90,4 +92,5 @@ class Watchdog:
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
-        os._exit(STALL_EXIT_CODE)
+        report_and_exit(STALL_EXIT_CODE, f"rank {self.rank} stalled while {self.activity} "
+                                         f"(train.stall_timeout_s={self.stall_timeout_s:g})")

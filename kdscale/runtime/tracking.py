@@ -22,6 +22,7 @@ import os
 import secrets
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.lifecycle.helpers import without_stop_signals
 from kdscale.log import log
 
 
@@ -123,7 +124,8 @@ class Tracker:
                       tags=run_tags(cfg), config=config, dir=self.run_dir, id=self.run_id, resume="allow",
                       settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
         try:
-            self.run = wandb.init(mode=self.mode, **kwargs)
+            with without_stop_signals():  # its service must outlive a signal to every process of the job
+                self.run = wandb.init(mode=self.mode, **kwargs)
         except Exception as err:  # noqa: BLE001 - bad key, unreachable server, ...
             if self.mode != "online":
                 raise
@@ -132,7 +134,8 @@ class Tracker:
             self.mode = "offline"
             # The failed attempt keeps the id busy in wandb's service: the offline run gets its own.
             self.run_id = kwargs["id"] = secrets.token_hex(4)
-            self.run = wandb.init(mode="offline", **kwargs)
+            with without_stop_signals():
+                self.run = wandb.init(mode="offline", **kwargs)
             if job_type == "train":
                 _write_json(os.path.join(self.run_dir, "run.json"), {**config, "wandb_run_id": self.run_id})
         self.run.summary.update(run_keys(cfg))
@@ -143,7 +146,19 @@ class Tracker:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as err:  # noqa: BLE001 - wandb's service is gone (a signal to every process)
+                self._lost(err)
+
+    def _lost(self, err: BaseException) -> None:
+        """wandb's service stopped answering (``scancel`` signals every process of a job, the
+        service too): say so once and go on without it; metrics.jsonl keeps every step."""
+        detail = (str(err).splitlines() or [""])[0][:200]
+        hint = f" ({self.sync_hint()})" if self.sync_hint() else ""
+        log.warning(f"wandb stopped answering ({type(err).__name__}: {detail}); metrics.jsonl keeps the whole "
+                    f"history, and the wandb run keeps what reached it{hint}")
+        self.run = None
 
     def sync_hint(self) -> str | None:
         if self.mode != "offline" or self.run_id is None:
@@ -157,5 +172,8 @@ class Tracker:
         if not self._jsonl.closed:
             self._jsonl.close()
         if self.run is not None:
-            self.run.finish(exit_code=1 if failed else 0)
+            try:
+                self.run.finish(exit_code=1 if failed else 0)
+            except Exception as err:  # noqa: BLE001 - its service is gone: the offline files stay as written
+                self._lost(err)
             self.run = None

@@ -12,6 +12,7 @@ import warnings
 
 from kdscale.config.arguments import experiment_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
+from kdscale.lifecycle.exit import set_exit_reason
 from kdscale.log import log, setup_logging
 
 
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if lock is not None:
                     lock.release()
                 shutdown_process_group()
+        if summary["completed"]:
+            if trainer.signals.received is not None:
+                log.info(f"{trainer.signals.name} arrived after the last step: the run is complete (exit 0)")
+            return summary
+        if summary["preempted"]:
+            set_exit_reason(f"{trainer.signals.describe()}: stopped at step {summary['step']} with a checkpoint "
+                            f"(exit {trainer.signals.exit_code()}); run the same command again to resume")
         if trainer.signals.exit_code():
             raise SystemExit(trainer.signals.exit_code())  # interrupted by SIGINT/SIGTERM: not a success
         return summary

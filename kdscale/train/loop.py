@@ -24,7 +24,7 @@ from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.fault_injection import InjectedFailure
 from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
-from kdscale.lifecycle.stop import StopSignals
+from kdscale.lifecycle.stop import StopSignals, cause_name
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log, setup_logging
 from kdscale.progress import ProgressBar
@@ -90,6 +90,7 @@ class Trainer(InputsMixin, SavingMixin):
         self.nonfinite_skipped = self.nonfinite_in_a_row = 0
         self.injected_failure = InjectedFailure()
         self.signals = StopSignals(self.rank)
+        self.window = MetricsWindow()
         if resumed is not None:
             run_id = self._restore(*resumed)
         self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
@@ -112,19 +113,20 @@ class Trainer(InputsMixin, SavingMixin):
 
     def _train(self) -> dict:
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
-        window = MetricsWindow()
+        window = self.window  # restored from the checkpoint on a resume
         if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
         loader = iter(self._train_loader()) if self._work_left() else None
-        self._start_epoch(window)
+        self.distiller.set_epoch(self.epoch)  # a resumed epoch keeps its window's counts
+        if self.batches_done == 0:
+            window.bad_samples_epoch = 0
         while self._work_left():
             batch = self._next_batch(loader, window)
             stepped, lr = self._step(batch, window)
             self._after_step(stepped, lr, window, bar)
         del loader  # ends the loader's workers
         if self.preempted:
-            why = f"{self.signals.name} received" if self.signals.received else "preempted"
-            log.info(f"{why}: stopped at step {self.step} with a checkpoint; run the same command again to "
+            log.info(f"{self.signals.describe()}: stopped at step {self.step} with a checkpoint; run the same command again to "
                      f"resume from it")
         bar.close()
         return self._finish(self.stopped_early)
@@ -162,7 +164,8 @@ class Trainer(InputsMixin, SavingMixin):
             self.step += 1
             self.watchdog.progress()
             self.injected_failure.check(self.step, self.rank)
-            if self.step % cfg.log_every_steps == 0 or self.step == self.stop_at:
+            # Not at a stop_after_steps stop: the resumed run's windows then equal an uninterrupted run's.
+            if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                 self._log_window(window, lr, bar)
             bar.update(self.step)
             if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
@@ -220,8 +223,9 @@ class Trainer(InputsMixin, SavingMixin):
         rank 0)? Every rank gets the same answers at the same micro-step."""
         local = torch.zeros(2, device=self.ctx.device)
         local[0] = (~torch.isfinite(loss.detach())).any()
-        local[1] = float(self.signals.received is not None or self.preempt_seen)
+        local[1] = float(self.signals.local_cause(self.preempt_seen))
         nonfinite, stop = self.ctx.all_reduce(local, "max").tolist()
+        self.signals.agree(int(stop))
         self.stop_agreed = self.stop_agreed or stop > 0
         return nonfinite == 0
 
@@ -273,7 +277,8 @@ class Trainer(InputsMixin, SavingMixin):
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
                    "world_size": self.world, "ranks_agree": agree, "preempted": self.preempted,
-                   "stopped_by": self.signals.name, "error": failure,
+                   "stopped_by": self.signals.name or (cause_name(self.signals.agreed) if self.preempted else None),
+                   "error": failure,
                    "nonfinite_skipped": self.nonfinite_skipped}
         if self.is_main:
             if student_state is not None:

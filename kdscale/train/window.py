@@ -31,6 +31,31 @@ class MetricsWindow:
         self.images += images
         self.count += 1
 
+    def state(self, ctx) -> dict:
+        """Every rank's running sums (a collective: every rank calls it at the same step), for
+        the checkpoint: a run resumed mid-window logs what the uninterrupted run logs. The
+        timings (throughput, data wait) are not kept: they restart with the resumed process."""
+        names = sorted(self.losses)
+        local = [torch.as_tensor(self.losses[n]).reshape(()) for n in names]
+        row = torch.stack([v.double().cpu() for v in local] + [torch.tensor(float(self.bad_samples_epoch),
+                                                                            dtype=torch.float64)])
+        per_rank = ctx.gather(row.to(ctx.device)).cpu()
+        return {"names": names, "dtypes": [str(v.dtype).removeprefix("torch.") for v in local],
+                "per_rank": per_rank, "count": self.count}
+
+    def restore(self, state: dict | None, rank: int, world_size: int, device: torch.device) -> None:
+        """Take back this rank's sums (the same values, bit for bit, on the same world size;
+        on another, each rank takes an equal share of the total, so the next log's mean over
+        ranks is the same up to rounding)."""
+        if not state:
+            return
+        per_rank = state["per_rank"]
+        row = per_rank[rank] if per_rank.shape[0] == world_size else per_rank.sum(dim=0) / world_size
+        self.losses = {name: row[i].to(getattr(torch, dtype)).to(device)
+                       for i, (name, dtype) in enumerate(zip(state["names"], state["dtypes"]))}
+        self.count = int(state["count"])
+        self.bad_samples_epoch = int(round(row[-1].item()))
+
     def metrics(self, ctx, lr: float, epoch: int, device: torch.device) -> dict[str, float]:
         """The window's metrics (a collective: every rank calls it at the same step); resets."""
         elapsed = max(1e-9, time.perf_counter() - self.start)
