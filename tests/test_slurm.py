@@ -126,3 +126,39 @@ def test_sweep_as_a_job_array(cluster, synth_data, tmp_path):
         assert state == "COMPLETED", log[-3000:]
         summary = json.load(open(tmp_path / "runs" / f"grid-{method}-s{seed}" / "summary.json"))
         assert summary["completed"] and summary["method"] == method
+
+
+def test_scancel_signals_every_process_and_the_job_resumes(cluster, synth_data, tmp_path):
+    """``scancel`` sends SIGTERM to every process of the job (batch shell, srun, kdscale's
+    launcher, accelerate, ranks, workers, helpers): a checkpoint at one agreed step within
+    KillWait (10 s here), no traceback, status 143 for each node, and a resubmission resumes."""
+    env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=640 train.epochs=2")
+    job = submit(cluster, tmp_path, env)
+    run_dir = tmp_path / "runs" / "ctkd-imagenet-r34-r18"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and sum(1 for line in open(metrics) if "train/loss" in line) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"training did not start: {open(tmp_path / f'slurm-{job}.out').read()[-3000:]}")
+    cancel = cluster.run(["scancel", job])
+    assert cancel.returncode == 0, cancel.stderr
+    assert cluster.wait(job, timeout=120) == "CANCELLED"
+    time.sleep(2)  # the output file's last lines
+    log = open(tmp_path / f"slurm-{job}.out").read()
+    for bad in ("Traceback", "exited unexpectedly", "SignalException", "ChildFailedError"):
+        assert bad not in log, log[-4000:]
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["stopped_by"] == "SIGTERM" and not summary["completed"], log[-4000:]
+    assert summary["checkpoint"].endswith(f"step-{summary['step']:08d}.pt")
+    assert "job ended with status 143" in log
+    again = submit(cluster, tmp_path, env)
+    assert cluster.wait(again, timeout=600) == "COMPLETED", open(tmp_path / f"slurm-{again}.out").read()[-4000:]
+    final = json.load(open(run_dir / "summary.json"))
+    assert final["completed"] and final["step"] == final["total_steps"]
+    steps = sorted({json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl") if "train/loss" in line})
+    assert steps == list(range(1, final["total_steps"] + 1))  # continuous across the cancel and the resubmission
+    runs = read_runs(str(run_dir))
+    assert len(runs) == 1  # one wandb run

@@ -153,6 +153,7 @@ class Job:
         if returncode == 0 and statuses:
             return self._report(statuses[0])
         if returncode != 0:
+            self.kill()  # whatever of the job is left (a rank blocked on its dead peer, helpers)
             print(f"kdscale: the job failed: the launcher exited with status {returncode} and no rank reported "
                   f"why (a rank killed outright?)", file=sys.stderr, flush=True)
             return returncode if returncode > 0 else 128 - returncode
