@@ -78,14 +78,14 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
                          teacher_role=cls.teacher_role, teacher_name="plain24",
                          teacher_pretrained=True, build_model=lambda _name: PlainNet(24),
                          train_labels=torch.arange(SAMPLES) % CLASSES)
-    distiller = cls(student, cls.Params(**(params or {})), mctx).train()
+    distiller = cls(student, cls.Params(**(params or {})), mctx).train().to(ctx.device)
     frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
         if cls.teacher_role == "frozen" else None
     engine = make_engine(strategy, distiller, cfg, ctx)
     losses = []
     for images, targets, indices in global_batches():
         mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-        images, targets, indices = images[mine], targets[mine], indices[mine]
+        images, targets, indices = (t[mine].to(ctx.device) for t in (images, targets, indices))
         teacher_output = frozen(images) if frozen else None
         step_total = 0.0
         for phase in distiller.phases():
@@ -109,8 +109,8 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
 def run_teacher(ctx: DistContext) -> dict:
     torch.manual_seed(1)
     teacher = PlainNet(32)
-    reference = copy.deepcopy(teacher).eval()
-    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    reference = copy.deepcopy(teacher).eval().to(ctx.device)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)).to(ctx.device)
     with torch.no_grad():
         expected = reference(images)
     frozen = FrozenTeacher(teacher, ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)

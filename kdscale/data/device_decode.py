@@ -74,8 +74,14 @@ def stack_views(views: list) -> torch.Tensor | EncodedBatch:
 def _decode_each(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        # pytorch/vision#9606: CUDA decode_jpeg writes its output from a stream of its own pool,
+        # not ordered against the caller's stream, so its pixels could race the kernels still
+        # queued from the previous step. Wait for those first (one sync per batch), and again
+        # after, before the crops read the decoded images.
+        torch.cuda.current_stream(device).synchronize()
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _synchronized(decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device)
     except RuntimeError:  # one bad file fails the batch call: find it
         decoded = []
         for encoded in data:
@@ -83,7 +89,13 @@ def _decode_each(data: list[torch.Tensor], device: torch.device) -> list[torch.T
                 decoded.append(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 decoded.append(None)
-        return decoded
+        return _synchronized(decoded, device)
+
+
+def _synchronized(images, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images
 
 
 def decode_on_device(batch: EncodedBatch, data: DataSection, device: torch.device) -> tuple[torch.Tensor, list[int]]:

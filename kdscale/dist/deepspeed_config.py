@@ -51,10 +51,27 @@ def _is_auto(value) -> bool:
     return value is None or value == "auto"
 
 
-def build_deepspeed_config(cfg: ExperimentConfig, stage: int, world_size: int) -> dict:
+def autocast_section(autocast_dtype) -> dict:
+    """DeepSpeed's ``torch_autocast`` section for kdscale's autocast dtype (None: off).
+
+    DeepSpeed's engine forward runs the model under ``torch.autocast(enabled=False)`` when
+    autocast is on outside it and its config has no such section (its check,
+    ``torch.is_autocast_enabled()`` without a device, sees CUDA autocast only, so a CPU run
+    never shows it): without it the ZeRO students and the ZeRO-3 frozen teacher would run in
+    fp32 on GPUs. ``lower_precision_safe_modules: []`` tags no parameter with a bf16
+    communication dtype: gradients are reduced in fp32, as under DDP."""
+    if autocast_dtype is None:
+        return {"enabled": False}
+    return {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."), "lower_precision_safe_modules": []}
+
+
+def build_deepspeed_config(cfg: ExperimentConfig, stage: int, world_size: int, autocast_dtype=None) -> dict:
     path = _config_path(cfg)
     ds = _read_json(path) if path else {}
     where = path or "the DeepSpeed config"
+    if "torch_autocast" in ds:
+        raise KdscaleError(f"{where}: remove the 'torch_autocast' section; kdscale sets it from train.precision")
+    ds["torch_autocast"] = autocast_section(autocast_dtype)
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise KdscaleError(f"{where}: remove the '{owned}' section; kdscale builds the optimizer and lr schedule "
@@ -84,6 +101,12 @@ def build_deepspeed_config(cfg: ExperimentConfig, stage: int, world_size: int) -
         if precision in ds:
             ds[precision]["enabled"] = False
     zero = ds.setdefault("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in ("none", None, "auto"):
+        raise KdscaleError(f"{where}: zero_optimization.offload_optimizer.device={offload}: ZeRO-Offload needs "
+                           f"DeepSpeed's own CPU Adam, and kdscale hands DeepSpeed its own torch optimizer "
+                           f"(optim section); remove offload_optimizer (ZeRO-3 partitions the optimizer state "
+                           f"across processes instead)")
     if not _is_auto(zero.get("stage")) and int(zero["stage"]) != stage:
         raise KdscaleError(f"{where}: zero_optimization.stage={zero['stage']} conflicts with the requested "
                            f"ZeRO stage {stage} (distributed.strategy / --zero_stage); make them agree")

@@ -257,10 +257,13 @@ def engine_class(strategy: str) -> type:
     return DDPEngine if strategy == "ddp" else DeepSpeedEngine
 
 
-def make_engine(strategy: str, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
+def make_engine(strategy: str, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext, autocast_dtype=None):
+    """``autocast_dtype``: the run's autocast dtype (None: fp32), which DeepSpeed's engines must
+    be told (:func:`kdscale.dist.deepspeed_config.autocast_section`)."""
     if strategy == "ddp":
         return DDPEngine(distiller, cfg, ctx)
     from kdscale.dist.deepspeed_config import build_deepspeed_config
 
     stage = int(strategy[-1])
-    return DeepSpeedEngine(distiller, cfg, ctx, stage, build_deepspeed_config(cfg, stage, ctx.world_size))
+    return DeepSpeedEngine(distiller, cfg, ctx, stage,
+                           build_deepspeed_config(cfg, stage, ctx.world_size, autocast_dtype))

@@ -123,9 +123,14 @@ class SOKD(Distiller):
     def teacher_needs(self):
         return TeacherNeeds(logits=True, features=(self.bridge_input,))
 
+    def _bridge_input(self, teacher_output) -> torch.Tensor:
+        """The teacher's feature in the bridge's dtype: a bf16-autocast teacher hands over bf16
+        maps, and the trained bridge's weights are fp32 (autocast casts back down inside it)."""
+        return teacher_output.features[self.bridge_input].to(self.kbm[-1].weight.dtype)
+
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p, t = self.params, self.params.temperature
-        kbm_logits = self.kbm(teacher_output.features[self.bridge_input].detach())
+        kbm_logits = self.kbm(self._bridge_input(teacher_output).detach())
         logits = self.student(images)
         teacher_logits = teacher_output.logits.detach()
         return logits, {
@@ -139,5 +144,5 @@ class SOKD(Distiller):
     def evaluation_logits(self, images, teacher_output=None):
         out = {"student": self.student(images)}
         if teacher_output is not None:
-            out["kbm"] = self.kbm(teacher_output.features[self.bridge_input])
+            out["kbm"] = self.kbm(self._bridge_input(teacher_output))
         return out

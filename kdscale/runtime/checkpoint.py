@@ -120,15 +120,44 @@ def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
-def capture_rng_state() -> dict:
+def _local_rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's own device
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def capture_rng_state(ctx=None) -> dict:
+    """Every rank's own generator states (Python, CPU, its CUDA device), gathered: a collective
+    when ``ctx`` is distributed. Each rank draws its own dropout masks, so each must get its
+    own states back (:func:`restore_rng_state`)."""
+    state = _local_rng_state()
+    if ctx is None or not ctx.distributed:
+        return {"per_rank": [state]}
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return {"per_rank": gathered}
+
+
+def restore_rng_state(state: dict, rank: int = 0, world_size: int = 1) -> None:
+    """This rank's own states; on another world size rank ``r`` takes saved rank ``r mod n``
+    (the data split restarts there anyway). Checkpoints of one shared state still load."""
+    per_rank = state.get("per_rank") or [state]
+    mine = per_rank[rank] if len(per_rank) == world_size else per_rank[rank % len(per_rank)]
+    random.setstate(mine["python"])
+    torch.set_rng_state(mine["torch"])
+    cuda = mine.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # an older checkpoint: every device's state, from rank 0
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def seed_per_rank(seed: int, rank: int) -> None:
+    """After the networks are built from one seed (identical initial weights on every rank),
+    give each rank a generator stream of its own (dropout, drop-path): rank 0 keeps ``seed``."""
+    torch.manual_seed(seed + 1_000_003 * rank)

@@ -18,6 +18,19 @@ import torch
 import torch.distributed as dist
 
 
+def gpu_for(local_rank: int, local_world_size: int, visible_gpus: int) -> int:
+    """This process's GPU: its local rank. More processes on a node than visible GPUs would put
+    two ranks on one GPU (NCCL: "Duplicate GPU detected"; DeepSpeed sets the device without
+    wrapping around), so that is refused in one line."""
+    if local_world_size > visible_gpus:
+        from kdscale.errors import KdscaleError
+
+        raise KdscaleError(f"{local_world_size} processes on this node but {visible_gpus} visible GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one "
+                           f"process per GPU (accelerate launch --num_processes {visible_gpus} per node)")
+    return local_rank
+
+
 @dataclass
 class DistContext:
     rank: int
@@ -39,14 +52,17 @@ class DistContext:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+            device = torch.device("cuda", gpu_for(local_rank, local_world, torch.cuda.device_count()))
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
+            # device_id binds the NCCL communicator to this rank's GPU at once (no guessing later).
+            extra = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=timeout_s), **extra)
         return cls(rank, world, local_rank, device)
 
     def ensure_process_group(self) -> None:

@@ -21,6 +21,21 @@ def set_tf32(allowed: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allowed
 
 
+def auto_uses_bf16(precision: str, on_gpu: bool, native_bf16: bool, device=None) -> bool:
+    """``bf16``: always (as asked). ``auto``: bf16 on a GPU that computes it natively (Ampere and
+    later); on an older GPU (V100, T4: bf16 emulated, slow) fp32, said in one line."""
+    if precision == "bf16":
+        return True
+    if precision != "auto" or not on_gpu:
+        return False
+    if not native_bf16:
+        from kdscale.log import log
+
+        log.info(f"train.precision=auto: {device} has no native bf16; training in fp32 (TF32 where the GPU has it). "
+                 f"train.precision=bf16 forces emulated bf16")
+    return native_bf16
+
+
 @dataclasses.dataclass
 class Runtime:
     """Device-dependent choices, resolved once."""
@@ -37,6 +52,7 @@ class Runtime:
             set_tf32(precision != "fp32")
         if precision == "bf16" and not on_gpu:
             warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
-        use_bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+        native = on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        use_bf16 = auto_uses_bf16(precision, on_gpu, native, device)
         channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else on_gpu
         return cls(device, torch.bfloat16 if use_bf16 else None, channels_last)

@@ -23,10 +23,13 @@ from kdscale.models.features import FeatureTaps
 from kdscale.runtime.views import TeacherView
 
 
-def zero3_teacher_config(micro_batch: int) -> dict:
-    """DeepSpeed ZeRO-3 parameter partitioning for a frozen teacher: no optimizer, no gradients."""
+def zero3_teacher_config(micro_batch: int, autocast_dtype: torch.dtype | None = None) -> dict:
+    """DeepSpeed ZeRO-3 parameter partitioning for a frozen teacher: no optimizer, no gradients,
+    and the run's autocast (DeepSpeed would turn it off inside its engine otherwise)."""
+    from kdscale.dist.deepspeed_config import autocast_section
+
     return {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
-            "steps_per_print": 10**9}
+            "steps_per_print": 10**9, "torch_autocast": autocast_section(autocast_dtype)}
 
 
 class FrozenTeacher:
@@ -56,7 +59,7 @@ class FrozenTeacher:
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-            self.engine, *_ = deepspeed.initialize(model=self.model, config=zero3_teacher_config(micro_batch))
+            self.engine, *_ = deepspeed.initialize(model=self.model, config=zero3_teacher_config(micro_batch, autocast_dtype))
             self.engine.eval()
 
     def local_parameter_count(self) -> int:

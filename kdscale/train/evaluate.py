@@ -43,7 +43,8 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
     try:
         # Every rank needs the same names for the reduction, even one without a val shard.
         dummy = torch.zeros(1, 3, image_size, image_size, device=device)
-        probe = distiller.evaluation_logits(dummy, teacher(dummy) if teacher is not None else None)
+        with autocast:  # as every evaluation call below: a trained module fed bf16 teacher features needs it
+            probe = distiller.evaluation_logits(dummy, teacher(dummy) if teacher is not None else None)
         names = list(probe) + (["teacher"] if teacher is not None else [])
         # Per name: top-1 hits, top-5 hits; then agreement hits, samples scored, samples skipped.
         counts = torch.zeros(2 * len(names) + 3, dtype=torch.float64, device=device)

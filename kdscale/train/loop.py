@@ -73,7 +73,8 @@ class Trainer(InputsMixin, SavingMixin):
         resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
         if resumed is not None:
             self._check_resumable(*resumed)
-        self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx)
+        self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx, self.runtime.autocast_dtype)
+        ckpt.seed_per_rank(cfg.experiment.seed, self.rank)  # own dropout masks; a resume restores each rank's own
         if cfg.train.nonfinite == "skip" and self.engine.counts_accumulation_itself and cfg.train.grad_accum_steps > 1:
             raise KdscaleError(f"train.nonfinite=skip under {self.strategy} needs train.grad_accum_steps=1 (DeepSpeed "
                                f"counts the accumulation itself); use train.nonfinite=stop or train.grad_accum_steps=1")

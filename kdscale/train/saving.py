@@ -39,7 +39,7 @@ class SavingMixin:
         if state.get("method_state") is not None:
             self.distiller.restore_gathered_state(state["method_state"])
         self.window.restore(state.get("metrics_window"), self.rank, self.world, self.ctx.device)
-        ckpt.restore_rng_state(state["rng"])
+        ckpt.restore_rng_state(state["rng"], self.rank, self.world)
         log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batches_done})")
         return state.get("wandb_run_id")
 
@@ -49,7 +49,7 @@ class SavingMixin:
         with self.watchdog.waiting("writing a checkpoint"):
             self.sync_buffers()
             meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
-                    "rng": ckpt.capture_rng_state(), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
+                    "rng": ckpt.capture_rng_state(self.ctx), "wandb_run_id": self.tracker.run_id, "config": self.resolved,
                     "world_size": self.world, "strategy": self.strategy, "metrics": self.last_metrics,
                     "method_state": self.distiller.gathered_state(), "metrics_window": self.window.state(self.ctx)}
             self.engine.write_checkpoint(self.cfg.run_dir, meta, self.step, self.cfg.train.keep_checkpoints)
