@@ -30,3 +30,22 @@ def test_zero_offload_is_refused_in_one_line(tmp_path):
         build_deepspeed_config(cfg, stage=2, world_size=1)
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}))
     assert build_deepspeed_config(cfg, stage=2, world_size=1)["zero_optimization"]["stage"] == 2
+
+
+def test_deterministic_switch_sets_the_algorithms():
+    import torch
+
+    from kdscale.runtime.device import Runtime
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        Runtime.from_config(load_config(None, ["train.deterministic=true"]), torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        Runtime.from_config(load_config(None, []), torch.device("cuda"))
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:]

@@ -35,6 +35,8 @@ def bench_compile(setup, steps: int, rounds: int) -> dict:
     eager, compiled = online_kd_step(setup, False), online_kd_step(setup, True)
     start = time.perf_counter()
     compiled()  # compiles the student (forward and backward) and the teacher
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)  # the first step's kernels are queued, not done, until then
     compile_s = time.perf_counter() - start
     samples = interleaved_rounds({"online_kd_eager": (eager, setup.batch), "online_kd_compiled": (compiled, setup.batch)},
                                  setup.device, steps=steps, rounds=rounds, warmup=2)

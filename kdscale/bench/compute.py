@@ -130,7 +130,10 @@ class Setup:
         box.pre_epoch_process(epoch=0)
 
         def step():
-            loss = box.forward_process(self.images, self.targets)
+            # Like with like: the same autocast (bf16 on GPU) and channels-last networks and batch as
+            # kdscale's and the hand-written steps; the backward (in post_forward_process) outside it.
+            with self.autocast():
+                loss = box.forward_process(self.images, self.targets)
             box.post_forward_process(loss)
             return loss
         return step

@@ -121,7 +121,12 @@ def run_teacher(ctx: DistContext) -> dict:
             "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
 
 
-def _resident_bytes() -> int:
+def _resident_bytes(device: torch.device | None = None) -> int:
+    """The memory the banks live in: the GPU's allocated bytes on a GPU, else this process's
+    resident host memory."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -133,9 +138,9 @@ def run_crd_bank(ctx: DistContext, samples: int, dim: int, batch: int, negatives
     from kdscale.methods.contrast_memory import ContrastMemory, ContrastSampler
 
     ContrastMemory(1 << 13, dim, seed=1, device=ctx.device)  # first-use costs (threads, allocator) left out
-    before = _resident_bytes()
+    before = _resident_bytes(ctx.device)
     memory = ContrastMemory(samples, dim, seed=0, device=ctx.device)
-    added = _resident_bytes() - before
+    added = _resident_bytes(ctx.device) - before
     sampler = ContrastSampler(torch.arange(samples) % 1000, "other_class", seed=0)
     gen = torch.Generator().manual_seed(ctx.rank)
     times = []

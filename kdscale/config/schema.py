@@ -134,6 +134,11 @@ class TrainSection:
     """``auto``: bf16 autocast on GPU, fp32 on CPU. ``fp32``: no autocast and no TF32 (IEEE
     fp32 throughout, as the CIFAR papers trained); ``tf32``: no autocast, TF32 matmuls and
     convolutions on GPU (fp32 on CPU)."""
+    deterministic: bool = False
+    """On GPU: ``false`` lets cuDNN benchmark and pick its fastest algorithms (fast, not bit-
+    reproducible); ``true`` uses deterministic algorithms only (``torch.use_deterministic_algorithms``,
+    cuBLAS workspace ``:4096:8``; slower, and an op without a deterministic kernel fails with
+    its name). A bit-identical resume on GPU needs ``true``. No effect on CPU."""
     channels_last: Optional[bool] = None
     """None: channels-last on GPU only."""
     compile: Literal["none", "networks", "teacher", "all"] = "none"

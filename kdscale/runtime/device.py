@@ -21,6 +21,17 @@ def set_tf32(allowed: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allowed
 
 
+def set_determinism(deterministic: bool) -> None:
+    """``train.deterministic`` on a GPU, process-wide (see the schema)."""
+    import os
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
 def auto_uses_bf16(precision: str, on_gpu: bool, native_bf16: bool, device=None) -> bool:
     """``bf16``: always (as asked). ``auto``: bf16 on a GPU that computes it natively (Ampere and
     later); on an older GPU (V100, T4: bf16 emulated, slow) fp32, said in one line."""
@@ -50,6 +61,7 @@ class Runtime:
         precision = cfg.train.precision
         if on_gpu:
             set_tf32(precision != "fp32")
+            set_determinism(cfg.train.deterministic)
         if precision == "bf16" and not on_gpu:
             warnings.warn("train.precision=bf16 on CPU is slow; it is honoured as asked", stacklevel=2)
         native = on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
