@@ -1,0 +1,91 @@
+"""The GPU paths, on the device (``gpu`` marker): run by ``bash launch/gpu-check.sh`` on a
+machine with CUDA, skipped (and counted as skipped) without one. ``--dry-run`` sets
+``KDSCALE_GPU_CHECK_DRY_RUN=1`` and runs the same tests on the CPU at the same tiny sizes, so
+the check itself cannot rot. One process: two ranks on one GPU would need gloo, and the
+multi-rank paths are covered on CPU by the slow tier."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_config
+from kdscale.models import build_model
+from kdscale.train.loop import Trainer
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def device():
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("KDSCALE_GPU_CHECK_DRY_RUN") == "1":
+        return torch.device("cpu")
+    pytest.skip("no CUDA device (bash launch/gpu-check.sh --dry-run runs these on the CPU)")
+
+
+def _losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        entry = json.loads(line)
+        if "train/loss" in entry:
+            out[entry["step"]] = entry["train/loss"]
+    return out
+
+
+def _kd(synth_data, tmp_path, name, *extra):
+    teacher = tmp_path / "teacher.pt"
+    if not teacher.exists():
+        torch.manual_seed(0)
+        torch.save(build_model("resnet20", 10).state_dict(), teacher)
+    return make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.name=resnet20",
+                       f"teacher.weights={teacher}", "data.train_samples=128", "data.batch_size=32",
+                       "train.epochs=1", "train.log_every_steps=1", *extra, name=name)
+
+
+def test_bf16_channels_last_kd_matches_fp32_and_the_export_reloads(device, synth_data, tmp_path):
+    """The first 4 steps' losses of bf16 autocast + channels-last within 3% of fp32's (bf16
+    keeps 8 bits of mantissa), and the exported student loads into the plain model."""
+    fp32 = Trainer(_kd(synth_data, tmp_path, "fp32", "train.precision=fp32", "train.channels_last=false")).train()
+    bf16 = Trainer(_kd(synth_data, tmp_path, "bf16", "train.precision=bf16", "train.channels_last=true")).train()
+    assert fp32["completed"] and bf16["completed"]
+    a, b = _losses(fp32["run_dir"]), _losses(bf16["run_dir"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=0.03), (step, a[step], b[step])
+    student = build_model("resnet8", 10, bf16["export"]).to(device).eval()
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.randn(2, 3, 32, 32, device=device))).all()
+
+
+def test_zero2_on_the_device_resumes_exactly(device, synth_data, tmp_path):
+    """DeepSpeed ZeRO-2 on one rank of this device (NCCL on a GPU): 4 steps straight, or 2
+    then a resume, end with the same weights."""
+    straight = Trainer(_kd(synth_data, tmp_path, "straight", "distributed.strategy=zero2",
+                           "train.precision=fp32")).train()
+    Trainer(_kd(synth_data, tmp_path, "resumed", "distributed.strategy=zero2", "train.precision=fp32",
+                "train.stop_after_steps=2")).train()
+    resumed = Trainer(_kd(synth_data, tmp_path, "resumed", "distributed.strategy=zero2",
+                          "train.precision=fp32")).train()
+    assert straight["completed"] and resumed["completed"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight["export"]), load_file(resumed["export"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crd_banks_live_on_the_device(device):
+    from kdscale.methods.contrast_memory import ContrastMemory, ContrastSampler
+
+    memory = ContrastMemory(256, 16, seed=0, device=device)
+    sampler = ContrastSampler(torch.arange(256) % 10, "other_class", seed=0)
+    v_s = torch.nn.functional.normalize(torch.randn(8, 16, device=device), dim=1).requires_grad_(True)
+    v_t = torch.nn.functional.normalize(torch.randn(8, 16, device=device), dim=1)
+    loss = memory.contrast_loss(v_s, v_t, torch.arange(8, device=device), sampler, 32, 0.07, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and v_s.grad is not None and v_s.grad.device.type == device.type
+    assert memory.student.device.type == memory.teacher.device.type == device.type
