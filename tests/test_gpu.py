@@ -89,3 +89,57 @@ def test_crd_banks_live_on_the_device(device):
     loss.backward()
     assert torch.isfinite(loss) and v_s.grad is not None and v_s.grad.device.type == device.type
     assert memory.student.device.type == memory.teacher.device.type == device.type
+
+
+@pytest.fixture(scope="module")
+def photo_samples(tmp_path_factory):
+    import glob
+
+    from kdscale.data.loader import _samples_of
+    from kdscale.data.synth import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("photo")
+    write_synthetic_shards(str(out), num_classes=4, train_samples=16, val_samples=4, samples_per_shard=16,
+                           photo_like=True, progress=False)
+    return list(_samples_of(sorted(glob.glob(str(out / "train-*.tar")))))
+
+
+def test_device_decode_matches_the_cpu_path_and_replaces_bad_images(device, photo_samples):
+    """``data.decode=gpu`` on this device (nvJPEG on a GPU): the CPU path's boxes and flips, pixels
+    within 3 of 255 levels per image in mean absolute value (two JPEG decoders' IDCTs and two
+    resamplers), and an undecodable image replaced by the next decodable one of its batch."""
+    import random
+
+    from kdscale.config.schema import DataSection
+    from kdscale.data.device_decode import DeferredDecoder, decode_on_device, stack_views
+    from kdscale.data.transforms import SampleDecoder
+
+    section = DataSection(augment="imagenet", image_size=96, jpeg_draft=False)
+    cpu, deferred = SampleDecoder(section, True), DeferredDecoder(section)
+    encoded = [deferred(s["jpg"], random.Random(i)) for i, s in enumerate(photo_samples[:8])]
+    expected = torch.stack([cpu(s["jpg"], random.Random(i)) for i, s in enumerate(photo_samples[:8])])
+    views, undecodable = decode_on_device(stack_views(encoded), section, device)
+    assert undecodable == [] and views.device.type == device.type and views.shape == (8, 3, 96, 96)
+    levels = torch.tensor(section.std).view(3, 1, 1) * 255
+    per_image = [((a - b) * levels).abs().mean().item() for a, b in zip(views.cpu(), expected)]
+    assert max(per_image) < 3, per_image
+    broken = encoded[1].data.clone()
+    broken[len(broken) // 3:] = 0
+    encoded[1] = encoded[1]._replace(data=broken)
+    views, undecodable = decode_on_device(stack_views(encoded[:4]), section, device)
+    good, _ = decode_on_device(stack_views([encoded[2]]), section, device)
+    assert undecodable == [1] and torch.equal(views[1], good[0])
+
+
+def test_compiled_networks_and_teacher_match_eager_on_the_device(device, synth_data, tmp_path):
+    """``train.compile=all`` (the trained networks and the frozen teacher) on the device: the
+    first 4 steps' losses within 0.2% of eager. On the CPU ``tests/test_compile.py`` covers it."""
+    if device.type != "cuda":
+        pytest.skip("compiling on the CPU is tests/test_compile.py's (slow tier)")
+    eager = Trainer(_kd(synth_data, tmp_path, "eager", "train.precision=fp32", "train.stop_after_steps=4")).train()
+    compiled = Trainer(_kd(synth_data, tmp_path, "compiled", "train.precision=fp32", "train.stop_after_steps=4",
+                           "train.compile=all")).train()
+    a, b = _losses(eager["run_dir"]), _losses(compiled["run_dir"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-3), step
