@@ -6,7 +6,8 @@ recorded and the next one still runs:
 
 1. ``environment``: the GPU, driver, CUDA, and every package version that matters;
 2. ``correctness``: ``pytest -m gpu`` (``tests/test_gpu.py``: bf16 + channels-last KD against
-   fp32 with the export reloaded, DeepSpeed ZeRO-2 on the device resuming exactly, CRD's banks
+   fp32 with the export reloaded, DeepSpeed ZeRO-2 and ZeRO-3 on the device resuming exactly,
+   GPU decode against the CPU path, compiled against eager, CRD's banks
    on the device);
 3. ``figures``: ``kdscale bench`` sections (compute, compile, ImageNet-size data with CPU and
    GPU decode, the writer, CRD's banks) at ``torchvision:resnet50 -> torchvision:resnet18``,
