@@ -217,9 +217,11 @@ def test_loader_workers_write_what_the_per_image_writer_wrote(small_data, teache
     assert_same_as_reference(small_data, outputs, teacher_file)
 
 
-def run_teach(args: list[str], log_path, stop_with: int | None = None, when: str = ".tmp") -> int:
+def run_teach(args: list[str], log_path, stop_with: int | None = None, when: str = ".tar.tmp") -> int:
     """``python -m kdscale.teach``; with ``stop_with``, that signal goes to it as soon as a
-    file ending in ``when`` appears among the outputs."""
+    file ending in ``when`` appears among the outputs (a companion shard being written: not
+    ``teacher_outputs.json.tmp``, which comes before any shard, so a stop there leaves none
+    partly written)."""
     outputs = next(a.split("=", 1)[1] for a in args if a.startswith("teacher.outputs="))
     job = subprocess.Popen([PYTHON, "-m", "kdscale.teach", *args], cwd=ROOT, stdout=open(log_path, "w"),
                            stderr=subprocess.STDOUT, start_new_session=True)
