@@ -29,7 +29,4 @@ def exit_on_user_error() -> Iterator[None]:
         rank = os.environ.get("RANK")
         prefix = f"kdscale (rank {rank})" if rank not in (None, "0") else "kdscale"
         print(f"{prefix}: error: {err}", file=sys.stderr, flush=True)
-        from kdscale.lifecycle.exit import set_exit_reason
-
-        set_exit_reason(f"{prefix}: error: {err}")
         raise SystemExit(USER_ERROR_EXIT_CODE) from None

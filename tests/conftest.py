@@ -26,6 +26,20 @@ def synth_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def photo_samples(tmp_path_factory):
+    """48 ImageNet-size photo-like JPEG samples (``kdscale shards synth --photo-like``), decoded from one shard."""
+    import glob
+
+    from kdscale.data.loader import _samples_of
+    from kdscale.data.synth import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("photo")
+    write_synthetic_shards(str(out), num_classes=4, train_samples=48, val_samples=4, samples_per_shard=48,
+                           photo_like=True, progress=False)
+    return list(_samples_of(sorted(glob.glob(str(out / "train-*.tar")))))
+
+
 def base_overrides(data_dir: str, out_dir: str, name: str = "run") -> list[str]:
     return [
         f"experiment.name={name}", f"experiment.output_dir={out_dir}",

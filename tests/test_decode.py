@@ -4,7 +4,6 @@ docs/data.md states, and the photo-like synthetic set has ImageNet's sizes."""
 
 from __future__ import annotations
 
-import glob
 import random
 import statistics
 
@@ -12,17 +11,7 @@ import pytest
 import torch
 
 from kdscale.config.schema import DataSection
-from kdscale.data.loader import _samples_of
-from kdscale.data.synth import write_synthetic_shards
 from kdscale.data.transforms import SampleDecoder, random_resized_crop_box
-
-
-@pytest.fixture(scope="module")
-def photo_samples(tmp_path_factory):
-    out = tmp_path_factory.mktemp("photo")
-    write_synthetic_shards(str(out), num_classes=4, train_samples=48, val_samples=4, samples_per_shard=48,
-                           photo_like=True, progress=False)
-    return list(_samples_of(sorted(glob.glob(str(out / "train-*.tar")))))
 
 
 def test_photo_like_set_has_imagenet_sizes(photo_samples):

@@ -326,6 +326,13 @@ def logged_training(run_dir) -> dict[int, dict]:
     return out
 
 
+def signal_every(pids: list[int], signum: int) -> None:
+    """The signal to each of these processes, as ``scancel`` or ``--signal`` without ``B:`` do."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def no_traceback(text: str) -> None:
     for bad in ("Traceback", "exited unexpectedly", "resource_tracker", "KeyError", "SignalException",
                 "ChildFailedError"):
@@ -345,9 +352,7 @@ def test_sigterm_to_every_process_stops_at_one_step_and_resumes_exactly(synth_da
     wait_for_steps(tmp_path / "ref2", at, job, log)
     family = [job.pid, *descendants(job.pid)]
     assert any("wandb" in processes().get(p, (0, ""))[1] for p in family), "no wandb service to signal"
-    for pid in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    signal_every(family, signal.SIGTERM)
     code = finish(job, 90)
     text = open(log).read()
     assert code == 143, text[-3000:]
@@ -381,9 +386,7 @@ def test_sigusr1_stops_cleanly_with_status_0(synth_data, tmp_path, delivery):
     if delivery == "process group":
         os.killpg(job.pid, signal.SIGUSR1)
     else:
-        for pid in [job.pid, *descendants(job.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
+        signal_every([job.pid, *descendants(job.pid)], signal.SIGUSR1)
     code = finish(job, 90)
     text = open(log).read()
     assert code == 0, text[-3000:]

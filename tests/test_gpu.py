@@ -92,19 +92,6 @@ def test_crd_banks_live_on_the_device(device):
     assert memory.student.device.type == memory.teacher.device.type == device.type
 
 
-@pytest.fixture(scope="module")
-def photo_samples(tmp_path_factory):
-    import glob
-
-    from kdscale.data.loader import _samples_of
-    from kdscale.data.synth import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("photo")
-    write_synthetic_shards(str(out), num_classes=4, train_samples=16, val_samples=4, samples_per_shard=16,
-                           photo_like=True, progress=False)
-    return list(_samples_of(sorted(glob.glob(str(out / "train-*.tar")))))
-
-
 def test_device_decode_matches_the_cpu_path_and_replaces_bad_images(device, photo_samples):
     """``data.decode=gpu`` on this device (nvJPEG on a GPU): the CPU path's boxes and flips, pixels
     within 3 of 255 levels per image in mean absolute value (two JPEG decoders' IDCTs and two

@@ -49,6 +49,17 @@ def submit(cluster, tmp_path, env) -> str:
     return result.stdout.strip().split(";")[0]
 
 
+def wait_for_training(run_dir, steps: int, tmp_path, job: str, timeout: float = 300) -> None:
+    """Until ``steps`` training steps are logged (the job is under way), or fail with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and sum(1 for line in open(metrics) if "train/loss" in line) >= steps:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"training did not start: {open(tmp_path / f'slurm-{job}.out').read()[-3000:]}")
+
+
 def test_ctkd_job_on_two_nodes(cluster, synth_data, tmp_path):
     env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=320 train.epochs=1")
     job = submit(cluster, tmp_path, env)
@@ -74,14 +85,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, synth_data, tmp_pa
     env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=640 train.epochs=2 train.preempt_check_steps=1")
     job = submit(cluster, tmp_path, env)
     run_dir = tmp_path / "runs" / "ctkd-imagenet-r34-r18"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until training is under way
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and sum(1 for line in open(metrics) if "train/loss" in line) >= 4:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"training did not start: {open(tmp_path / f'slurm-{job}.out').read()[-3000:]}")
+    wait_for_training(run_dir, 4, tmp_path, job)
     # What `#SBATCH --signal=B:USR1@300` does before the time limit or a preemption.
     signal = cluster.run(["scancel", "--signal=USR1", "--batch", job])
     assert signal.returncode == 0, signal.stderr
@@ -135,14 +139,7 @@ def test_scancel_signals_every_process_and_the_job_resumes(cluster, synth_data, 
     env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=640 train.epochs=2")
     job = submit(cluster, tmp_path, env)
     run_dir = tmp_path / "runs" / "ctkd-imagenet-r34-r18"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and sum(1 for line in open(metrics) if "train/loss" in line) >= 3:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"training did not start: {open(tmp_path / f'slurm-{job}.out').read()[-3000:]}")
+    wait_for_training(run_dir, 3, tmp_path, job)
     cancel = cluster.run(["scancel", job])
     assert cancel.returncode == 0, cancel.stderr
     assert cluster.wait(job, timeout=120) == "CANCELLED"

@@ -13,6 +13,7 @@ import os
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.errors import KdscaleError
+from kdscale.runtime.device import autocast_section
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
@@ -49,20 +50,6 @@ def _read_json(path: str) -> dict:
 
 def _is_auto(value) -> bool:
     return value is None or value == "auto"
-
-
-def autocast_section(autocast_dtype) -> dict:
-    """DeepSpeed's ``torch_autocast`` section for kdscale's autocast dtype (None: off).
-
-    DeepSpeed's engine forward runs the model under ``torch.autocast(enabled=False)`` when
-    autocast is on outside it and its config has no such section (its check,
-    ``torch.is_autocast_enabled()`` without a device, sees CUDA autocast only, so a CPU run
-    never shows it): without it the ZeRO students and the ZeRO-3 frozen teacher would run in
-    fp32 on GPUs. ``lower_precision_safe_modules: []`` tags no parameter with a bf16
-    communication dtype: gradients are reduced in fp32, as under DDP."""
-    if autocast_dtype is None:
-        return {"enabled": False}
-    return {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."), "lower_precision_safe_modules": []}
 
 
 def build_deepspeed_config(cfg: ExperimentConfig, stage: int, world_size: int, autocast_dtype=None) -> dict:

@@ -259,7 +259,7 @@ def engine_class(strategy: str) -> type:
 
 def make_engine(strategy: str, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext, autocast_dtype=None):
     """``autocast_dtype``: the run's autocast dtype (None: fp32), which DeepSpeed's engines must
-    be told (:func:`kdscale.dist.deepspeed_config.autocast_section`)."""
+    be told (:func:`kdscale.runtime.device.autocast_section`)."""
     if strategy == "ddp":
         return DDPEngine(distiller, cfg, ctx)
     from kdscale.dist.deepspeed_config import build_deepspeed_config

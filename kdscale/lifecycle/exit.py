@@ -27,6 +27,8 @@ import time
 import traceback
 from collections.abc import Callable
 
+from kdscale.errors import KdscaleError
+
 STATUS_DIR_ENV = "KDSCALE_JOB_STATUS_DIR"
 STOP_STATUSES = (0, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 KILL_WAIT_S = 30.0
@@ -98,6 +100,8 @@ def run_then_exit(main: Callable[[], object]) -> None:
         if stop.code is not None and not isinstance(stop.code, int):
             print(stop.code, file=sys.stderr)
             set_exit_reason(str(stop.code))
+        elif isinstance(stop.__context__, KdscaleError):  # exit_on_user_error printed it as one line
+            set_exit_reason(f"error: {stop.__context__}")
     except KeyboardInterrupt:
         code = 130
     except BaseException as err:  # noqa: BLE001 - reported, then the status says it failed

@@ -13,7 +13,6 @@ cause too (:data:`CAUSES`): a rank that got no signal itself exits with its peer
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time

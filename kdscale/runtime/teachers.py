@@ -26,7 +26,7 @@ from kdscale.runtime.views import TeacherView
 def zero3_teacher_config(micro_batch: int, autocast_dtype: torch.dtype | None = None) -> dict:
     """DeepSpeed ZeRO-3 parameter partitioning for a frozen teacher: no optimizer, no gradients,
     and the run's autocast (DeepSpeed would turn it off inside its engine otherwise)."""
-    from kdscale.dist.deepspeed_config import autocast_section
+    from kdscale.runtime.device import autocast_section
 
     return {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
             "steps_per_print": 10**9, "torch_autocast": autocast_section(autocast_dtype)}
