@@ -107,6 +107,21 @@ def test_zero3_frozen_teacher(engine_runs):
         assert result["feature_shape"] == [4, 32, 8, 8]  # hooks still tap features
 
 
+def test_zero3_teacher_is_built_partitioned(engine_runs):
+    """Built under zero.Init with its weights loaded one submodule at a time, the teacher gives
+    the unsharded teacher's outputs, and a rank never held it whole: its peak is its half
+    plus about one layer (16 equal layers: at most 1/2 + 1/16 + rounding), where building it
+    whole holds all of it."""
+    for result in engine_runs["teacher"]:
+        assert result["built_max_abs_diff"] < 1e-5
+        assert result["built_feature_shape"] == [4, 32, 8, 8]
+        assert 0.45 < result["built_local_parameters"] / result["total_parameters"] < 0.55
+        total, layer = result["stack_parameters"], result["stack_layer_parameters"]
+        assert result["whole_build_peak"] == total
+        assert result["partitioned_build_peak"] <= total // 2 + layer + 16, result
+        assert result["partitioned_build_peak"] >= total // 2  # the partitions are counted
+
+
 @pytest.fixture()
 def kd_overrides(synth_data, tmp_path):
     teacher = tmp_path / "teacher.pt"
@@ -152,6 +167,25 @@ def test_crash_ends_job_and_resume_reproduces(kd_overrides, tmp_path):
     assert summary["completed"] and summary["strategy"] == "zero3" and summary["step"] == 20
     student = build_model("resnet8", 10, summary["export"])  # the gathered export loads into the plain model
     assert sum(p.numel() for p in student.parameters()) > 0
+
+
+def test_zero3_teacher_run_equals_replicated_teacher(kd_overrides, tmp_path):
+    """kdscale.train on 2 ranks with the frozen teacher built partitioned (ZeRO-3) gives the
+    losses of the replicated teacher; SOKD, whose bridge is built from the teacher's layers,
+    trains from the partitioned teacher's shape twin."""
+    launch = ["bash", ACCELERATE, "-m", "kdscale.train"]
+    runs = {}
+    for name, method, sharding in (("replicated", "kd", "replicated"), ("sharded", "kd", "zero3"),
+                                   ("sokd", "sokd", "zero3")):
+        result = run_cli(launch + kd_overrides(name, "distributed.strategy=ddp", f"method.name={method}",
+                                               f"distributed.teacher_sharding={sharding}",
+                                               "train.stop_after_steps=4"), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = losses_by_step(tmp_path / "runs" / name)
+    assert sorted(runs["replicated"]) == sorted(runs["sharded"]) == [1, 2, 3, 4]
+    for step, values in runs["sharded"].items():
+        assert values[0] == pytest.approx(runs["replicated"][step][0], rel=1e-5), step
+    assert sorted(runs["sokd"]) == [1, 2, 3, 4] and all(v[0] == v[0] for v in runs["sokd"].values())
 
 
 def test_deepspeed_config_conflicts(tmp_path):

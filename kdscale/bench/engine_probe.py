@@ -8,8 +8,9 @@ Modes:
   global mean loss per step, optimizer-state bytes, the parameters this rank's optimizer
   holds, and locally held trainable parameters. ``key=value`` pairs (YAML values) set method
   parameters, the rest keep their defaults.
-- ``teacher``: a frozen teacher partitioned by ZeRO-3; records its output difference to
-  the unsharded teacher and the locally held parameters.
+- ``teacher``: a frozen teacher partitioned by ZeRO-3, handed over whole and built partitioned;
+  records its output difference to the unsharded teacher, the locally held parameters and
+  the peak parameters held while building.
 - ``crd_bank <samples> <dim> <batch per rank> <negatives> <steps>``: CRD's memory banks for a
   training set of that size, sharded over the ranks: the bytes of this rank's rows, the
   resident memory they added, and the seconds per step of the contrast loss's forward and
@@ -106,7 +107,40 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
             "gathered_state_scalars": {k: v for k, v in (state or {}).items() if isinstance(v, (int, float))}}
 
 
+@contextlib.contextmanager
+def parameter_peak():
+    """The most parameter elements this process held at once while building networks (whole
+    tensors plus ZeRO-3 partitions), sampled at every parameter registration and at the end."""
+    held, peak = [], [0]
+
+    def count() -> int:
+        return sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in held)
+
+    def on_register(_module, _name, param):
+        if param is not None:
+            held.append(param)
+            peak[0] = max(peak[0], count())
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_register)
+    try:
+        yield peak
+    finally:
+        handle.remove()
+        peak[0] = max(peak[0], count())
+
+
+def linear_stack() -> nn.Module:
+    """16 equal layers: no one layer is a large share of the network."""
+    return nn.Sequential(*(nn.Linear(32, 32) for _ in range(16)))
+
+
 def run_teacher(ctx: DistContext) -> dict:
+    """The frozen teacher under ZeRO-3, handed over whole and built partitioned
+    (:mod:`kdscale.runtime.partitioned`): outputs against the unsharded teacher, parameters
+    held per rank, and the peak held while building each way."""
+    from kdscale.runtime.partitioned import build_partitioned
+    from kdscale.runtime.teachers import zero3_teacher_config
+
     torch.manual_seed(1)
     teacher = PlainNet(32)
     reference = copy.deepcopy(teacher).eval().to(ctx.device)
@@ -115,10 +149,24 @@ def run_teacher(ctx: DistContext) -> dict:
         expected = reference(images)
     frozen = FrozenTeacher(teacher, ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
     out = frozen(images)
+    state = {k: v.detach().cpu().clone() for k, v in reference.state_dict().items()}
+    built = FrozenTeacher(build_partitioned(lambda: PlainNet(32), state, zero3_teacher_config(4), "probe"),
+                          ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
+    built_out = built(images)
+    with parameter_peak() as whole_peak:
+        linear_stack()
+    with parameter_peak() as partitioned_peak:
+        build_partitioned(linear_stack, None, zero3_teacher_config(4), "probe")
     total = sum(p.numel() for p in reference.parameters())
     return {"max_abs_diff": (out.logits - expected).abs().max().item(),
             "local_parameters": frozen.local_parameter_count(),
-            "total_parameters": total, "feature_shape": list(out.features["layer2"].shape)}
+            "total_parameters": total, "feature_shape": list(out.features["layer2"].shape),
+            "built_max_abs_diff": (built_out.logits - expected).abs().max().item(),
+            "built_local_parameters": built.local_parameter_count(),
+            "built_feature_shape": list(built_out.features["layer2"].shape),
+            "stack_parameters": sum(p.numel() for p in linear_stack().parameters()),
+            "stack_layer_parameters": 32 * 32 + 32,
+            "whole_build_peak": whole_peak[0], "partitioned_build_peak": partitioned_peak[0]}
 
 
 def _resident_bytes(device: torch.device | None = None) -> int:

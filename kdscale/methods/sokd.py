@@ -31,6 +31,7 @@ Choices:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -62,6 +63,8 @@ def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_cl
                  image_size: int) -> nn.Sequential:
     modules = check_layer_paths(teacher, layers, where="method.bridge_layers (teacher)")
     body = nn.Sequential(*(copy.deepcopy(modules[name]) for name in layers))
+    if any(t.is_meta for t in itertools.chain(body.parameters(), body.buffers())):
+        body = _materialize(body)  # a ZeRO-3 teacher's shape twin (kdscale.runtime.partitioned)
     for module in body.modules():
         module._forward_hooks.clear()
         if hasattr(module, "reset_parameters"):
@@ -78,6 +81,19 @@ def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_cl
     bridge = nn.Sequential(body.train(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
     wrn_init(bridge)
     return bridge
+
+
+def _materialize(body: nn.Module) -> nn.Module:
+    """Real (CPU) tensors for a bridge copied from a ``meta`` shape twin. Every copied layer is
+    re-initialised below, so no teacher value is lost; a layer that holds its own tensors but
+    cannot re-initialise them would keep the teacher's values, which a twin does not have."""
+    for name, module in body.named_modules():
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if own and not hasattr(module, "reset_parameters"):
+            raise KdscaleError(f"method.bridge_layers: the bridge copies {name} ({type(module).__name__}) from the "
+                               f"teacher with its values, which a ZeRO-3-sharded teacher does not hold whole; "
+                               f"use distributed.teacher_sharding=replicated for this teacher")
+    return body.to_empty(device="cpu")
 
 
 def wrn_init(module: nn.Module) -> None:

@@ -156,11 +156,16 @@ def load_weights(model: nn.Module, spec: str, where: str = "weights") -> None:
 
 
 def check_state_dict_matches(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    expected = model.state_dict()
+    check_shapes_match({k: v.shape for k, v in model.state_dict().items()}, state, where)
+
+
+def check_shapes_match(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], where: str) -> None:
+    """``state`` has exactly the keys of ``expected`` (a state dict's names and shapes), each of
+    its shape; else one line naming the missing, unexpected and wrongly shaped keys."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(shape)}"
+              for k, shape in expected.items() if k in state and state[k].shape != shape]
     if not (missing or unexpected or shapes):
         return
     parts = []

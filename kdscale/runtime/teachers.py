@@ -20,6 +20,7 @@ from torch import nn
 
 from kdscale.methods.base import TeacherOutput
 from kdscale.models.features import FeatureTaps
+from kdscale.runtime.partitioned import is_partitioned
 from kdscale.runtime.views import TeacherView
 
 
@@ -38,7 +39,9 @@ class FrozenTeacher:
     ``sharding="replicated"``: a full replica per rank (data-parallel inference).
     ``sharding="zero3"``: the parameters are partitioned across ranks by a DeepSpeed ZeRO-3
     engine without optimizer (after DeepSpeed-Chat's frozen reference model); each forward
-    gathers them, so every rank must make the same calls (``lockstep``).
+    gathers them, so every rank must make the same calls (``lockstep``). ``model`` may come
+    whole (DeepSpeed partitions it) or already partitioned
+    (:func:`kdscale.runtime.partitioned.build_partitioned`, what training does).
     ``view``: maps the loader's batch to the teacher's input (None: the batch as it is).
     """
 
@@ -47,7 +50,12 @@ class FrozenTeacher:
                  micro_batch: int = 1, compile: bool = False, view: TeacherView | None = None):
         self.view = view
         self.model = model.eval().requires_grad_(False)
-        self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        if is_partitioned(model):  # built under zero.Init (runtime.partitioned): its partitions are placed
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(device))
+        else:
+            self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.device, self.autocast_dtype = device, autocast_dtype
         self.lockstep = sharding == "zero3"
         # Taps go on before DeepSpeed wraps the model; ZeRO-3 keeps the module structure.

@@ -22,7 +22,8 @@ from kdscale.models import build_model
 from kdscale.models.preprocessing import network_preprocessing
 from kdscale.runtime.compile import compile_in_place, compiles_networks, compiles_teacher, networks_of
 from kdscale.runtime.device import Runtime
-from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.runtime.partitioned import build_partitioned, host_weights, shape_twin
+from kdscale.runtime.teachers import FrozenTeacher, zero3_teacher_config
 
 
 @dataclasses.dataclass
@@ -102,8 +103,8 @@ def _build(spec: ModelSpec, num_classes: int, where: str) -> nn.Module:
 def _output_classes(model: nn.Module, size: tuple[int, int]) -> int:
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model(torch.zeros(1, 3, *size))
+    with torch.no_grad():  # on the model's device: a ZeRO-3 teacher's shape twin is on ``meta``
+        out = model(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
     model.train(was_training)
     return out.shape[-1]
 
@@ -121,14 +122,34 @@ def _check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.M
                            f"(check teacher.num_classes, student.num_classes and data.num_classes)")
 
 
+def _check_teacher_sharding(cfg: ExperimentConfig, method_name: str, role: str, world_size: int) -> None:
+    sharding = cfg.distributed.teacher_sharding
+    if compiles_teacher(cfg.train.compile) and sharding == "zero3":
+        raise KdscaleError(f"train.compile={cfg.train.compile} compiles the frozen teacher, which "
+                           f"distributed.teacher_sharding=zero3 partitions (DeepSpeed swaps its parameters in hooks); "
+                           f"use train.compile=networks or distributed.teacher_sharding=replicated")
+    if sharding == "zero3" and role != "frozen":
+        raise KdscaleError(f"distributed.teacher_sharding=zero3 applies to frozen teachers; method "
+                           f"{method_name!r} has {'none' if role == 'none' else 'a trained teacher'} "
+                           f"(use distributed.strategy=zero3 to shard trained networks)")
+    if sharding == "zero3" and world_size < 2:
+        raise KdscaleError("distributed.teacher_sharding=zero3 partitions the teacher across processes, but this "
+                           "run has 1; launch at least 2 processes or use distributed.teacher_sharding=replicated")
+
+
 def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1,
                     train_labels: torch.Tensor | None = None) -> tuple[Distiller, FrozenTeacher | None]:
+    """The method with its trained networks on the device, and the frozen teacher (None when
+    the method has none or it is replayed from shards). A ZeRO-3-sharded frozen teacher is
+    built partitioned (:mod:`kdscale.runtime.partitioned`); the method then sees its shape twin."""
     method_cls = get_method_class(cfg.method.name)
     num_classes = cfg.data.num_classes
     student = _build(cfg.student, num_classes, "student")
     teacher_model = None
     role = method_cls.teacher_role
     from_shards = cfg.teacher is not None and cfg.teacher.source == "shards"
+    _check_teacher_sharding(cfg, method_cls.name, role, world_size)
+    partitioned = role == "frozen" and not from_shards and cfg.distributed.teacher_sharding == "zero3"
     if role != "none" and not from_shards:
         if cfg.teacher is None or not cfg.teacher.name:
             what = "a frozen teacher: set teacher.name and teacher.weights (e.g. a vanilla run's export)" \
@@ -137,7 +158,12 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
         if role == "frozen" and not cfg.teacher.weights:
             warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher",
                           stacklevel=2)
-        teacher_model = _build(cfg.teacher, num_classes, "teacher")
+        if partitioned:
+            teacher_classes = cfg.teacher.num_classes or num_classes
+            teacher_weights = host_weights(cfg.teacher.name, teacher_classes, cfg.teacher.weights, where="teacher")
+            teacher_model = shape_twin(lambda: build_model(cfg.teacher.name, teacher_classes, where="teacher"))
+        else:
+            teacher_model = _build(cfg.teacher, num_classes, "teacher")
         if role == "frozen":
             _check_same_classes(cfg, student, teacher_model, frozen=True)
     elif cfg.teacher is not None and not from_shards:
@@ -157,22 +183,16 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
     if role == "trainable" and teacher_model is not None:  # checked after the method may have re-headed it
         _check_same_classes(cfg, student, distiller.teacher, frozen=False)
     frozen = None
-    sharding = cfg.distributed.teacher_sharding
-    if compiles_teacher(cfg.train.compile) and sharding == "zero3":
-        raise KdscaleError(f"train.compile={cfg.train.compile} compiles the frozen teacher, which "
-                           f"distributed.teacher_sharding=zero3 partitions (DeepSpeed swaps its parameters in hooks); "
-                           f"use train.compile=networks or distributed.teacher_sharding=replicated")
-    if sharding == "zero3" and role != "frozen":
-        raise KdscaleError(f"distributed.teacher_sharding=zero3 applies to frozen teachers; method "
-                           f"{method_cls.name!r} has {'none' if role == 'none' else 'a trained teacher'} "
-                           f"(use distributed.strategy=zero3 to shard trained networks)")
-    if sharding == "zero3" and world_size < 2:
-        raise KdscaleError("distributed.teacher_sharding=zero3 partitions the teacher across processes, but this "
-                           "run has 1; launch at least 2 processes or use distributed.teacher_sharding=replicated")
     if role == "frozen" and not from_shards:
+        if partitioned:
+            teacher_model = build_partitioned(
+                lambda: build_model(cfg.teacher.name, teacher_classes, where="teacher"), teacher_weights,
+                zero3_teacher_config(cfg.data.batch_size, runtime.autocast_dtype),
+                where=f"teacher.weights={cfg.teacher.weights}")
         frozen = FrozenTeacher(teacher_model, list(needs.features), runtime.device,
-                               runtime.autocast_dtype, runtime.channels_last, sharding=sharding,
-                               micro_batch=cfg.data.batch_size, compile=compiles_teacher(cfg.train.compile))
+                               runtime.autocast_dtype, runtime.channels_last,
+                               sharding=cfg.distributed.teacher_sharding, micro_batch=cfg.data.batch_size,
+                               compile=compiles_teacher(cfg.train.compile))
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
     distiller.to(runtime.device, memory_format=memory_format)
     if compiles_networks(cfg.train.compile):
