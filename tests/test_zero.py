@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-
 from conftest import ROOT, base_overrides, make_config, run_cli
 from dist_helpers import ACCELERATE, run_probes
+
 from kdscale.config import load_config
 from kdscale.dist.deepspeed_config import build_deepspeed_config
 from kdscale.errors import KdscaleError

@@ -34,9 +34,9 @@ import yaml
 from torch import nn
 
 from kdscale.config import load_config
-from kdscale.runtime.context import DistContext
 from kdscale.dist.engines import make_engine
 from kdscale.methods import MethodContext, get_method_class
+from kdscale.runtime.context import DistContext
 from kdscale.runtime.teachers import FrozenTeacher
 
 GLOBAL_BATCH, STEPS, CLASSES, SAMPLES = 8, 5, 10, 64

@@ -20,7 +20,12 @@ from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
 from kdscale.models.preprocessing import network_preprocessing
-from kdscale.runtime.compile import compile_in_place, compiles_networks, compiles_teacher, networks_of
+from kdscale.runtime.compile import (
+    compile_in_place,
+    compiles_networks,
+    compiles_teacher,
+    networks_of,
+)
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.partitioned import build_partitioned, host_weights, shape_twin
 from kdscale.runtime.teachers import FrozenTeacher, zero3_teacher_config
