@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from kdscale.errors import KdscaleError
 from kdscale.train.loop import Trainer
 
@@ -48,4 +48,12 @@ def test_compiled_zero3_teacher_is_refused(synth_data, tmp_path):
     cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.name=resnet8",
                       "train.compile=teacher", "distributed.teacher_sharding=zero3")
     with pytest.raises(KdscaleError, match="train.compile=teacher compiles the frozen teacher"):
+        Trainer(cfg)
+
+
+def test_compiled_networks_under_zero3_are_refused(synth_data, tmp_path):
+    cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.name=resnet8",
+                      "train.compile=networks", "distributed.strategy=zero3")
+    with pytest.raises(KdscaleError, match="train.compile=networks compiles the trained networks, which "
+                                           "distributed.strategy=zero3 partitions"):
         Trainer(cfg)

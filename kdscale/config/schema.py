@@ -144,7 +144,10 @@ class TrainSection:
     compile: Literal["none", "networks", "teacher", "all"] = "none"
     """``torch.compile`` the networks the method trains (``networks``), the frozen teacher
     (``teacher``), or both (``all``): each network in place, never the DDP/DeepSpeed wrapper
-    or the whole method (:mod:`kdscale.runtime.compile`)."""
+    or the whole method (:mod:`kdscale.runtime.compile`). Refused with ZeRO-3 for what it
+    partitions (``networks``/``all`` with ``distributed.strategy=zero3``, ``teacher``/``all``
+    with ``distributed.teacher_sharding=zero3``): DeepSpeed gathers those parameters in module
+    hooks that torch.compile cannot trace."""
     log_every_steps: int = ranged(20, "optimizer steps between log lines", ge=1)
     eval_every_epochs: int = ranged(1, "epochs between validations", ge=1)
     checkpoint_every_steps: int = ranged(0, "optimizer steps between checkpoints; 0: at each epoch's end only", ge=0)
@@ -165,8 +168,10 @@ class TrainSection:
     every thread's stack, says what it waited for, and exits non-zero."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss: ``stop`` ends the run with an error naming the step and each term
-    (the last good checkpoint is kept, nothing is exported); ``skip`` skips the step and
-    counts it."""
+    (the last good checkpoint is kept, nothing is exported; the ranks' answer is read one
+    micro-step late so the host never waits for the GPU, and before anything is written);
+    ``skip`` skips the step and counts it (the answer is read at once: the host waits for each
+    forward)."""
     max_nonfinite_skips: int = ranged(10, "non-finite steps in a row before the run stops", ge=1)
     """With nonfinite=skip: stop after this many non-finite steps in a row."""
 

@@ -5,8 +5,8 @@ Resuming picks the newest complete checkpoint in the run directory and continues
 same schedule, data stream (skipping the batches already seen) and wandb run. One loader
 serves the whole run (its workers start once). A run owns its directory (a lock), stops
 on any signal at a step every rank agrees on with a checkpoint, ends on a stall instead
-of hanging (:mod:`kdscale.lifecycle`), and never takes an optimizer step on a non-finite
-loss (``train.nonfinite``).
+of hanging (:mod:`kdscale.lifecycle`), and never writes a checkpoint or export from weights a
+non-finite loss touched (``train.nonfinite``; the ranks' agreement: :mod:`.agreement`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
-from kdscale.runtime.context import DistContext
 from kdscale.dist.deepspeed_config import resolve_strategy
 from kdscale.dist.engines import make_engine
 from kdscale.errors import KdscaleError
@@ -29,14 +28,21 @@ from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log, setup_logging
 from kdscale.progress import ProgressBar
 from kdscale.runtime import checkpoint as ckpt
-from kdscale.train.evaluate import evaluate
+from kdscale.runtime.context import DistContext
+from kdscale.runtime.device import Runtime
 from kdscale.runtime.optim import lr_at
+from kdscale.runtime.tracking import Tracker
+from kdscale.train.agreement import StepAgreement, Verdict
+from kdscale.train.evaluate import evaluate
 from kdscale.train.inputs import InputsMixin
 from kdscale.train.saving import SavingMixin
-from kdscale.runtime.device import Runtime
-from kdscale.train.setup import build_distiller, plan_data, training_labels
+from kdscale.train.setup import (
+    build_distiller,
+    check_compile_fits,
+    plan_data,
+    training_labels,
+)
 from kdscale.train.teacher_source import teacher_source
-from kdscale.runtime.tracking import Tracker
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
@@ -58,6 +64,7 @@ class Trainer(InputsMixin, SavingMixin):
             ckpt.remove_stale_temporaries(cfg.run_dir)  # left by a writer that was killed
         self.resolved = config_to_dict(cfg)
         self.strategy = resolve_strategy(cfg)
+        check_compile_fits(cfg, self.strategy)
         log.info(f"resolved config ({self.world} process(es), {self.strategy}, device {self.ctx.device}):\n"
                  f"{format_config(cfg)}")
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
@@ -91,6 +98,8 @@ class Trainer(InputsMixin, SavingMixin):
         self.nonfinite_skipped = self.nonfinite_in_a_row = 0
         self.injected_failure = InjectedFailure()
         self.signals = StopSignals(self.rank)
+        self.agreement = StepAgreement(self.ctx, deferred=cfg.train.nonfinite == "stop")
+        self.latest_terms: dict[str, torch.Tensor] = {}
         self.window = MetricsWindow()
         if resumed is not None:
             run_id = self._restore(*resumed)
@@ -148,6 +157,7 @@ class Trainer(InputsMixin, SavingMixin):
                                                          self._autocast, self._proceed, sample_indices=indices)
                 if not went_on:
                     break
+                self.latest_terms = losses
                 window.add_losses(losses)
         if not went_on:
             self.nonfinite_in_a_row += 1
@@ -185,11 +195,11 @@ class Trainer(InputsMixin, SavingMixin):
             self.stopped_early = True
             self.save()
 
-    def _on_nonfinite(self, losses: dict, in_a_row: int) -> None:
-        """Nothing was stepped on this micro-batch; stop, or count it under ``skip``."""
+    def _on_nonfinite(self, losses: dict, in_a_row: int, where: str | None = None) -> None:
+        """A micro-step's loss was not finite on some rank: skip it (``skip``) or fail the run."""
         cfg = self.cfg.train
         terms = describe_losses(losses)
-        where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
+        where = where or f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
         if cfg.nonfinite == "skip" and in_a_row <= cfg.max_nonfinite_skips:
             self.nonfinite_skipped += 1
             log.warning(f"non-finite loss at {where} ({terms}): step skipped ({in_a_row} in a row)")
@@ -204,6 +214,7 @@ class Trainer(InputsMixin, SavingMixin):
         raise KdscaleError(self.failure)
 
     def _record_validation(self, bar: ProgressBar) -> None:
+        self._settle()
         with self.watchdog.waiting("validating"):
             self.last_metrics = self.validate()
         self.watchdog.progress()
@@ -219,18 +230,28 @@ class Trainer(InputsMixin, SavingMixin):
         self.teacher_best = max(accuracy, self.teacher_best or accuracy)
 
     def _proceed(self, loss: torch.Tensor) -> bool:
-        """The one collective of a micro-step, before its backward: is the loss finite on every
-        rank, and has any rank been asked to stop (a signal, or the preemption file seen by
-        rank 0)? Every rank gets the same answers at the same micro-step."""
-        local = torch.zeros(2, device=self.ctx.device)
-        local[0] = (~torch.isfinite(loss.detach())).any()
-        local[1] = float(self.signals.local_cause(self.preempt_seen))
-        nonfinite, stop = self.ctx.all_reduce(local, "max").tolist()
-        self.signals.agree(int(stop))
-        self.stop_agreed = self.stop_agreed or stop > 0
-        return nonfinite == 0
+        """The one collective of a micro-step, before its backward (:mod:`kdscale.train.agreement`):
+        is the loss finite on every rank, and has any rank been asked to stop (a signal, or the
+        preemption file seen by rank 0)? Every rank gets the same answers at the same micro-step."""
+        where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
+        return self._take(self.agreement.exchange(loss, self.signals.local_cause(self.preempt_seen), where))
+
+    def _take(self, verdict: Verdict | None) -> bool:
+        """Act on an agreement's verdict; whether the micro-step that asked may go on."""
+        if verdict is None:
+            return True
+        self.signals.agree(verdict.stop)
+        self.stop_agreed = self.stop_agreed or verdict.stop > 0
+        if verdict.nonfinite and self.agreement.deferred:  # train.nonfinite=stop: fails, naming that step
+            self._on_nonfinite(self.latest_terms, 1, verdict.where)
+        return not verdict.nonfinite
+
+    def _settle(self) -> None:
+        """Read the agreement still pending, before anything is written or logged from the weights."""
+        self._take(self.agreement.settle())
 
     def _log_window(self, window: MetricsWindow, lr: float, bar: ProgressBar) -> None:
+        self._settle()
         metrics = window.metrics(self.ctx, lr, self.epoch, self.runtime.device)
         self.tracker.log(metrics, self.step)
         bar.set_postfix(loss=metrics["train/loss"], img_s=metrics["perf/images_per_s"])
@@ -265,6 +286,8 @@ class Trainer(InputsMixin, SavingMixin):
         return bool(same.all())
 
     def _finish(self, stopped_early: bool) -> dict:
+        if self.failure is None:
+            self._settle()
         failure = self.failure
         agree = self.ranks_agree()
         if agree is False:

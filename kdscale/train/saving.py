@@ -46,6 +46,7 @@ class SavingMixin:
     def save(self) -> None:
         if self.step == self.last_saved_step:
             return
+        self._settle()  # a non-finite step not yet agreed on fails the run before its weights are written
         with self.watchdog.waiting("writing a checkpoint"):
             self.sync_buffers()
             meta = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_done,
