@@ -131,3 +131,58 @@ def test_compiled_networks_and_teacher_match_eager_on_the_device(device, synth_d
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-3), step
+
+
+def test_step_agreement_on_the_device(device):
+    """The ranks' finite/stop agreement read one micro-step late (``train.nonfinite=stop``): on a
+    GPU through a pinned host copy behind an event; the verdict answers for the step that asked."""
+    from kdscale.runtime.context import DistContext
+    from kdscale.train.agreement import StepAgreement
+
+    agreement = StepAgreement(DistContext.from_env(), deferred=True)
+    assert agreement.exchange(torch.tensor(float("inf"), device=device), 0, "one") is None
+    verdict = agreement.exchange(torch.tensor(1.0, device=device), 1, "two")
+    assert (verdict.nonfinite, verdict.stop, verdict.where) == (True, 0, "one")
+    last = agreement.settle()
+    assert (last.nonfinite, last.stop, last.where) == (False, 1, "two")
+
+
+def test_teach_on_the_device_replays_into_a_run(device, synth_data, tmp_path):
+    """``kdscale.teach`` on this device (bf16 autocast on a GPU) stores the top-5 probabilities
+    the teacher gives on each stored crop (within bf16 and fp16 rounding: 5e-3), and a run
+    replays them."""
+    import io
+
+    from PIL import Image
+
+    from conftest import base_overrides
+    from kdscale.data.loader import _samples_of
+    from kdscale.data.shards import expand_shards
+    from kdscale.data.teacher_outputs import decode_record, replay_crop
+    from kdscale.teach.__main__ import main as teach_main
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10).eval()
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    outputs = str(tmp_path / "outputs")
+    summary = teach_main(base_overrides(synth_data, str(tmp_path), name="teach") + [
+        "method.name=kd", "student.name=resnet8", "teacher.name=resnet8", f"teacher.weights={tmp_path / 'teacher.pt'}",
+        "data.augment=imagenet", f"teacher.outputs={outputs}", "teacher.crops_per_image=1", "teacher.top_k=5"])
+    assert summary["shards_written"] == 8
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    shard = expand_shards(f"{synth_data}/train-*.tar", "k")[0]
+    images = {s["__key__"]: s["jpg"] for s in _samples_of([shard])}
+    for record in list(_samples_of([os.path.join(outputs, os.path.basename(shard))]))[:8]:
+        arrays = decode_record(record)
+        image = Image.open(io.BytesIO(images[record["__key__"]])).convert("RGB")
+        view = (replay_crop(image, arrays["crops"][0], bool(arrays["flips"][0]), 32).float() / 255 - mean) / std
+        with torch.no_grad():
+            probs = torch.softmax(teacher(view[None]), dim=1)[0]
+        classes = torch.from_numpy(arrays["classes"][0].astype("int64"))
+        stored = torch.from_numpy(arrays["probs"][0].astype("float32"))
+        assert torch.allclose(probs[classes], stored, atol=5e-3), (probs[classes], stored)
+    replay = Trainer(make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8",
+                                 "teacher.source=shards", f"teacher.outputs={outputs}", "data.augment=imagenet",
+                                 "train.stop_after_steps=4", "train.log_every_steps=1", name="replay")).train()
+    losses = _losses(replay["run_dir"])
+    assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
