@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small settings, a few minutes on 2 cores")
     bench.add_argument("--out", help="output folder (default runs/bench/<time>)")
     bench.add_argument("--sections", default="all", help="comma list of compute, compile, data, imagenet_data, "
-                       "writer, memory, crd, scaling (default: all)")
+                       "decode, writer, memory, crd, scaling (default: all)")
     bench.add_argument("--student", default="resnet8")
     bench.add_argument("--teacher", default="resnet56")
     bench.add_argument("--image-size", type=int, default=32)

@@ -7,11 +7,12 @@ recorded and the next one still runs:
 1. ``environment``: the GPU, driver, CUDA, and every package version that matters;
 2. ``correctness``: ``pytest -m gpu`` (``tests/test_gpu.py``: bf16 + channels-last KD against
    fp32 with the export reloaded, DeepSpeed ZeRO-2 and ZeRO-3 on the device resuming exactly,
-   GPU decode against the CPU path, compiled against eager, CRD's banks
-   on the device);
-3. ``figures``: ``kdscale bench`` sections (compute, compile, ImageNet-size data with CPU and
-   GPU decode, the writer, CRD's banks) at ``torchvision:resnet50 -> torchvision:resnet18``,
-   224 px, batch 128, 16 loader workers.
+   GPU decode against the CPU path, compiled against eager, CRD's banks on the device, the
+   ranks' late-read agreement, ``kdscale.teach`` on the device replayed into a run);
+3. ``figures``: ``kdscale bench`` sections (compute, compile, ``data.decode=cpu`` against
+   ``gpu`` by training on ImageNet-size photo-like JPEGs with its data-wait fraction, images/s
+   and peak memory, the writer, CRD's banks) at ``torchvision:resnet50 ->
+   torchvision:resnet18``, 224 px, batch 128, 16 loader workers.
 
 ``--dry-run`` runs the same parts on the CPU at tiny sizes (the correctness tests with
 ``KDSCALE_GPU_CHECK_DRY_RUN=1``, the benchmark with ``--quick``): CI runs it, so the check
@@ -77,10 +78,10 @@ def bench_command(out: str, dry_run: bool) -> list[str]:
     python = sys.executable
     if dry_run:
         return [python, "-m", "kdscale.cli", "bench", "--quick", "--device", "cpu", "--teacher", "resnet20",
-                "--sections", "compute", "--no-peer", "--out", out]
+                "--sections", "compute,decode", "--no-peer", "--out", out]
     return [python, "-m", "kdscale.cli", "bench", "--device", "cuda", "--student", "torchvision:resnet18",
             "--teacher", "torchvision:resnet50", "--image-size", "224", "--batch", "128", "--workers", "16",
-            "--sections", "compute,compile,imagenet_data,writer,crd", "--out", out]
+            "--sections", "compute,compile,decode,writer,crd", "--out", out]
 
 
 def report_markdown(report: dict) -> str:

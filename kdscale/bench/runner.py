@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "compile", "data", "imagenet_data", "writer", "memory", "crd", "scaling")
+SECTIONS = ("compute", "compile", "data", "imagenet_data", "decode", "writer", "memory", "crd", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
@@ -34,6 +34,7 @@ GOALS = {  # ratio -> (goal, description)
     "zero3_parameters_vs_ddp": (0.55, "ZeRO-3 per-rank parameters / DDP's (goal: at most)"),
     "per_process_efficiency_2_vs_1": (None, "images/s per process, 2 processes / 1"),
     "compiled_vs_eager_online_kd": (None, "online KD step with train.compile=all / eager"),
+    "decode_gpu_vs_cpu": (None, "training images/s with data.decode=gpu / cpu, ImageNet-size JPEGs"),
     "crd_bank_bytes_2_vs_1_rank": (0.501, "CRD memory-bank bytes per rank, 2 ranks / 1 "
                                           "(goal: at most; half, plus a row for an odd N)"),
 }
@@ -131,6 +132,16 @@ def format_report(result: dict) -> str:
         lines += [f"- {processes} rank(s): " + "; ".join(
             f"rank {i}: {r['bank_bytes'] / 2**20:.1f} MiB / {r['resident_bytes_added'] / 2**20:.1f} MiB / "
             f"{r['step_seconds']:.3f} s" for i, r in enumerate(ranks)) for processes, ranks in crd["per_rank"].items()]
+    if "decode" in result:
+        decode = result["decode"]
+        lines += ["", f"data.decode, training {decode['student']} alone ({decode['image_size']} px, batch "
+                      f"{decode['batch']}, {decode['workers']} workers; medians of the last log window):"]
+        for mode, m in decode["median"].items():
+            peak = f"device {m['mem/max_allocated_gb']:.2f}" if m["mem/max_allocated_gb"] else \
+                f"host {m['mem/max_rss_gb']:.2f}"
+            lines.append(f"- {mode}: {m['perf/images_per_s']:.1f} images/s, data wait "
+                         f"{m['perf/data_wait_frac']:.2f}, peak {peak} GB")
+        lines.append(f"- {decode['advice']}")
     if "scaling" in result:
         lines += ["", "training images/s (median, IQR): " + ", ".join(
             f"{k} process(es) {v['median']:.1f} (IQR {v['iqr']:.1f})"
@@ -184,6 +195,14 @@ def run_bench(args) -> dict:
                                              teacher_outputs=photo_outputs)
         result["ratios"].update({f"{name}_imagenet_size": value
                                  for name, value in result["imagenet_data"]["ratios"].items()})
+    if "decode" in sections:  # data.decode=cpu vs gpu, by training on ImageNet-size photo-like JPEGs
+        from kdscale.bench.decode_bench import bench_decode
+
+        photo_dir, _ = prepare_data(out, args.quick, 224, args.num_classes, "resnet8", photo_like=True)
+        result["decode"] = bench_decode(photo_dir, out, args.student, 64 if args.quick else args.image_size,
+                                        8 if args.quick else args.batch, args.workers, 4 if args.quick else 30,
+                                        1 if args.quick else 3, args.num_classes)
+        result["ratios"].update(result["decode"]["ratios"])
     if "writer" in sections:  # kdscale.teach against the same teacher's batched inference, same batch and device
         from kdscale.bench.writer_bench import bench_writer
 
