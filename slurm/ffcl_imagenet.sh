@@ -6,7 +6,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=slurm-%x-%j.out
 # FFCL on ImageNet (configs/ffcl_imagenet.yaml). GPUs: sbatch --gpus-per-node=8 slurm/ffcl_imagenet.sh
-# (or export SBATCH_GPUS_PER_NODE=8). Overrides without editing: KDSCALE_OVERRIDES="optim.lr=0.2",
-# KDSCALE_OUTPUT, KDSCALE_DEEPSPEED=zero2, sbatch -N 4 ... (see slurm/launch.sh).
-export KDSCALE_CONFIG=${KDSCALE_CONFIG:-configs/ffcl_imagenet.yaml}
-exec bash "${KDSCALE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/launch.sh" train
+# (or export SBATCH_GPUS_PER_NODE=8). Overrides without editing: sbatch slurm/ffcl_imagenet.sh optim.lr=0.2,
+# or KDSCALE_OVERRIDES="optim.lr=0.2"; KDSCALE_OUTPUT, KDSCALE_DEEPSPEED=zero2, sbatch -N 4 ...
+# The generic slurm/train.sh does the work (see it and slurm/launch.sh); KDSCALE_CONFIG picks another YAML.
+exec bash "${KDSCALE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/train.sh" "${KDSCALE_CONFIG:-configs/ffcl_imagenet.yaml}" "$@"
