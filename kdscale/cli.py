@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from kdscale.sweep import add_parser as add_sweep_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
+from kdscale.sweep import add_parser as add_sweep_parser
 
 
 def cmd_shards_synth(args) -> None:
@@ -88,7 +88,12 @@ def cmd_bench(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from kdscale.analysis.compare import format_table, runs_from_dirs, runs_from_project, summarise
+    from kdscale.analysis.compare import (
+        format_table,
+        runs_from_dirs,
+        runs_from_project,
+        summarise,
+    )
 
     if not args.runs and not args.project:
         raise KdscaleError("give run directories or --project ENTITY/PROJECT")
@@ -96,7 +101,12 @@ def cmd_compare(args) -> None:
     summaries = [summarise(run, args.metric, args.best) for run in runs]
     groups, keys = None, None
     if args.group_by:
-        from kdscale.analysis.seeds import format_groups, group_runs, group_stats, parse_keys
+        from kdscale.analysis.seeds import (
+            format_groups,
+            group_runs,
+            group_stats,
+            parse_keys,
+        )
 
         keys = parse_keys(args.group_by)
         groups = group_runs(runs, summaries, keys)

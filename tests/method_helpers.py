@@ -6,7 +6,7 @@ import torch
 
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps, build_model
-from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.teachers.frozen import FrozenTeacher
 
 NUM_CLASSES = 10
 TRAIN_SAMPLES = 64

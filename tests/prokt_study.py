@@ -16,6 +16,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import base_overrides  # noqa: E402
+
 from kdscale.data.synth import write_synthetic_shards  # noqa: E402
 from kdscale.train.__main__ import main as train_main  # noqa: E402
 

@@ -73,7 +73,7 @@ def test_nonfinite_step_is_named_and_never_checkpointed(synth_data, tmp_path, ca
 
 @pytest.mark.parametrize("deferred", [True, False])
 def test_verdict_names_the_asking_step(deferred):
-    from kdscale.runtime.context import DistContext
+    from kdscale.parallel.context import DistContext
     from kdscale.train.agreement import StepAgreement
 
     agreement = StepAgreement(DistContext.from_env(), deferred)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PYTHON, base_overrides, run_cli
+
 from kdscale.models import build_model
 
 

@@ -16,8 +16,8 @@ import statistics
 
 import numpy as np
 import pytest
-
 from conftest import make_config
+
 from kdscale.analysis.compare import runs_from_dirs, summarise
 from kdscale.analysis.plots import ema, plot
 from kdscale.analysis.runinfo import images_per_s

@@ -10,8 +10,8 @@ import typing
 
 import pytest
 import torch
-
 from conftest import PYTHON, base_overrides, run_cli
+
 from kdscale.config import load_config
 from kdscale.config.schema import ExperimentConfig
 from kdscale.errors import KdscaleError

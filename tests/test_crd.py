@@ -9,19 +9,26 @@ import os
 
 import pytest
 import torch
-
 from conftest import base_overrides
 from dist_helpers import run_probe
-from method_helpers import NUM_CLASSES, TRAIN_SAMPLES, batch, build_method, has_grad_from, no_grad_from
+from method_helpers import (
+    NUM_CLASSES,
+    TRAIN_SAMPLES,
+    batch,
+    build_method,
+    has_grad_from,
+    no_grad_from,
+)
 from reference_crd import crd_step
+
 from kdscale.data.loader import TrainStream
 from kdscale.data.sample_index import sample_offsets, scan_labels, shard_labels
 from kdscale.data.tar_reader import iter_samples
 from kdscale.errors import KdscaleError
 from kdscale.methods.contrast_memory import ContrastSampler, uniform_integers
 from kdscale.models import build_model
-from kdscale.train.__main__ import main as train_main
 from kdscale.runtime import checkpoint as ckpt
+from kdscale.train.__main__ import main as train_main
 
 SMALL = {"feat_dim": 8, "nce_k": 6}
 

@@ -11,12 +11,12 @@ import re
 
 import pytest
 import torch
-
 from conftest import ROOT, make_config
+from method_helpers import batch, build_method, has_grad_from
+
 from kdscale.methods import METHODS
 from kdscale.models import build_model
 from kdscale.train.loop import Trainer
-from method_helpers import batch, build_method, has_grad_from
 
 DOC = os.path.join(ROOT, "docs", "methods.md")
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from kdscale.config.schema import DataSection
-from kdscale.data.loader import TrainStream, ValStream, _samples_of, check_shard_count, make_loader
+from kdscale.data.loader import (
+    TrainStream,
+    ValStream,
+    _samples_of,
+    check_shard_count,
+    make_loader,
+)
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.errors import KdscaleError
 

@@ -15,8 +15,9 @@ from kdscale.data.transforms import SampleDecoder, random_resized_crop_box
 
 
 def test_photo_like_set_has_imagenet_sizes(photo_samples):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     sizes = [Image.open(io.BytesIO(s["jpg"])).size for s in photo_samples]
     kilobytes = [len(s["jpg"]) / 1024 for s in photo_samples]
@@ -46,8 +47,9 @@ def test_draft_mode_same_crops_and_pixels_within_tolerance(photo_samples, size):
 
 
 def _size(jpeg: bytes) -> tuple[int, int]:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     return Image.open(io.BytesIO(jpeg)).size
 
@@ -62,7 +64,11 @@ def test_draft_mode_is_exact_when_the_crop_is_small(photo_samples):
 
 
 def test_device_decode_takes_the_cpu_paths_boxes_and_flips(photo_samples):
-    from kdscale.data.device_decode import DeferredDecoder, decode_on_device, stack_views
+    from kdscale.data.device_decode import (
+        DeferredDecoder,
+        decode_on_device,
+        stack_views,
+    )
 
     section = DataSection(augment="imagenet", image_size=96, jpeg_draft=False)
     cpu, deferred = SampleDecoder(section, True), DeferredDecoder(section)
@@ -81,7 +87,11 @@ def test_device_decode_takes_the_cpu_paths_boxes_and_flips(photo_samples):
 
 
 def test_device_decode_replaces_an_undecodable_image(photo_samples):
-    from kdscale.data.device_decode import DeferredDecoder, decode_on_device, stack_views
+    from kdscale.data.device_decode import (
+        DeferredDecoder,
+        decode_on_device,
+        stack_views,
+    )
 
     section = DataSection(augment="imagenet", image_size=32)
     deferred = DeferredDecoder(section)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import ROOT, base_overrides, run_cli
+
 from kdscale.models import build_model
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only

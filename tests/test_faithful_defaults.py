@@ -9,16 +9,16 @@ import glob
 import os
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
+from method_helpers import batch, build_method, rows
 from torch import nn
 
-import reference as ref
-from conftest import ROOT
 from kdscale.config import load_config
 from kdscale.errors import KdscaleError
 from kdscale.models import build_model
-from method_helpers import batch, build_method, rows
 
 REL = 1e-4
 

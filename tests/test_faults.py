@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import PYTHON, ROOT, base_overrides
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only

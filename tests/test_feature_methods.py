@@ -8,15 +8,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import reference as ref
 import torch
+from dist_helpers import run_probes
+from method_helpers import batch, build_method, has_grad_from, no_grad_from, rows, tap
 from torch import nn
 
-import reference as ref
-from dist_helpers import run_probes
 from kdscale.errors import KdscaleError
-from kdscale.methods.relations import penultimate_layer, pkt, rkd_angle, rkd_distance, similarity_preserving
+from kdscale.methods.relations import (
+    penultimate_layer,
+    pkt,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
 from kdscale.models import build_model
-from method_helpers import batch, build_method, has_grad_from, no_grad_from, rows, tap
 
 REL = 1e-4
 
@@ -237,9 +243,9 @@ def test_relations_do_not_train_the_teacher_side():
 # -- a real run ------------------------------------------------------------------------
 @pytest.mark.slow  # a real training run: the full tier
 def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
+    from conftest import base_overrides
     from safetensors.torch import load_file
 
-    from conftest import base_overrides
     from kdscale.train.__main__ import main as train_main
 
     teacher = tmp_path / "teacher.pt"

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from kdscale.models import build_model
 from kdscale.train.loop import Trainer
 
@@ -99,7 +99,11 @@ def test_device_decode_matches_the_cpu_path_and_replaces_bad_images(device, phot
     import random
 
     from kdscale.config.schema import DataSection
-    from kdscale.data.device_decode import DeferredDecoder, decode_on_device, stack_views
+    from kdscale.data.device_decode import (
+        DeferredDecoder,
+        decode_on_device,
+        stack_views,
+    )
     from kdscale.data.transforms import SampleDecoder
 
     section = DataSection(augment="imagenet", image_size=96, jpeg_draft=False)
@@ -136,7 +140,7 @@ def test_compiled_networks_and_teacher_match_eager_on_the_device(device, synth_d
 def test_step_agreement_on_the_device(device):
     """The ranks' finite/stop agreement read one micro-step late (``train.nonfinite=stop``): on a
     GPU through a pinned host copy behind an event; the verdict answers for the step that asked."""
-    from kdscale.runtime.context import DistContext
+    from kdscale.parallel.context import DistContext
     from kdscale.train.agreement import StepAgreement
 
     agreement = StepAgreement(DistContext.from_env(), deferred=True)
@@ -153,9 +157,9 @@ def test_teach_on_the_device_replays_into_a_run(device, synth_data, tmp_path):
     replays them."""
     import io
 
+    from conftest import base_overrides
     from PIL import Image
 
-    from conftest import base_overrides
     from kdscale.data.loader import _samples_of
     from kdscale.data.shards import expand_shards
     from kdscale.data.teacher_outputs import decode_record, replay_crop

@@ -8,7 +8,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # the correctness tests and a benchmark section, end to end

@@ -8,13 +8,13 @@ import json
 import pytest
 
 from kdscale.config import load_config
-from kdscale.dist.deepspeed_config import build_deepspeed_config
 from kdscale.errors import KdscaleError
+from kdscale.engines.deepspeed_config import build_deepspeed_config
 
 
 def test_more_processes_than_gpus_is_refused_in_one_line():
     from kdscale.errors import KdscaleError
-    from kdscale.runtime.context import gpu_for
+    from kdscale.parallel.context import gpu_for
 
     assert gpu_for(3, 8, 8) == 3
     with pytest.raises(KdscaleError, match=r"8 processes on this node but 4 visible GPU\(s\) .*start one process "

@@ -8,14 +8,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 import reference as ref
+import torch
 from dist_helpers import run_probes
+from method_helpers import TeacherOutput, batch, build_method, rows
+
 from kdscale.methods.dist import dist_relations
 from kdscale.methods.dkd import decoupled_kd
 from kdscale.methods.losses import soft_kl, standardize_logits
-from method_helpers import TeacherOutput, batch, build_method, rows
 
 REL = 1e-4  # float32 losses vs float64 references
 

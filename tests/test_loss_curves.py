@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from loss_curves import CASES, GOLDEN, loss_curve
 
 REL = 1e-3

@@ -9,12 +9,12 @@ import json
 import os
 import re
 
-import pytest
-
 import loss_curves
+import pytest
 import test_method_runs
 import test_method_steps
 from conftest import ROOT
+
 from kdscale.analysis.references import REFERENCES
 from kdscale.methods import METHODS
 

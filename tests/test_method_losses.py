@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 import reference as ref
-from kdscale.methods.losses import attention_transfer
+import torch
 from method_helpers import batch, build_method, rows, tap
+
+from kdscale.methods.losses import attention_transfer
 
 REL = 1e-4  # float32 losses vs float64 references; formula errors are orders larger
 

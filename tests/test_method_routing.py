@@ -4,7 +4,6 @@ method notes holds (checked with autograd on each loss term)."""
 from __future__ import annotations
 
 import pytest
-
 from method_helpers import batch, build_method, has_grad_from, no_grad_from
 
 

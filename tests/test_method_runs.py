@@ -11,14 +11,14 @@ import os
 
 import pytest
 import torch
-
 from conftest import ROOT, base_overrides, make_config
+
 from kdscale.config import load_config
 from kdscale.errors import KdscaleError
 from kdscale.models import build_model
+from kdscale.runtime.device import Runtime
 from kdscale.train.__main__ import main as train_main
 from kdscale.train.loop import Trainer
-from kdscale.runtime.device import Runtime
 from kdscale.train.setup import build_distiller
 
 EXPECTED = {

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-
 from method_helpers import batch, build_method, grads, run_forward
 
 # (method, teacher, params, networks that must train, networks that must not)

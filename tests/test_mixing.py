@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from kdscale.config.schema import DataSection
 from kdscale.data.mixing import mix_batch
 from kdscale.train.loop import Trainer

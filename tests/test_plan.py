@@ -20,7 +20,7 @@ def probe_plan(gpus: int):
     PlainNet(16) student distilled by KD from a frozen PlainNet(24), AdamW, fp32."""
     from kdscale.bench.engine_probe import CLASSES, GLOBAL_BATCH, PlainNet
     from kdscale.methods import MethodContext, get_method_class
-    from kdscale.runtime.teachers import FrozenTeacher
+    from kdscale.teachers.frozen import FrozenTeacher
 
     cfg = load_config(None, [f"data.batch_size={GLOBAL_BATCH // gpus}", "optim.name=adamw", "train.precision=fp32",
                              "data.image_size=16", f"data.num_classes={CLASSES}"])
@@ -36,7 +36,9 @@ def probe_plan(gpus: int):
 
 @pytest.fixture(scope="module")
 def zero_probes(tmp_path_factory):
-    from dist_helpers import run_probes  # the same 2-rank gloo launch as the scale-out tests
+    from dist_helpers import (
+        run_probes,  # the same 2-rank gloo launch as the scale-out tests
+    )
 
     folder = tmp_path_factory.mktemp("plan-probes")
     strategies = ("zero1", "zero2", "zero3")

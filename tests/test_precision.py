@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 from torch import nn
 
-from conftest import make_config
 from kdscale.config import load_config
-from kdscale.dist.deepspeed_config import build_deepspeed_config
-from kdscale.runtime.teachers import zero3_teacher_config
+from kdscale.engines.deepspeed_config import build_deepspeed_config
+from kdscale.teachers.frozen import zero3_teacher_config
 from kdscale.train.loop import Trainer
 
 
@@ -29,7 +29,7 @@ def test_deepspeed_configs_carry_the_runs_autocast():
 def test_deepspeed_engine_forward_keeps_bf16_and_fp32_gradient_reduction():
     import deepspeed
 
-    from kdscale.runtime.context import DistContext
+    from kdscale.parallel.context import DistContext
 
     DistContext.from_env().ensure_process_group()
 

@@ -11,8 +11,8 @@ import json
 import os
 
 import pytest
-
 from conftest import base_overrides
+
 from kdscale.data.synth import write_synthetic_shards
 from kdscale.train.__main__ import main as train_main
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+from slurm_cluster import SlurmCluster, slurm_available
+
 from kdscale.analysis.wandb_files import read_runs
 from kdscale.models import build_model
-from slurm_cluster import SlurmCluster, slurm_available
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
 

@@ -10,16 +10,16 @@ import copy
 
 import pytest
 import torch
+from conftest import make_config
+from method_helpers import batch, build_method, run_forward
 from torch import nn
 
-from conftest import make_config
 from kdscale.config import load_config
-from kdscale.dist.engines import make_engine
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps
-from kdscale.runtime.context import DistContext
+from kdscale.parallel.context import DistContext
+from kdscale.engines import make_engine
 from kdscale.train.loop import Trainer
-from method_helpers import batch, build_method, run_forward
 
 CLASSES = 5
 

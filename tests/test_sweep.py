@@ -10,7 +10,6 @@ import statistics
 
 import pytest
 import yaml
-
 from conftest import ROOT, base_overrides, run_cli
 
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")

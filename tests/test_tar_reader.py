@@ -10,7 +10,12 @@ import tarfile
 
 import pytest
 
-from kdscale.data.tar_reader import TruncatedShard, iter_members, iter_samples, tar_layout_problem
+from kdscale.data.tar_reader import (
+    TruncatedShard,
+    iter_members,
+    iter_samples,
+    tar_layout_problem,
+)
 
 LONG_DIR = "a-directory-name-long-enough/" * 4  # 116 characters
 NON_ASCII = ["données/éléphant.jpg", "日本語/画像.cls", "ß" * 70 + ".txt"]  # the last: 141 bytes in UTF-8

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import PYTHON, ROOT, make_config
 from PIL import Image
 
-from conftest import PYTHON, ROOT, make_config
 from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
 from kdscale.data.shards import expand_shards
 from kdscale.data.tar_reader import iter_samples
@@ -141,7 +141,7 @@ class StopAfter:
 
 
 def test_a_stop_mid_shard_keeps_a_partial_the_rerun_continues(small_data, teacher_file, tmp_path):
-    from kdscale.runtime.context import DistContext
+    from kdscale.parallel.context import DistContext
     from kdscale.teach.writer import TeacherOutputWriter
 
     ctx = DistContext(0, 1, 0, torch.device("cpu"))

@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
+from conftest import ROOT, base_overrides, make_config, run_cli
 from PIL import Image
 
-from conftest import ROOT, base_overrides, make_config, run_cli
 from kdscale.data.loader import _samples_of
 from kdscale.data.shards import expand_shards
 from kdscale.data.teacher_outputs import META_FILE, decode_record, replay_crop

@@ -15,16 +15,16 @@ import warnings
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import PYTHON, ROOT, make_config, run_cli
 from safetensors.torch import save_file
 
-from conftest import PYTHON, ROOT, make_config, run_cli
 from kdscale.config import load_config
 from kdscale.errors import KdscaleError
 from kdscale.models import FeatureTaps, build_model
 from kdscale.models.features import residual_stages
 from kdscale.models.preprocessing import network_preprocessing
-from kdscale.runtime.teachers import FrozenTeacher
-from kdscale.runtime.views import teacher_view
+from kdscale.teachers.frozen import FrozenTeacher
+from kdscale.teachers.views import teacher_view
 
 DATA_MEAN, DATA_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TAG = "test_resnet.r160_in1k"

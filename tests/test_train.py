@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from kdscale.models import build_model
 from kdscale.runtime.checkpoint import list_checkpoints
 from kdscale.train.loop import Trainer

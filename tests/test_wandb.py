@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import PYTHON, base_overrides, make_config, run_cli
 from PIL import Image
 
-from conftest import PYTHON, base_overrides, make_config, run_cli
 from kdscale.analysis.wandb_files import read_runs
 from kdscale.cli import main as cli
 from kdscale.train.loop import Trainer

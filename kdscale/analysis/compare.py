@@ -154,8 +154,17 @@ def runs_from_project(project: str) -> list[dict]:  # pragma: no cover - needs a
 def summarise(run: dict, metric: str, best: str | None = None) -> dict:
     """A run's last and best value of ``metric`` (best by the metric's direction), where
     (step, epoch), its last training loss and its throughput (:func:`images_per_s`)."""
-    from kdscale.analysis.runinfo import (best_point, direction, images_per_s, metric_points, networks, run_keys,
-                                          run_label, run_name, steps_per_epoch)
+    from kdscale.analysis.runinfo import (
+        best_point,
+        direction,
+        images_per_s,
+        metric_points,
+        networks,
+        run_keys,
+        run_label,
+        run_name,
+        steps_per_epoch,
+    )
 
     way = direction(metric, best)
     points = metric_points(run, metric)

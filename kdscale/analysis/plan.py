@@ -45,7 +45,6 @@ its weights every micro-batch, AΨ_T·4. Time is volume / link speed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
@@ -55,6 +54,7 @@ from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.errors import KdscaleError
+from kdscale.runtime.device import autocast as run_autocast
 
 GIB = 2**30
 PROBE_BATCHES = (2, 4)
@@ -129,7 +129,7 @@ def optimizer_states_per_parameter(cfg: ExperimentConfig) -> int:
 def zero_settings(cfg: ExperimentConfig, stage: int) -> dict:
     """The ZeRO settings of the DeepSpeed JSON the trainer would read (``distributed.deepspeed_config``
     or accelerate's; its stage ignored), else DeepSpeed's defaults."""
-    from kdscale.dist.deepspeed_config import _config_path, _read_json
+    from kdscale.engines.deepspeed_config import _config_path, _read_json
 
     path = _config_path(cfg)
     given = {k: v for k, v in (_read_json(path) if path else {}).get("zero_optimization", {}).items()
@@ -198,7 +198,7 @@ def saved_bytes(distiller, frozen, cfg: ExperimentConfig, batch: int, side: int,
     else:
         teacher_output = None
     outputs = [teacher_output.logits, *teacher_output.features.values()] if teacher_output is not None else []
-    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    autocast = run_autocast("cpu", autocast_dtype)
     return max(_saved_in_phase(distiller, phase, (images, targets, teacher_output), outputs, autocast)
                for phase in distiller.phases())
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from kdscale.analysis.plan import GIB, PROBE_BATCHES, Plan, optimizer_states_per_parameter, plan_config
+from kdscale.analysis.plan import (
+    GIB,
+    PROBE_BATCHES,
+    Plan,
+    optimizer_states_per_parameter,
+    plan_config,
+)
 from kdscale.config.schema import ExperimentConfig
 
 FOOTNOTE = ("rows: strategy and frozen-teacher placement, * the config's. buffers: DDP's reducer buckets, DeepSpeed's "
@@ -14,7 +20,7 @@ COLUMNS = (("params", 7), ("grads", 6), ("optim", 6), ("master", 6), ("buffers",
 
 
 def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> str:
-    from kdscale.dist.deepspeed_config import _config_path, resolve_strategy
+    from kdscale.engines.deepspeed_config import _config_path, resolve_strategy
 
     sizes, est, data = plan.sizes, plan.activation, cfg.data
     teacher = f"; frozen teacher {cfg.teacher.name}: {sizes.teacher / 1e6:.2f} M parameters" if sizes.teacher else ""

@@ -15,8 +15,15 @@ from __future__ import annotations
 import math
 import os
 
-from kdscale.analysis.runinfo import (X_LABELS, metric_label, metric_points, run_keys, run_label, run_name,
-                                      x_scale)
+from kdscale.analysis.runinfo import (
+    X_LABELS,
+    metric_label,
+    metric_points,
+    run_keys,
+    run_label,
+    run_name,
+    x_scale,
+)
 from kdscale.errors import KdscaleError
 
 FORMATS = (".png", ".pdf", ".svg")

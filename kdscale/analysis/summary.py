@@ -10,8 +10,15 @@ from __future__ import annotations
 import json
 import os
 
-from kdscale.analysis.compare import (METRICS_FILE, fmt, fmt_epoch, jsonl_history, markdown_table, read_run_json,
-                                      summarise)
+from kdscale.analysis.compare import (
+    METRICS_FILE,
+    fmt,
+    fmt_epoch,
+    jsonl_history,
+    markdown_table,
+    read_run_json,
+    summarise,
+)
 from kdscale.errors import KdscaleError
 
 

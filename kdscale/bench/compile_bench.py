@@ -10,8 +10,12 @@ import time
 
 import torch
 
-from kdscale.bench.timing import interleaved_rounds, ratio_over_rounds, throughput_summary
-from kdscale.dist.engines import DDPEngine
+from kdscale.bench.timing import (
+    interleaved_rounds,
+    ratio_over_rounds,
+    throughput_summary,
+)
+from kdscale.engines import DDPEngine
 from kdscale.methods import MethodContext, get_method_class
 from kdscale.runtime.compile import compile_in_place, networks_of
 

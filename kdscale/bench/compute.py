@@ -16,19 +16,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 
-from kdscale.bench.timing import forward_flops, interleaved_rounds, ratio_over_rounds, throughput_summary
+from kdscale.bench.timing import (
+    forward_flops,
+    interleaved_rounds,
+    ratio_over_rounds,
+    throughput_summary,
+)
 from kdscale.config import load_config
-from kdscale.runtime.context import DistContext
-from kdscale.dist.engines import DDPEngine
+from kdscale.engines import DDPEngine
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import build_model
-from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.parallel.context import DistContext
+from kdscale.runtime.device import autocast
+from kdscale.teachers.frozen import FrozenTeacher
 
 T, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 0.05
 
@@ -55,7 +60,7 @@ class Setup:
         self.image_size, self.batch, self.num_classes = image_size, batch, num_classes
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        return autocast(self.device, self.dtype)
 
     def kdscale_step(self, method: str, teacher_source: str):
         cls = get_method_class(method)

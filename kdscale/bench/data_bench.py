@@ -12,7 +12,11 @@ import os
 
 import torch
 
-from kdscale.bench.timing import interleaved_rounds, ratio_over_rounds, throughput_summary
+from kdscale.bench.timing import (
+    interleaved_rounds,
+    ratio_over_rounds,
+    throughput_summary,
+)
 from kdscale.config.schema import DataSection
 from kdscale.data.loader import TrainStream, _samples_of, make_loader
 from kdscale.data.shards import expand_shards

@@ -34,10 +34,10 @@ import yaml
 from torch import nn
 
 from kdscale.config import load_config
-from kdscale.dist.engines import make_engine
+from kdscale.engines import make_engine
 from kdscale.methods import MethodContext, get_method_class
-from kdscale.runtime.context import DistContext
-from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.parallel.context import DistContext
+from kdscale.teachers.frozen import FrozenTeacher
 
 GLOBAL_BATCH, STEPS, CLASSES, SAMPLES = 8, 5, 10, 64
 
@@ -136,10 +136,10 @@ def linear_stack() -> nn.Module:
 
 def run_teacher(ctx: DistContext) -> dict:
     """The frozen teacher under ZeRO-3, handed over whole and built partitioned
-    (:mod:`kdscale.runtime.partitioned`): outputs against the unsharded teacher, parameters
+    (:mod:`kdscale.teachers.partitioned`): outputs against the unsharded teacher, parameters
     held per rank, and the peak held while building each way."""
-    from kdscale.runtime.partitioned import build_partitioned
-    from kdscale.runtime.teachers import zero3_teacher_config
+    from kdscale.teachers.frozen import zero3_teacher_config
+    from kdscale.teachers.partitioned import build_partitioned
 
     torch.manual_seed(1)
     teacher = PlainNet(32)
@@ -150,13 +150,13 @@ def run_teacher(ctx: DistContext) -> dict:
     frozen = FrozenTeacher(teacher, ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
     out = frozen(images)
     state = {k: v.detach().cpu().clone() for k, v in reference.state_dict().items()}
-    built = FrozenTeacher(build_partitioned(lambda: PlainNet(32), state, zero3_teacher_config(4), "probe"),
+    built = FrozenTeacher(build_partitioned(lambda: PlainNet(32), state, zero3_teacher_config(4), "probe", ctx.device),
                           ["layer2"], ctx.device, None, False, sharding="zero3", micro_batch=4)
     built_out = built(images)
     with parameter_peak() as whole_peak:
         linear_stack()
     with parameter_peak() as partitioned_peak:
-        build_partitioned(linear_stack, None, zero3_teacher_config(4), "probe")
+        build_partitioned(linear_stack, None, zero3_teacher_config(4), "probe", ctx.device)
     total = sum(p.numel() for p in reference.parameters())
     return {"max_abs_diff": (out.logits - expected).abs().max().item(),
             "local_parameters": frozen.local_parameter_count(),

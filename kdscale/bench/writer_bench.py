@@ -20,7 +20,11 @@ import shutil
 
 import torch
 
-from kdscale.bench.timing import interleaved_rounds, ratio_over_rounds, throughput_summary
+from kdscale.bench.timing import (
+    interleaved_rounds,
+    ratio_over_rounds,
+    throughput_summary,
+)
 
 
 def bench_writer(data_dir: str, out: str, *, teacher: str, image_size: int, batch: int, num_classes: int,
@@ -28,7 +32,7 @@ def bench_writer(data_dir: str, out: str, *, teacher: str, image_size: int, batc
                  warmup: int = 1) -> dict:
     from kdscale.config import load_config
     from kdscale.data.shards import expand_shards
-    from kdscale.runtime.context import DistContext
+    from kdscale.parallel.context import DistContext
     from kdscale.teach.writer import TeacherOutputWriter
 
     names = [os.path.basename(p) for p in expand_shards(os.path.join(data_dir, "train-*.tar"), "bench data")][:shards]

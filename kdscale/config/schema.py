@@ -51,7 +51,7 @@ class TeacherSpec(ModelSpec):
     top_k: int = ranged(10, "probabilities stored per crop", ge=1)
     """Probabilities stored per crop by ``kdscale.teach``."""
     mean: Optional[list[float]] = None
-    """A frozen teacher's per-channel mean (its view: :mod:`kdscale.runtime.views`); default:
+    """A frozen teacher's per-channel mean (its view: :mod:`kdscale.teachers.views`); default:
     its pretrained weights' (timm ``pretrained_cfg``, torchvision transforms), else ``data.mean``."""
     std: Optional[list[float]] = field(default=None, metadata={"gt": 0, "what": "the teacher's per-channel std"})
     """A frozen teacher's per-channel std; default as for ``mean``."""

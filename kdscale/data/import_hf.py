@@ -29,7 +29,12 @@ import os
 import re
 from dataclasses import dataclass
 
-from kdscale.data.folder_shards import Item, align_classes, existing_classes, write_folder_shards
+from kdscale.data.folder_shards import (
+    Item,
+    align_classes,
+    existing_classes,
+    write_folder_shards,
+)
 from kdscale.errors import KdscaleError
 
 GENERATOR = "kdscale from-hf"

@@ -20,7 +20,12 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from kdscale.data.folder_shards import Item, align_classes, existing_classes, write_folder_shards
+from kdscale.data.folder_shards import (
+    Item,
+    align_classes,
+    existing_classes,
+    write_folder_shards,
+)
 from kdscale.errors import KdscaleError
 
 DATASETS = ("CIFAR10", "CIFAR100", "SVHN", "MNIST", "FashionMNIST", "STL10")

@@ -28,13 +28,13 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdscale.lifecycle.helpers import start_multiprocessing_helpers
-from kdscale.lifecycle.stop import STOP_SIGNALS
 from kdscale.config.schema import DataSection
 from kdscale.data.bad_samples import DECODE_ERRORS, BadSample, BadSampleLog
 from kdscale.data.device_decode import DeferredDecoder, EncodedBatch, stack_views
 from kdscale.data.transforms import SampleDecoder
 from kdscale.errors import KdscaleError
+from kdscale.lifecycle.helpers import start_multiprocessing_helpers
+from kdscale.lifecycle.stop import STOP_SIGNALS
 from kdscale.log import setup_logging
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -78,7 +78,7 @@ def shard_labels(path: str) -> list[int]:
 def scan_labels(shards: list[str], offsets: dict[str, int], total: int, ctx=None,
                 on_shard: Callable[[], None] | None = None) -> torch.Tensor:
     """The label of every sample index (int64, -1 where unknown). Under a process group
-    (``ctx``, a :class:`~kdscale.runtime.context.DistContext`) each rank reads
+    (``ctx``, a :class:`~kdscale.parallel.context.DistContext`) each rank reads
     ``shards[rank::world_size]`` and one all-reduce (max) on its device gives every rank the
     whole table. ``on_shard`` is called after each shard (the stall watchdog's progress); rank
     0 shows a progress bar."""

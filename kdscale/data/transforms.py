@@ -93,7 +93,11 @@ class SampleDecoder:
 
     def replay(self, jpeg: bytes, record: dict, rng: random.Random, num_classes: int):
         """A stored teacher crop (one of R, chosen by ``rng``) and its soft label."""
-        from kdscale.data.teacher_outputs import decode_record, dense_soft_label, replay_crop
+        from kdscale.data.teacher_outputs import (
+            decode_record,
+            dense_soft_label,
+            replay_crop,
+        )
 
         arrays = decode_record(record)
         r = rng.randrange(len(arrays["crops"]))

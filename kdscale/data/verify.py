@@ -21,7 +21,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from kdscale.data.loader import DECODE_ERRORS, BadSample, parse_sample
-from kdscale.data.shards import INDEX_FILE, file_sha256, index_records, read_index, rewrite_hint
+from kdscale.data.shards import (
+    INDEX_FILE,
+    file_sha256,
+    index_records,
+    read_index,
+    rewrite_hint,
+)
 from kdscale.progress import progress_bar
 
 

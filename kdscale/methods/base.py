@@ -3,7 +3,7 @@
 Adapted in spirit from mdistiller's ``Distiller``: a method is an ``nn.Module`` that owns
 its *trainable* networks as children (the student, and e.g. a scratch teacher or a
 bridge module) and computes named loss terms. Frozen teachers live outside it (see
-:mod:`kdscale.runtime.teachers`), so no optimizer, DDP bucket or ZeRO partition ever holds
+:mod:`kdscale.teachers.frozen`), so no optimizer, DDP bucket or ZeRO partition ever holds
 their parameters; the method only receives their outputs.
 
 A method author writes (copy ``kd.py``):

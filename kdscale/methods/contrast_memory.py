@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from kdscale.errors import KdscaleError
 from kdscale.log import log
+from kdscale.parallel.collectives import gather_rows, world
 
 EPS = 1e-7  # RepDistiller crd/criterion.py
 _MASK64 = (1 << 64) - 1
@@ -113,35 +114,6 @@ class ContrastSampler:
         return order[class_start[classes] + u]
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each rank the summed gradient of its rows."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        parts = [torch.empty_like(rows) for _ in range(world)]
-        dist.all_gather(parts, rows.contiguous())
-        ctx.start, ctx.size = rank * len(rows), len(rows)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()  # reduced in place: never the autograd engine's own buffer
-        dist.all_reduce(grad)
-        return grad[ctx.start:ctx.start + ctx.size]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``rows`` concatenated in rank order (gradients flow back to their rank)."""
-    return _GatherRows.apply(rows) if _world()[1] > 1 else rows
-
-
 SAMPLES_PER_DRAW = 64
 """Samples whose contrast indices are drawn at a time (64 x 16384 indices)."""
 PAIRS_PER_CHUNK = 1 << 15
@@ -203,7 +175,7 @@ class ContrastMemory:
                  rank_and_world: tuple[int, int] | None = None):
         """``rank_and_world``: the shard to hold (default: this process's rank in its group)."""
         self.size, self.dim = dataset_size, dim
-        self.rank, self.world = rank_and_world or _world()
+        self.rank, self.world = rank_and_world or world()
         self.rows = len(range(self.rank, dataset_size, self.world))
         self.student, self.teacher = self._initial_rows(seed, device)
         self.z_student = self.z_teacher = -1.0

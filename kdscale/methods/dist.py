@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from kdscale.methods.base import Distiller, register_method
 from kdscale.methods.losses import cross_entropy
+from kdscale.parallel.collectives import gather_rows
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -50,32 +50,6 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.T
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows in rank order; backward sums the gathered gradient over ranks (each rank's
-    loss reads every row) and hands each rank its own rows. With DDP's gradient averaging this
-    gives the gradient of the term on the global batch."""
-
-    @staticmethod
-    def forward(ctx, rows):
-        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, rows.contiguous())
-        ctx.rank, ctx.count = dist.get_rank(), rows.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.count:(ctx.rank + 1) * ctx.count]
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` of every data-parallel rank (itself when there is one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    return _GatherRows.apply(rows)
 
 
 def dist_relations(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float,

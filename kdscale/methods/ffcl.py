@@ -62,7 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdscale.methods.base import Distiller, Phase, register_method
-from kdscale.methods.losses import attention_transfer, cross_entropy, soft_kl, soft_kl_to_probs
+from kdscale.methods.losses import (
+    attention_transfer,
+    cross_entropy,
+    soft_kl,
+    soft_kl_to_probs,
+)
 from kdscale.models.features import FeatureTaps, feature_shapes, residual_stages
 from kdscale.models.sharing import share_trunk
 

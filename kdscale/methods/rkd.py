@@ -34,7 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import FeatureDistiller, penultimate_layer, rkd_angle, rkd_distance
+from kdscale.methods.relations import (
+    FeatureDistiller,
+    penultimate_layer,
+    rkd_angle,
+    rkd_distance,
+)
 
 
 @register_method

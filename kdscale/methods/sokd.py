@@ -64,7 +64,7 @@ def build_bridge(teacher: nn.Module, input_layer: str, layers: list[str], num_cl
     modules = check_layer_paths(teacher, layers, where="method.bridge_layers (teacher)")
     body = nn.Sequential(*(copy.deepcopy(modules[name]) for name in layers))
     if any(t.is_meta for t in itertools.chain(body.parameters(), body.buffers())):
-        body = _materialize(body)  # a ZeRO-3 teacher's shape twin (kdscale.runtime.partitioned)
+        body = _materialize(body)  # a ZeRO-3 teacher's shape twin (kdscale.teachers.partitioned)
     for module in body.modules():
         module._forward_hooks.clear()
         if hasattr(module, "reset_parameters"):

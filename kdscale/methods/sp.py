@@ -23,7 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import FeatureDistiller, last_stage, similarity_preserving
+from kdscale.methods.relations import (
+    FeatureDistiller,
+    last_stage,
+    similarity_preserving,
+)
 
 
 @register_method

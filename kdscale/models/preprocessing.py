@@ -9,7 +9,7 @@ A network pretrained elsewhere comes with the preprocessing it was trained with:
 Choices: the train-time ``input_size`` is used, not timm's ``test_input_size`` (the size a
 model was trained at is the one its features are calibrated for); ``crop_pct`` and the
 interpolation are not applied, because the teacher is shown the student's crop resized,
-so both see the same content (see :mod:`kdscale.runtime.views`). Weights read from a
+so both see the same content (see :mod:`kdscale.teachers.views`). Weights read from a
 file carry no metadata: such a network gets the data section's preprocessing unless
 ``teacher.mean`` / ``teacher.std`` / ``teacher.input_size`` say otherwise.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -61,6 +62,14 @@ def auto_uses_bf16(precision: str, on_gpu: bool, native_bf16: bool, device=None)
     return native_bf16
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """The run's autocast context on ``device`` (``dtype`` None: none, fp32): the one place it is
+    built, for the trainer, the frozen teachers, evaluation, the benchmark and the planner."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @dataclasses.dataclass
 class Runtime:
     """Device-dependent choices, resolved once."""
@@ -68,6 +77,10 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
     channels_last: bool
+
+    def autocast(self):
+        """The run's autocast context (see :func:`autocast`)."""
+        return autocast(self.device, self.autocast_dtype)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, device: torch.device) -> "Runtime":

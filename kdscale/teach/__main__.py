@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from kdscale.errors import exit_on_user_error
 from kdscale.config.arguments import experiment_parser
+from kdscale.errors import exit_on_user_error
 from kdscale.log import setup_logging
 
 

@@ -31,17 +31,23 @@ import torch
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.shards import expand_shards, samples_from_index
-from kdscale.data.teacher_outputs import FIELD, META_FILE, check_same_settings, companion_path, encode_record
+from kdscale.data.teacher_outputs import (
+    FIELD,
+    META_FILE,
+    check_same_settings,
+    companion_path,
+    encode_record,
+)
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import EVERY_RANK, log
 from kdscale.models import build_model
+from kdscale.parallel.context import DistContext
 from kdscale.progress import progress_bar
-from kdscale.runtime.context import DistContext
 from kdscale.runtime.device import Runtime
-from kdscale.runtime.teachers import FrozenTeacher
-from kdscale.runtime.views import teacher_view
 from kdscale.teach.crops import CropChunk, CropStream
+from kdscale.teachers.frozen import FrozenTeacher
+from kdscale.teachers.views import teacher_view
 
 PARTIAL, TMP = ".partial", ".tmp"
 MEMBER_MTIME = 0  # fixed, so that a resumed companion is byte-identical to an uninterrupted one

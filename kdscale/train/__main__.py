@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     with exit_on_user_error():
         from kdscale.config import load_config
-        from kdscale.runtime.context import shutdown_process_group
         from kdscale.lifecycle.run_lock import RunLock
         from kdscale.lifecycle.watchdog import Watchdog
+        from kdscale.parallel.context import shutdown_process_group
 
         cfg = load_config(args.config, args.overrides)
         # Rank 0 takes the run directory before the heavy imports: a second job is refused at once.

@@ -3,13 +3,12 @@ plus student-teacher top-1 agreement, over an exact pass reduced across ranks.""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from kdscale.data.loader import Batch
 from kdscale.methods import Distiller
-from kdscale.runtime.teachers import FrozenTeacher
+from kdscale.runtime.device import autocast as run_autocast
+from kdscale.teachers.frozen import FrozenTeacher
 
 
 def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,8 +35,7 @@ def evaluate(distiller: Distiller, teacher: FrozenTeacher | None, loader, ctx, a
     """Scores every network of ``distiller.evaluation_logits`` (in eval mode) and the teacher.
     ``lockstep``: some parameters are ZeRO-3 partitioned, so ranks advance together."""
     device = ctx.device
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = run_autocast(device, autocast_dtype)
     was_training = distiller.training
     distiller.eval()
     try:

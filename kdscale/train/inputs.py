@@ -4,7 +4,6 @@ before any network sees it."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -61,9 +60,7 @@ class InputsMixin:
         return images, targets, probs, indices
 
     def _autocast(self):
-        if self.runtime.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.runtime.device.type, dtype=self.runtime.autocast_dtype)
+        return self.runtime.autocast()
 
     def _decoded_on_device(self, batch):
         """The batch with its images decoded on the device; an image the device cannot decode

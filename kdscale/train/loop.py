@@ -18,17 +18,17 @@ import torch
 
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
-from kdscale.dist.deepspeed_config import resolve_strategy
-from kdscale.dist.engines import make_engine
+from kdscale.engines import make_engine
+from kdscale.engines.deepspeed_config import resolve_strategy
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.fault_injection import InjectedFailure
 from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
 from kdscale.lifecycle.stop import StopSignals, cause_name
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log, setup_logging
+from kdscale.parallel.context import DistContext
 from kdscale.progress import ProgressBar
 from kdscale.runtime import checkpoint as ckpt
-from kdscale.runtime.context import DistContext
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.optim import lr_at
 from kdscale.runtime.tracking import Tracker

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from kdscale.dist.engines import engine_class
+from kdscale.engines import engine_class
 from kdscale.errors import KdscaleError
 from kdscale.log import log
 from kdscale.runtime import checkpoint as ckpt

@@ -27,8 +27,8 @@ from kdscale.runtime.compile import (
     networks_of,
 )
 from kdscale.runtime.device import Runtime
-from kdscale.runtime.partitioned import build_partitioned, host_weights, shape_twin
-from kdscale.runtime.teachers import FrozenTeacher, zero3_teacher_config
+from kdscale.teachers.frozen import FrozenTeacher, zero3_teacher_config
+from kdscale.teachers.partitioned import build_partitioned, host_weights, shape_twin
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
                     train_labels: torch.Tensor | None = None) -> tuple[Distiller, FrozenTeacher | None]:
     """The method with its trained networks on the device, and the frozen teacher (None when
     the method has none or it is replayed from shards). A ZeRO-3-sharded frozen teacher is
-    built partitioned (:mod:`kdscale.runtime.partitioned`); the method then sees its shape twin."""
+    built partitioned (:mod:`kdscale.teachers.partitioned`); the method then sees its shape twin."""
     method_cls = get_method_class(cfg.method.name)
     num_classes = cfg.data.num_classes
     student = _build(cfg.student, num_classes, "student")
@@ -205,7 +205,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
             teacher_model = build_partitioned(
                 lambda: build_model(cfg.teacher.name, teacher_classes, where="teacher"), teacher_weights,
                 zero3_teacher_config(cfg.data.batch_size, runtime.autocast_dtype),
-                where=f"teacher.weights={cfg.teacher.weights}")
+                where=f"teacher.weights={cfg.teacher.weights}", device=runtime.device)
         frozen = FrozenTeacher(teacher_model, list(needs.features), runtime.device,
                                runtime.autocast_dtype, runtime.channels_last,
                                sharding=cfg.distributed.teacher_sharding, micro_batch=cfg.data.batch_size,

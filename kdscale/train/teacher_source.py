@@ -12,7 +12,7 @@ gathers its parameters in each forward).
 
 :func:`teacher_source` also gives an online frozen teacher its own view of the batch
 (``teacher.mean`` / ``std`` / ``input_size``, else its pretrained weights' metadata, else
-the data section's; :mod:`kdscale.runtime.views`); the trainer's validation calls the same
+the data section's; :mod:`kdscale.teachers.views`); the trainer's validation calls the same
 :class:`FrozenTeacher`, so training and evaluation agree.
 """
 
@@ -26,8 +26,8 @@ from kdscale.config.schema import ExperimentConfig
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log
 from kdscale.methods import TeacherOutput
-from kdscale.runtime.teachers import FrozenTeacher
-from kdscale.runtime.views import teacher_view
+from kdscale.teachers.frozen import FrozenTeacher
+from kdscale.teachers.views import teacher_view
 
 
 class NoTeacher:

@@ -7,21 +7,21 @@ statistics therefore never change. Features the method asks for are tapped with 
 hooks on module paths.
 
 Each call first maps the batch to the teacher's own view (``view``: its mean, std and input
-size; :mod:`kdscale.runtime.views`), so training, evaluation and ``kdscale.teach`` show it
+size; :mod:`kdscale.teachers.views`), so training, evaluation and ``kdscale.teach`` show it
 the same pixels. The default, the identity, passes the batch through untouched.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
 
 from kdscale.methods.base import TeacherOutput
 from kdscale.models.features import FeatureTaps
-from kdscale.runtime.partitioned import is_partitioned
-from kdscale.runtime.views import TeacherView
+from kdscale.parallel.context import init_deepspeed_comm
+from kdscale.runtime.device import autocast
+from kdscale.teachers.partitioned import is_partitioned
+from kdscale.teachers.views import TeacherView
 
 
 def zero3_teacher_config(micro_batch: int, autocast_dtype: torch.dtype | None = None) -> dict:
@@ -41,7 +41,7 @@ class FrozenTeacher:
     engine without optimizer (after DeepSpeed-Chat's frozen reference model); each forward
     gathers them, so every rank must make the same calls (``lockstep``). ``model`` may come
     whole (DeepSpeed partitions it) or already partitioned
-    (:func:`kdscale.runtime.partitioned.build_partitioned`, what training does).
+    (:func:`kdscale.teachers.partitioned.build_partitioned`, what training does).
     ``view``: maps the loader's batch to the teacher's input (None: the batch as it is).
     """
 
@@ -50,7 +50,7 @@ class FrozenTeacher:
                  micro_batch: int = 1, compile: bool = False, view: TeacherView | None = None):
         self.view = view
         self.model = model.eval().requires_grad_(False)
-        if is_partitioned(model):  # built under zero.Init (runtime.partitioned): its partitions are placed
+        if is_partitioned(model):  # built under zero.Init (teachers.partitioned): its partitions are placed
             for module in model.modules():
                 for name, buffer in module.named_buffers(recurse=False):
                     setattr(module, name, buffer.to(device))
@@ -66,7 +66,7 @@ class FrozenTeacher:
         if self.lockstep:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            init_deepspeed_comm(device)
             self.engine, *_ = deepspeed.initialize(model=self.model, config=zero3_teacher_config(micro_batch, autocast_dtype))
             self.engine.eval()
 
@@ -74,9 +74,7 @@ class FrozenTeacher:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
         # ZeRO-3 swaps parameter storage in its hooks, which inference mode forbids.

@@ -28,7 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdscale.models.preprocessing import Preprocessing, data_preprocessing, network_preprocessing
+from kdscale.models.preprocessing import (
+    Preprocessing,
+    data_preprocessing,
+    network_preprocessing,
+)
 
 
 class TeacherView:

@@ -28,6 +28,7 @@ from torch import nn
 from kdscale.models import build_model
 from kdscale.models.registry import HUB_PREFIXES
 from kdscale.models.weights import check_shapes_match, read_state_dict
+from kdscale.parallel.context import init_deepspeed_comm
 
 
 def shape_twin(build: Callable[[], nn.Module]) -> nn.Module:
@@ -46,12 +47,13 @@ def host_weights(name: str, num_classes: int, weights: str | None, where: str) -
 
 
 def build_partitioned(build: Callable[[], nn.Module], state: dict[str, torch.Tensor] | None, ds_config: dict,
-                      where: str) -> nn.Module:
+                      where: str, device: torch.device) -> nn.Module:
     """``build()`` under ``deepspeed.zero.Init(ds_config)``, then ``state`` loaded into it one
     submodule at a time. Every rank of the process group must call it (collectives)."""
     import deepspeed
     import torch.distributed as dist
 
+    init_deepspeed_comm(device)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build()
     if state is None:

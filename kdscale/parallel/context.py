@@ -107,3 +107,12 @@ def shutdown_process_group() -> None:
     that exits with its group alive can abort in the group's destructor)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def init_deepspeed_comm(device: torch.device) -> None:
+    """DeepSpeed's communication layer over the process group kdscale set up (NCCL on GPUs,
+    gloo on CPUs): the one place it is started, before any DeepSpeed engine or ``zero.Init``.
+    Calling it again does nothing."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
