@@ -13,6 +13,7 @@ cause too (:data:`CAUSES`): a rank that got no signal itself exits with its peer
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -126,3 +127,12 @@ class StopSignals:
             hint = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
             print(f"kdscale (rank {self.rank}): {signal.Signals(signum).name} received: stopping at the next step "
                   f"with a checkpoint{hint}", file=sys.stderr, flush=True)
+
+
+PREEMPT_FILE_ENV = "KDSCALE_PREEMPT_FILE"
+
+
+def preempt_file_path(configured: str | None) -> str | None:
+    """The preemption file a job watches: ``train.preempt_file``, else ``$KDSCALE_PREEMPT_FILE``
+    (set by ``slurm/launch.sh``), else none. Training and ``kdscale.teach`` both read it here."""
+    return configured or os.environ.get(PREEMPT_FILE_ENV) or None

@@ -39,6 +39,7 @@ from kdscale.data.teacher_outputs import (
     encode_record,
 )
 from kdscale.errors import KdscaleError
+from kdscale.lifecycle.stop import preempt_file_path
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import EVERY_RANK, log
 from kdscale.models import build_model
@@ -110,7 +111,7 @@ class TeacherOutputWriter:
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
         self.signals = signals
-        self.preempt_file = cfg.train.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
+        self.preempt_file = preempt_file_path(cfg.train.preempt_file)
         self.runtime = Runtime.from_config(cfg, ctx.device)
         model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher")
         self.view = teacher_view(cfg.data, spec)  # the teacher's own mean/std/size, as in training

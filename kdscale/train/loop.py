@@ -23,7 +23,7 @@ from kdscale.engines.deepspeed_config import resolve_strategy
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.fault_injection import InjectedFailure
 from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
-from kdscale.lifecycle.stop import StopSignals, cause_name
+from kdscale.lifecycle.stop import StopSignals, cause_name, preempt_file_path
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log, setup_logging
 from kdscale.parallel.context import DistContext
@@ -93,7 +93,7 @@ class Trainer(InputsMixin, SavingMixin):
         self.teacher_best: float | None = None
         self.throughput: float | None = None
         self.failure: str | None = None
-        self.preempt_file = cfg.train.preempt_file or os.environ.get("KDSCALE_PREEMPT_FILE")
+        self.preempt_file = preempt_file_path(cfg.train.preempt_file)
         self.preempt_seen = self.stop_agreed = self.preempted = self.stopped_early = False
         self.nonfinite_skipped = self.nonfinite_in_a_row = 0
         self.injected_failure = InjectedFailure()
