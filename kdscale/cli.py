@@ -24,7 +24,8 @@ def cmd_shards_synth(args) -> None:
 
 
 def cmd_shards_from_folder(args) -> None:
-    from kdscale.data.folder_shards import collect_items, write_folder_shards
+    from kdscale.data.folder_shards import collect_items
+    from kdscale.data.shard_writer import write_folder_shards
 
     items, classes = collect_items(args.src, args.file_list, args.labels, args.out)
     index = write_folder_shards(items, classes, args.out, args.split, max_count=args.max_count,

@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from kdscale.data.folder_shards import (
+from kdscale.data.shard_writer import (
     Item,
     align_classes,
     existing_classes,

@@ -64,7 +64,9 @@ from kdscale.errors import KdscaleError
 from kdscale.log import log
 from kdscale.methods.base import register_method
 from kdscale.methods.contrast_memory import ContrastMemory, ContrastSampler
-from kdscale.methods.relations import FeatureDistiller, flat, penultimate_layer
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import penultimate_layer
+from kdscale.methods.relations import flat
 
 
 class Embedding(nn.Module):

@@ -45,7 +45,8 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import FeatureDistiller, FeaturePairs, second_stage
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import FeaturePairs, second_stage
 
 
 class ConvRegressor(nn.Module):

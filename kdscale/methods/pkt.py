@@ -25,7 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import FeatureDistiller, penultimate_layer, pkt
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import penultimate_layer
+from kdscale.methods.relations import pkt
 
 
 @register_method

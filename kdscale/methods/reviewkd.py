@@ -84,7 +84,8 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import FeatureDistiller, last_stage, penultimate_layer
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import last_stage, penultimate_layer
 from kdscale.models.cifar import CifarResNet, WideResNet
 from kdscale.models.features import residual_stages
 

@@ -34,12 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import (
-    FeatureDistiller,
-    penultimate_layer,
-    rkd_angle,
-    rkd_distance,
-)
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import penultimate_layer
+from kdscale.methods.relations import rkd_angle, rkd_distance
 
 
 @register_method

@@ -23,11 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdscale.methods.base import register_method
-from kdscale.methods.relations import (
-    FeatureDistiller,
-    last_stage,
-    similarity_preserving,
-)
+from kdscale.methods.feature_distiller import FeatureDistiller
+from kdscale.methods.layer_pairs import last_stage
+from kdscale.methods.relations import similarity_preserving
 
 
 @register_method
