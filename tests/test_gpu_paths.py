@@ -8,8 +8,8 @@ import json
 import pytest
 
 from kdscale.config import load_config
-from kdscale.errors import KdscaleError
 from kdscale.engines.deepspeed_config import build_deepspeed_config
+from kdscale.errors import KdscaleError
 
 
 def test_more_processes_than_gpus_is_refused_in_one_line():

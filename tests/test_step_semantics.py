@@ -15,10 +15,10 @@ from method_helpers import batch, build_method, run_forward
 from torch import nn
 
 from kdscale.config import load_config
+from kdscale.engines import make_engine
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps
 from kdscale.parallel.context import DistContext
-from kdscale.engines import make_engine
 from kdscale.train.loop import Trainer
 
 CLASSES = 5

@@ -13,9 +13,9 @@ from conftest import ROOT, base_overrides, make_config, run_cli
 from dist_helpers import ACCELERATE, run_probes
 
 from kdscale.config import load_config
+from kdscale.engines.deepspeed_config import build_deepspeed_config
 from kdscale.errors import KdscaleError
 from kdscale.models import build_model
-from kdscale.engines.deepspeed_config import build_deepspeed_config
 from kdscale.train.loop import Trainer
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only

@@ -2,7 +2,7 @@
 Representation Distillation", ICLR 2020 (code: github HobbitLong/RepDistiller).
 
 Two trained heads embed the penultimate features (the input of the last linear layer; see
-:mod:`kdscale.methods.relations`): ``v_S = l2(W_S f_S + b_S)``, ``v_T = l2(W_T sg(f_T) + b_T)``
+:mod:`kdscale.methods.layer_pairs`): ``v_S = l2(W_S f_S + b_S)``, ``v_T = l2(W_T sg(f_T) + b_T)``
 (``l2``: divide by the L2 norm; 128 dimensions). Two memory banks hold one embedding per
 training sample, ``M_S`` (the student's) and ``M_T`` (the teacher's). For a sample with
 dataset index ``i`` and ``K`` negatives ``j_1..j_K``, with ``P(v, m) = exp(<v, m> / tau) / Z``

@@ -3,7 +3,7 @@ Representations with Probabilistic Knowledge Transfer", ECCV 2018 (code: github
 passalis/probabilistic_kt).
 
 On the penultimate features (the input of the last linear layer; see
-:mod:`kdscale.methods.relations`) of the batch, each row of the cosine kernel
+:mod:`kdscale.methods.layer_pairs`) of the batch, each row of the cosine kernel
 ``K(i,j) = (cos(e_i, e_j) + 1) / 2`` is normalised to a conditional distribution
 ``p(j|i) = K(i,j) / sum_k K(i,k)``::
 

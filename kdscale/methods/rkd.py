@@ -2,7 +2,7 @@
 CVPR 2019 (code: github lenscloth/RKD).
 
 On the penultimate features ``e`` (the input of the last linear layer; see
-:mod:`kdscale.methods.relations` for how they are tapped) of the batch::
+:mod:`kdscale.methods.layer_pairs` for how they are tapped) of the batch::
 
     ce       = ce_weight * CE(z_S, y)
     distance = distance_weight * mean_{i,j} huber(d_S(i,j) / mu_S, sg(d_T(i,j) / mu_T))
