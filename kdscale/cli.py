@@ -1,4 +1,6 @@
-"""The ``kdscale`` command: ``train``, ``shards synth``, ``methods``, ``plan``, ``summary``."""
+"""The ``kdscale`` command and its subcommands: ``train`` (as ``python -m kdscale.train``),
+``shards`` (``synth``, ``from-folder``, ``from-torchvision``, ``from-hf``, ``verify``),
+``methods``, ``sweep``, ``bench``, ``compare``, ``plan`` and ``summary``."""
 
 from __future__ import annotations
 

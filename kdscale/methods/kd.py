@@ -2,10 +2,14 @@
 
 ``L = ce_weight * CE(z_S, y) + kd_weight * T^2 * KL(p_T^T || p_S^T)``
 
-The frozen teacher's logits come from outside (online teacher or, later, stored
-teacher outputs); they carry no gradient. Defaults are the RepDistiller CIFAR-100
-protocol (T=4, ce_weight=0.1, kd_weight=0.9). The ``T^2`` factor is on by default as in
-the paper; ``t_squared: false`` turns it off for comparisons with code that omits it.
+The frozen teacher's logits come from outside and carry no gradient: the teacher run
+online on the same batch, or its stored top-k probabilities replayed from teacher-output
+shards (``teacher.source: shards``, written by ``kdscale.teach``; the method gets their log
+as logits).
+
+Defaults are the RepDistiller CIFAR-100 protocol (T=4, ce_weight=0.1, kd_weight=0.9). The
+``T^2`` factor is on by default as in the paper; ``t_squared: false`` turns it off for
+comparisons with code that omits it.
 
 ``logit_standardization: true`` (Sun et al., CVPR 2024, "Logit Standardization in Knowledge
 Distillation") z-scores both logits per sample before the temperature, which is then a base
