@@ -118,7 +118,7 @@ def companions(outputs: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("batch", [7, 32])
 def test_batched_writer_equals_the_per_image_writer(small_data, teacher_file, tmp_path, batch):
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     outputs = str(tmp_path / "out")
     summary = teach(teach_config(small_data, outputs, teacher_file, f"data.batch_size={batch}"))
@@ -129,7 +129,8 @@ def test_batched_writer_equals_the_per_image_writer(small_data, teacher_file, tm
 
 
 class StopAfter:
-    """A stand-in for :class:`StopSignals` that reports SIGUSR1 from its ``n``-th look on."""
+    """A stand-in for :class:`StopSignals` (inside the job's :class:`JobStop`) that reports SIGUSR1
+    from its ``n``-th look on."""
 
     def __init__(self, n: int):
         self.n, self.looks = n, 0
@@ -141,6 +142,7 @@ class StopAfter:
 
 
 def test_a_stop_mid_shard_keeps_a_partial_the_rerun_continues(small_data, teacher_file, tmp_path):
+    from kdscale.lifecycle.job import JobStop
     from kdscale.parallel.context import DistContext
     from kdscale.teach.writer import TeacherOutputWriter
 
@@ -150,12 +152,12 @@ def test_a_stop_mid_shard_keeps_a_partial_the_rerun_continues(small_data, teache
     cfg = teach_config(small_data, resumed, teacher_file, "data.batch_size=12")  # 4 images per chunk
     # Looks: one before the loader, then one per chunk (4, and an end marker, per shard of 16);
     # the chunk in flight is written before stopping.
-    first = TeacherOutputWriter(cfg, ctx, signals=StopAfter(8)).run()
+    first = TeacherOutputWriter(cfg, ctx, stop=JobStop(StopAfter(8), None)).run()
     assert first["ranks_stopped"] == 1 and first["shards_written"] == 1 and first["shards_partial"] == 1
     assert sorted(os.listdir(resumed)) == ["teacher_outputs.json", "train-000000.tar", "train-000001.tar.partial"]
     partial = list(iter_samples(os.path.join(resumed, "train-000001.tar.partial")))
     assert len(partial) == 8  # whole chunks only
-    second = TeacherOutputWriter(cfg, ctx, signals=StopAfter(3)).run()  # stops again, inside the same shard
+    second = TeacherOutputWriter(cfg, ctx, stop=JobStop(StopAfter(3), None)).run()  # stops again, inside the same shard
     assert second["shards_written"] == 0 and second["shards_partial"] == 1 and second["samples_written"] == 8
     assert len(list(iter_samples(os.path.join(resumed, "train-000001.tar.partial")))) == 16
     third = TeacherOutputWriter(cfg, ctx).run()
@@ -165,7 +167,7 @@ def test_a_stop_mid_shard_keeps_a_partial_the_rerun_continues(small_data, teache
 
 
 def test_the_preemption_file_stops_before_any_work(small_data, teacher_file, tmp_path):
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     flag = tmp_path / "preempt"
     flag.touch()
@@ -177,7 +179,7 @@ def test_outputs_written_with_other_settings_are_refused(small_data, teacher_fil
     """A rerun reuses finished companions, so one with another crops_per_image (or top_k, seed,
     teacher...) must not add to them: one line names what differs, before any work."""
     from kdscale.errors import KdscaleError
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     outputs = str(tmp_path / "out")
     flag = tmp_path / "preempt"
@@ -195,7 +197,7 @@ def test_a_second_job_on_the_same_outputs_is_refused(small_data, teacher_file, t
     second is refused at once, naming the first (the lock is the kernel's, as for runs)."""
     from kdscale.errors import KdscaleError
     from kdscale.lifecycle.run_lock import RunLock
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     outputs = str(tmp_path / "out")
     first = RunLock(outputs).acquire(what="kdscale.teach job")  # the other job, holding the directory
@@ -209,7 +211,7 @@ def test_a_second_job_on_the_same_outputs_is_refused(small_data, teacher_file, t
 
 @pytest.mark.slow
 def test_loader_workers_write_what_the_per_image_writer_wrote(small_data, teacher_file, tmp_path):
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     outputs = str(tmp_path / "out")
     summary = teach(teach_config(small_data, outputs, teacher_file, "data.num_workers=2", "data.batch_size=10"))

@@ -242,7 +242,7 @@ def test_teacher_output_shards_record_and_use_the_teachers_preprocessing(tmp_pat
     from kdscale.data.synth import write_synthetic_shards
     from kdscale.data.tar_reader import iter_samples
     from kdscale.data.teacher_outputs import META_FILE, decode_record
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     data = str(tmp_path / "data")
     write_synthetic_shards(data, num_classes=10, train_samples=16, val_samples=8, image_size=32,

@@ -61,7 +61,7 @@ def prepare_data(out: str, quick: bool, image_size: int, num_classes: int, teach
     photo-like JPEGs (``photo_like``; a smaller set, as each costs ~30x more to decode)."""
     from kdscale.config import load_config
     from kdscale.data.synth import write_synthetic_shards
-    from kdscale.teach.writer import teach
+    from kdscale.teach.run import teach
 
     data = os.path.join(out, "data-imagenet-size" if photo_like else "data")
     if not os.path.isfile(os.path.join(data, "index.json")):

@@ -4,11 +4,10 @@ teacher-output shards for ``teacher.source: shards`` training.
 Stops like training (:mod:`kdscale.lifecycle.stop`): after SIGUSR1 or the preemption file
 it keeps the shards in progress as resumable partials and exits 0 (requeue and rerun);
 after SIGINT or SIGTERM the same, with 128 + the signal number. A stall watchdog ends a
-rank that makes no progress for ``train.stall_timeout_s`` or outlives its launcher."""
+rank that makes no progress for ``train.stall_timeout_s`` or outlives its launcher. The
+job's lifecycle is :class:`kdscale.lifecycle.job.Job`, as for training."""
 
 from __future__ import annotations
-
-import os
 
 from kdscale.config.arguments import experiment_parser
 from kdscale.errors import exit_on_user_error
@@ -20,16 +19,14 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     with exit_on_user_error():
         from kdscale.config import load_config
-        from kdscale.lifecycle.watchdog import Watchdog
-        from kdscale.teach.writer import teach
+        from kdscale.lifecycle.job import Job
+        from kdscale.teach.run import teach
+        from kdscale.teach.writer import check_teach_config
 
         cfg = load_config(args.config, args.overrides)
-        # Started before the process group, so a start-up that hangs or outlives its launcher ends too.
-        watchdog = Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
-        try:
-            summary = teach(cfg, watchdog)
-        finally:
-            watchdog.stop()
+        check_teach_config(cfg)
+        with Job.for_teaching(cfg) as job:
+            summary = teach(cfg, job)
         if summary["exit_code"]:
             raise SystemExit(summary["exit_code"])  # interrupted by SIGINT/SIGTERM: not a success
         return summary

@@ -39,7 +39,7 @@ from kdscale.data.teacher_outputs import (
     encode_record,
 )
 from kdscale.errors import KdscaleError
-from kdscale.lifecycle.stop import preempt_file_path
+from kdscale.lifecycle.job import JobStop
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import EVERY_RANK, log
 from kdscale.models import build_model
@@ -99,19 +99,25 @@ class CompanionSink:
             pass
 
 
+def check_teach_config(cfg: ExperimentConfig) -> None:
+    """What kdscale.teach needs of the config, checked before the job takes any directory."""
+    spec = cfg.teacher
+    if spec is None or not spec.name:
+        raise KdscaleError("kdscale.teach needs a teacher: set teacher.name and teacher.weights")
+    if not spec.outputs:
+        raise KdscaleError("kdscale.teach needs teacher.outputs: the directory to write teacher-output shards to")
+    if cfg.data.augment != "imagenet":
+        raise KdscaleError("teacher-output shards store random-resized crops; set data.augment=imagenet")
+
+
 class TeacherOutputWriter:
-    def __init__(self, cfg: ExperimentConfig, ctx: DistContext, watchdog: Watchdog | None = None, signals=None):
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext, watchdog: Watchdog | None = None,
+                 stop: JobStop | None = None):
+        check_teach_config(cfg)
         spec = cfg.teacher
-        if spec is None or not spec.name:
-            raise KdscaleError("kdscale.teach needs a teacher: set teacher.name and teacher.weights")
-        if not spec.outputs:
-            raise KdscaleError("kdscale.teach needs teacher.outputs: the directory to write teacher-output shards to")
-        if cfg.data.augment != "imagenet":
-            raise KdscaleError("teacher-output shards store random-resized crops; set data.augment=imagenet")
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
-        self.signals = signals
-        self.preempt_file = preempt_file_path(cfg.train.preempt_file)
+        self.stop = stop
         self.runtime = Runtime.from_config(cfg, ctx.device)
         model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher")
         self.view = teacher_view(cfg.data, spec)  # the teacher's own mean/std/size, as in training
@@ -128,13 +134,14 @@ class TeacherOutputWriter:
 
     # -- stopping ----------------------------------------------------------------------
     def stop_requested(self) -> bool:
-        if self.signals is not None and self.signals.received is not None:
-            return True
+        """A stop signal here, or the preemption file (looked for at most once a second)."""
+        if self.stop is None:
+            return False
         now = time.monotonic()
-        if self.preempt_file and now - self._preempt_checked > 1.0:
+        if now - self._preempt_checked > 1.0:
             self._preempt_checked = now
-            self._preempted = self._preempted or os.path.exists(self.preempt_file)
-        return self._preempted
+            self.stop.look_for_file()
+        return self.stop.requested_here
 
     # -- the teacher -------------------------------------------------------------------
     def _launch(self, chunk: CropChunk):
@@ -272,7 +279,7 @@ class TeacherOutputWriter:
         self.work = self._plan(mine)
         self.sinks: dict[int, CompanionSink] = {}
         self._pending, self.produced, self.skipped, self.finished = None, 0, 0, 0
-        self._preempted, self._preempt_checked = False, -math.inf
+        self._preempt_checked = -math.inf
         total = samples_from_index(self.shards, "train")
         per_shard = (total or 0) / max(1, len(self.shards))
         resumed = sum(start for _, start in self.work)
@@ -299,44 +306,3 @@ class TeacherOutputWriter:
         return {"samples_written": int(counts[0]), "shards_written": int(counts[1]), "shards_reused": int(counts[2]),
                 "shards_partial": int(counts[3]), "samples_without_crops": int(counts[4]),
                 "ranks_stopped": int(counts[5]), "outputs": self.spec.outputs}
-
-
-def teach(cfg: ExperimentConfig, watchdog: Watchdog | None = None) -> dict:
-    """Write the teacher outputs; ``summary["exit_code"]`` is 0, or 128 + N after SIGINT or
-    SIGTERM (stopped, not finished; SIGUSR1 and the preemption file are 0: requeue)."""
-    from kdscale.config import config_to_dict
-    from kdscale.lifecycle.run_lock import lock_for_ranks
-    from kdscale.lifecycle.stop import StopSignals
-    from kdscale.runtime.tracking import Tracker
-
-    ctx = DistContext.from_env(cfg.distributed.timeout_s)
-    tracker = lock = None
-    failed = True
-    signals = StopSignals(ctx.rank)
-    try:
-        with signals:
-            writer = TeacherOutputWriter(cfg, ctx, watchdog, signals)
-            lock = lock_for_ranks(ctx, cfg.teacher.outputs, what="kdscale.teach job",
-                                  fix="(a rerun continues its shards), or choose another teacher.outputs")
-            tracker = Tracker(cfg, config_to_dict(cfg), None, ctx.is_main, job_type="teach")
-            start = time.perf_counter()
-            summary = writer.run()
-        summary["images_per_s"] = summary["samples_written"] / max(1e-9, time.perf_counter() - start)
-        summary["stopped_by"], summary["exit_code"] = signals.name, signals.exit_code()
-        tracker.log({"teach/samples_written": summary["samples_written"],
-                     "teach/shards_written": summary["shards_written"],
-                     "perf/images_per_s": summary["images_per_s"]}, 0)
-        failed = False
-    finally:  # flush the tracker, free the output directory and end the process group, also after a failure
-        if tracker is not None:
-            tracker.finish(failed=failed)
-        if lock is not None:
-            lock.release()
-        ctx.shutdown()
-    log.info(f"teacher outputs: {summary['samples_written']} samples in {summary['shards_written']} new "
-             f"shards ({summary['shards_reused']} already done) in {summary['outputs']}")
-    if summary["ranks_stopped"]:
-        why = f"{summary['stopped_by']} received" if summary["stopped_by"] else "preempted"
-        log.info(f"{why}: stopped with {summary['shards_partial']} shard(s) partly written; run the same command "
-                 f"again to continue")
-    return summary

@@ -2,7 +2,8 @@
 
 Also the module that ``accelerate launch -m kdscale.train`` runs on every process. A user
 error prints one line and exits 2; any other failure names the rank that failed before
-the traceback, and the launcher then stops the other ranks.
+the traceback, and the launcher then stops the other ranks. The job's lifecycle (lock,
+watchdog, process group, stop signals, tracker, teardown) is :class:`kdscale.lifecycle.job.Job`.
 """
 
 from __future__ import annotations
@@ -23,42 +24,29 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     with exit_on_user_error():
         from kdscale.config import load_config
-        from kdscale.lifecycle.run_lock import RunLock
-        from kdscale.lifecycle.watchdog import Watchdog
-        from kdscale.parallel.context import shutdown_process_group
+        from kdscale.lifecycle.job import Job
 
         cfg = load_config(args.config, args.overrides)
-        # Rank 0 takes the run directory before the heavy imports: a second job is refused at once.
-        lock = RunLock(cfg.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
-        # Started before the process group, so a start-up that hangs or outlives its launcher ends too.
-        watchdog = Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0")).start()
-        trainer = None
-        try:
-            from kdscale.train.loop import Trainer
+        # The job takes the run directory before the heavy imports: a second job is refused at once.
+        with Job.for_training(cfg) as job:
+            try:
+                from kdscale.train.loop import Trainer
 
-            trainer = Trainer(cfg, watchdog=watchdog, lock=lock)
-            summary = trainer.train()
-        except Exception as err:
-            if os.environ.get("WORLD_SIZE", "1") != "1" and not isinstance(err, KdscaleError):
-                log.error(f"rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}")
-            raise
-        finally:  # flush wandb and metrics, release the run directory, end the process group
-            if trainer is not None:
-                trainer.close()
-            else:
-                watchdog.stop()
-                if lock is not None:
-                    lock.release()
-                shutdown_process_group()
+                summary = Trainer(cfg, job).train()
+            except Exception as err:
+                if os.environ.get("WORLD_SIZE", "1") != "1" and not isinstance(err, KdscaleError):
+                    log.error(f"rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}")
+                raise
+        stop = job.stop
         if summary["completed"]:
-            if trainer.signals.received is not None:
-                log.info(f"{trainer.signals.name} arrived after the last step: the run is complete (exit 0)")
+            if stop.signals.received is not None:
+                log.info(f"{stop.signals.name} arrived after the last step: the run is complete (exit 0)")
             return summary
         if summary["preempted"]:
-            set_exit_reason(f"{trainer.signals.describe()}: stopped at step {summary['step']} with a checkpoint "
-                            f"(exit {trainer.signals.exit_code()}); run the same command again to resume")
-        if trainer.signals.exit_code():
-            raise SystemExit(trainer.signals.exit_code())  # interrupted by SIGINT/SIGTERM: not a success
+            set_exit_reason(f"{stop.describe()}: stopped at step {summary['step']} with a checkpoint "
+                            f"(exit {stop.exit_code()}); run the same command again to resume")
+        if stop.exit_code():
+            raise SystemExit(stop.exit_code())  # interrupted by SIGINT/SIGTERM: not a success
         return summary
 
 

@@ -22,11 +22,8 @@ from kdscale.engines import make_engine
 from kdscale.engines.deepspeed_config import resolve_strategy
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.fault_injection import InjectedFailure
-from kdscale.lifecycle.run_lock import RunLock, lock_for_ranks
-from kdscale.lifecycle.stop import StopSignals, cause_name, preempt_file_path
-from kdscale.lifecycle.watchdog import Watchdog
+from kdscale.lifecycle.job import Job
 from kdscale.log import log, setup_logging
-from kdscale.parallel.context import DistContext
 from kdscale.progress import ProgressBar
 from kdscale.runtime import checkpoint as ckpt
 from kdscale.runtime.device import Runtime
@@ -47,19 +44,25 @@ from kdscale.train.window import MetricsWindow, describe_losses
 
 
 class Trainer(InputsMixin, SavingMixin):
-    def __init__(self, cfg: ExperimentConfig, ctx: DistContext | None = None, watchdog: Watchdog | None = None,
-                 lock: RunLock | None = None):
+    def __init__(self, cfg: ExperimentConfig, job: Job | None = None):
+        """``job``: the entry point's (:mod:`kdscale.lifecycle.job`); without one the trainer
+        makes its own, whose watchdog and stop signals run only while :meth:`train` does, and
+        ends it in :meth:`close` (or at once, if building the run fails)."""
         self.cfg = cfg
-        # A watchdog of its own runs only while train() does (an entry point passes one that
-        # already covers start-up).
-        self.own_watchdog = watchdog is None
-        self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, os.environ.get("RANK", "0"))
-        self.ctx = ctx or DistContext.from_env(cfg.distributed.timeout_s)
+        self.own_job = job is None
+        self.job = job or Job.for_training(cfg, from_start=False).__enter__()
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self.own_job:
+                self.job.close(failed=True)
+            raise
+
+    def _build(self, cfg: ExperimentConfig) -> None:
+        self.ctx, self.watchdog, self.stop = self.job.ctx, self.job.watchdog, self.job.stop
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         setup_logging(self.rank)
-        self.watchdog.rank = self.rank
         self.tracker: Tracker | None = None
-        self.lock = lock_for_ranks(self.ctx, cfg.run_dir, lock)
         if self.is_main:
             ckpt.remove_stale_temporaries(cfg.run_dir)  # left by a writer that was killed
         self.resolved = config_to_dict(cfg)
@@ -93,33 +96,23 @@ class Trainer(InputsMixin, SavingMixin):
         self.teacher_best: float | None = None
         self.throughput: float | None = None
         self.failure: str | None = None
-        self.preempt_file = preempt_file_path(cfg.train.preempt_file)
-        self.preempt_seen = self.stop_agreed = self.preempted = self.stopped_early = False
         self.nonfinite_skipped = self.nonfinite_in_a_row = 0
         self.injected_failure = InjectedFailure()
-        self.signals = StopSignals(self.rank)
         self.agreement = StepAgreement(self.ctx, deferred=cfg.train.nonfinite == "stop")
         self.latest_terms: dict[str, torch.Tensor] = {}
         self.window = MetricsWindow()
         if resumed is not None:
             run_id = self._restore(*resumed)
-        self.tracker = Tracker(cfg, self.resolved, run_id, self.is_main)
+        self.tracker = self.job.track(Tracker(cfg, self.resolved, run_id, self.is_main))
         self.watchdog.progress()
 
     # -- the loop -------------------------------------------------------------------
     def train(self) -> dict:
-        if self.own_watchdog:
-            self.watchdog.progress()
-            self.watchdog.start()
-        try:
-            with self.signals:
-                return self._train()
-        finally:
-            if self.own_watchdog:
-                self.watchdog.stop()
+        with self.job.running():
+            return self._train()
 
     def _work_left(self) -> bool:
-        return self.epoch < self.cfg.train.epochs and self.step < self.stop_at and not self.preempted
+        return self.epoch < self.cfg.train.epochs and self.step < self.stop_at and not self.stop.acted
 
     def _train(self) -> dict:
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
@@ -135,11 +128,11 @@ class Trainer(InputsMixin, SavingMixin):
             stepped, lr = self._step(batch, window)
             self._after_step(stepped, lr, window, bar)
         del loader  # ends the loader's workers
-        if self.preempted:
-            log.info(f"{self.signals.describe()}: stopped at step {self.step} with a checkpoint; run the same command again to "
+        if self.stop.acted:
+            log.info(f"{self.stop.describe()}: stopped at step {self.step} with a checkpoint; run the same command again to "
                      f"resume from it")
         bar.close()
-        return self._finish(self.stopped_early)
+        return self._finish()
 
     def _start_epoch(self, window: MetricsWindow) -> None:
         self.distiller.set_epoch(self.epoch)
@@ -181,18 +174,17 @@ class Trainer(InputsMixin, SavingMixin):
             bar.update(self.step)
             if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                 self.save()
-            if self.preempt_file and self.is_main and self.step % cfg.preempt_check_steps == 0:
-                self.preempt_seen = os.path.exists(self.preempt_file)  # the others learn it at the next step
-            self.preempted = self.stop_agreed
+            if self.is_main and self.step % cfg.preempt_check_steps == 0:
+                self.stop.look_for_file()  # the others learn it at the next agreement
+            self.stop.acted = self.stop.agreed
         if self.batches_done >= self.plan.micro_batches_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
             # Asked to stop: the checkpoint now, this epoch's validation is skipped (but the last).
-            if self.epoch == cfg.epochs or (self.epoch % cfg.eval_every_epochs == 0 and not self.preempted):
+            if self.epoch == cfg.epochs or (self.epoch % cfg.eval_every_epochs == 0 and not self.stop.acted):
                 self._record_validation(bar)
             self.save()
             self._start_epoch(window)
-        elif self.preempted or (stepped and self.step >= self.stop_at):
-            self.stopped_early = True
+        elif self.stop.acted or (stepped and self.step >= self.stop_at):
             self.save()
 
     def _on_nonfinite(self, losses: dict, in_a_row: int, where: str | None = None) -> None:
@@ -210,7 +202,7 @@ class Trainer(InputsMixin, SavingMixin):
         self.failure = (f"{reason} at {where}: {terms}; the last good checkpoint is kept ({last}) and nothing is "
                         f"exported; lower optim.lr, check the method's temperatures and weights, or set "
                         f"train.nonfinite=skip")
-        self._finish(stopped_early=True)
+        self._finish()
         raise KdscaleError(self.failure)
 
     def _record_validation(self, bar: ProgressBar) -> None:
@@ -234,14 +226,13 @@ class Trainer(InputsMixin, SavingMixin):
         is the loss finite on every rank, and has any rank been asked to stop (a signal, or the
         preemption file seen by rank 0)? Every rank gets the same answers at the same micro-step."""
         where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batches_done}) on rank {self.rank}"
-        return self._take(self.agreement.exchange(loss, self.signals.local_cause(self.preempt_seen), where))
+        return self._take(self.agreement.exchange(loss, self.stop.local_cause(), where))
 
     def _take(self, verdict: Verdict | None) -> bool:
         """Act on an agreement's verdict; whether the micro-step that asked may go on."""
         if verdict is None:
             return True
-        self.signals.agree(verdict.stop)
-        self.stop_agreed = self.stop_agreed or verdict.stop > 0
+        self.stop.agree(verdict.stop)
         if verdict.nonfinite and self.agreement.deferred:  # train.nonfinite=stop: fails, naming that step
             self._on_nonfinite(self.latest_terms, 1, verdict.where)
         return not verdict.nonfinite
@@ -285,14 +276,14 @@ class Trainer(InputsMixin, SavingMixin):
         same = (gathered == gathered[0]) | (gathered.isnan() & gathered[0].isnan())
         return bool(same.all())
 
-    def _finish(self, stopped_early: bool) -> dict:
+    def _finish(self) -> dict:
         if self.failure is None:
             self._settle()
         failure = self.failure
         agree = self.ranks_agree()
         if agree is False:
             log.warning("the ranks ended with different weights; gradient synchronisation failed")
-        completed = not stopped_early and failure is None and self.step >= self.total_steps
+        completed = failure is None and self.step >= self.total_steps
         student_state = self.engine.gathered_student_state() if completed else None  # a collective under ZeRO-3
         summary = {"run_dir": self.cfg.run_dir, "experiment": self.cfg.experiment.name,
                    "method": self.cfg.method.name, "strategy": self.strategy, "step": self.step,
@@ -300,8 +291,8 @@ class Trainer(InputsMixin, SavingMixin):
                    "images_per_s": self.throughput, "metrics": self.last_metrics,
                    "checkpoint": (ckpt.list_checkpoints(self.cfg.run_dir) or [None])[-1],
                    "wandb_mode": self.tracker.mode, "wandb_sync": self.tracker.sync_hint(),
-                   "world_size": self.world, "ranks_agree": agree, "preempted": self.preempted,
-                   "stopped_by": self.signals.name or (cause_name(self.signals.agreed) if self.preempted else None),
+                   "world_size": self.world, "ranks_agree": agree, "preempted": self.stop.acted,
+                   "stopped_by": self.stop.name if (self.stop.acted or self.stop.signals.received) else None,
                    "error": failure,
                    "nonfinite_skipped": self.nonfinite_skipped}
         if self.is_main:
@@ -316,12 +307,9 @@ class Trainer(InputsMixin, SavingMixin):
         return summary
 
     def close(self) -> None:
-        """Flush the trackers, end the watchdog, release the run directory and the process
-        group; safe to call after a failure and more than once."""
+        """Flush the tracker; with a job of its own, also end it (watchdog, run directory's lock,
+        process group). Safe to call after a failure and more than once."""
         if self.tracker is not None:
             self.tracker.finish(failed=True)  # a no-op after a clean finish
-        self.watchdog.stop()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        self.ctx.shutdown()
+        if self.own_job:
+            self.job.close()
