@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import make_config
 
+from kdscale import checkpoints as ckpt
 from kdscale.errors import KdscaleError
-from kdscale.runtime import checkpoint as ckpt
 from kdscale.train.loop import Trainer
 
 

@@ -21,13 +21,13 @@ from method_helpers import (
 )
 from reference_crd import crd_step
 
+from kdscale import checkpoints as ckpt
 from kdscale.data.loader import TrainStream
 from kdscale.data.sample_index import sample_offsets, scan_labels, shard_labels
 from kdscale.data.tar_reader import iter_samples
 from kdscale.errors import KdscaleError
 from kdscale.methods.contrast_memory import ContrastSampler, uniform_integers
 from kdscale.models import build_model
-from kdscale.runtime import checkpoint as ckpt
 from kdscale.train.__main__ import main as train_main
 
 SMALL = {"feat_dim": 8, "nce_k": 6}

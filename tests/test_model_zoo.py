@@ -7,9 +7,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from kdscale.checkpoints import save_checkpoint
 from kdscale.errors import KdscaleError
 from kdscale.models import FeatureTaps, build_model
-from kdscale.runtime.checkpoint import save_checkpoint
 
 
 def test_torchvision_model_by_name():

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kdscale import checkpoints as ckpt
 from kdscale.parallel.context import DistContext
-from kdscale.runtime import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_config
 
+from kdscale.checkpoints import list_checkpoints
 from kdscale.models import build_model
-from kdscale.runtime.checkpoint import list_checkpoints
 from kdscale.train.loop import Trainer
 
 

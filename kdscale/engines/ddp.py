@@ -13,7 +13,6 @@ from kdscale.config.schema import ExperimentConfig
 from kdscale.engines.protocol import all_finite, state_bytes
 from kdscale.methods import Distiller
 from kdscale.parallel.context import DistContext
-from kdscale.runtime import checkpoint as ckpt
 from kdscale.runtime.optim import build_optimizer, set_lr
 
 
@@ -21,6 +20,7 @@ class DDPEngine:
     strategy = "ddp"
     shards_parameters = False
     resumes_on_any_world_size = True
+    sharded_checkpoints = False
     counts_accumulation_itself = False
 
     def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext):
@@ -79,18 +79,13 @@ class DDPEngine:
         optimizer step, so this is the peak between backward and step)."""
         return sum(p.numel() * p.element_size() for p in self.distiller.parameters() if p.requires_grad)
 
-    # -- checkpoints (see kdscale.runtime.checkpoint) ---------------------------------
-    def state_for_checkpoint(self) -> dict:
+    # -- checkpoints (see kdscale.checkpoints) ---------------------------------
+    def checkpoint_state(self) -> dict:
+        """Every trained network and optimizer, whole: one file (every rank holds the same)."""
         return {"model": self.distiller.state_dict(),
                 "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()}}
 
-    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None:
-        """One file, written by rank 0 (every rank holds the same weights)."""
-        if self.ctx.is_main:
-            ckpt.save_checkpoint(run_dir, {**self.state_for_checkpoint(), **meta}, step, keep)
-        self.ctx.barrier()
-
-    def restore(self, path: str, state: dict) -> None:
+    def load_checkpoint(self, path: str, state: dict) -> None:
         self.distiller.load_state_dict(state["model"])
         for phase, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][phase])

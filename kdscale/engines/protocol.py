@@ -33,10 +33,18 @@ class Engine(Protocol):
         """One phase's forward, backward and (when ``sync``) step; ``sample_indices`` reach
         methods with ``needs_sample_indices``."""
 
-    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None: ...
+    sharded_checkpoints: ClassVar[bool]
+    """Checkpoints are per-rank shards (:meth:`write_shards`) rather than one file."""
 
-    def restore(self, path: str, state: dict) -> None:
-        """Load what :meth:`write_checkpoint` wrote at ``path``; ``state`` is its metadata."""
+    def checkpoint_state(self) -> dict:
+        """What the engine puts into the checkpoint's metadata (:class:`kdscale.checkpoints.Checkpointer`
+        writes it, and the shards when ``sharded_checkpoints``)."""
+
+    def write_shards(self, directory: str) -> None:
+        """With ``sharded_checkpoints``: every rank writes its part into ``directory`` (a collective)."""
+
+    def load_checkpoint(self, path: str, state: dict) -> None:
+        """Load the checkpoint at ``path`` back; ``state`` is its metadata."""
 
     def gathered_student_state(self) -> dict[str, torch.Tensor]:
         """The full student's weights on every rank (a collective under ZeRO-3): the export."""

@@ -10,13 +10,13 @@ from kdscale.config.schema import ExperimentConfig
 from kdscale.engines.protocol import all_finite, state_bytes
 from kdscale.methods import Distiller
 from kdscale.parallel.context import DistContext, init_deepspeed_comm
-from kdscale.runtime import checkpoint as ckpt
 from kdscale.runtime.optim import build_optimizer
 
 
 class DeepSpeedEngine:
     shards_parameters = False
     resumes_on_any_world_size = False  # DeepSpeed's shards fit the world size that wrote them
+    sharded_checkpoints = True
     counts_accumulation_itself = True
 
     def __init__(self, distiller: Distiller, cfg: ExperimentConfig, ctx: DistContext, stage: int, ds_config: dict):
@@ -88,17 +88,16 @@ class DeepSpeedEngine:
                     sum(t.numel() * t.element_size() for t in engine.optimizer.fp32_partitioned_groups_flat)
         return total
 
-    def save_sharded(self, directory: str) -> None:
+    def checkpoint_state(self) -> dict:
+        """What the shards do not hold: the Distiller's buffers (BN statistics)."""
+        return {"buffers": {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}}
+
+    def write_shards(self, directory: str) -> None:
         """Every rank writes its shards of every engine (a collective)."""
         for phase, engine in self.engines.items():
             engine.save_checkpoint(directory, tag=phase)
 
-    def write_checkpoint(self, run_dir: str, meta: dict, step: int, keep: int) -> None:
-        """A directory of every rank's shards plus the metadata (a collective)."""
-        meta = {**meta, "buffers": {name: b.detach().cpu() for name, b in self.distiller.named_buffers()}}
-        ckpt.save_sharded_checkpoint(run_dir, self.save_sharded, meta, step, keep, self.ctx)
-
-    def restore(self, path: str, state: dict) -> None:
+    def load_checkpoint(self, path: str, state: dict) -> None:
         for phase, engine in self.engines.items():
             loaded, _ = engine.load_checkpoint(path, tag=phase, load_module_strict=True,
                                                load_optimizer_states=True, load_lr_scheduler_states=False)

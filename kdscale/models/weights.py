@@ -19,9 +19,8 @@ import re
 import torch
 from torch import nn
 
+from kdscale.checkpoints import CHECKPOINT_MARKER, network_state
 from kdscale.errors import KdscaleError
-
-CHECKPOINT_MARKER = "kdscale_checkpoint"
 
 
 def torchvision_weights_enum(arch: str, enum_name: str, where: str):
@@ -57,7 +56,7 @@ def read_state_dict(spec: str, where: str = "weights") -> dict[str, torch.Tensor
         if not isinstance(data.get("model"), dict):
             raise KdscaleError(f"{where}: {path} is a kdscale checkpoint without network weights; "
                                f"point {where} at a complete checkpoint (the run directory keeps the last ones)")
-        return network_state_from_checkpoint(data["model"], network or "student", f"{where} ({path})")
+        return network_state(data["model"], network or "student", f"{where} ({path})")
     if network:
         raise KdscaleError(f"{where}: '#{network}' selects a network of a kdscale checkpoint; {path} is not one")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -137,16 +136,6 @@ def _looks_like_safetensors(path: str) -> bool:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def network_state_from_checkpoint(model_state: dict[str, torch.Tensor], network: str, where: str):
-    prefix = network + "."
-    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if not state:
-        networks = sorted({k.split(".", 1)[0] for k in model_state})
-        raise KdscaleError(f"{where}: checkpoint has no network {network!r}; it holds {', '.join(networks)} "
-                           f"(select one with path#<network>)")
-    return state
 
 
 def load_weights(model: nn.Module, spec: str, where: str = "weights") -> None:

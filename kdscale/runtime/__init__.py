@@ -1,5 +1,4 @@
 """What every long-running entry point (``kdscale.train``, ``kdscale.teach``, the benchmark)
 shares below the method and engine layers: device choices and the autocast context
-(:mod:`.device`), checkpoint files and RNG states (:mod:`.checkpoint`), optimizers and
-schedules (:mod:`.optim`), ``torch.compile`` in place (:mod:`.compile`) and run tracking
+(:mod:`.device`), optimizers and schedules (:mod:`.optim`), ``torch.compile`` in place (:mod:`.compile`) and run tracking
 (:mod:`.tracking`). It imports no method, engine or teacher."""

@@ -16,23 +16,23 @@ import os
 
 import torch
 
+from kdscale import checkpoints as ckpt
+from kdscale.checkpoints import Checkpointer
 from kdscale.config import config_to_dict, format_config
 from kdscale.config.schema import ExperimentConfig
-from kdscale.engines import make_engine
+from kdscale.engines import engine_class, make_engine
 from kdscale.engines.deepspeed_config import resolve_strategy
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.fault_injection import InjectedFailure
 from kdscale.lifecycle.job import Job
 from kdscale.log import log, setup_logging
 from kdscale.progress import ProgressBar
-from kdscale.runtime import checkpoint as ckpt
 from kdscale.runtime.device import Runtime
 from kdscale.runtime.optim import lr_at
 from kdscale.runtime.tracking import Tracker
 from kdscale.train.agreement import StepAgreement, Verdict
 from kdscale.train.evaluate import evaluate
 from kdscale.train.inputs import InputsMixin
-from kdscale.train.saving import SavingMixin
 from kdscale.train.setup import (
     build_distiller,
     check_compile_fits,
@@ -43,7 +43,7 @@ from kdscale.train.teacher_source import teacher_source
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
-class Trainer(InputsMixin, SavingMixin):
+class Trainer(InputsMixin):
     def __init__(self, cfg: ExperimentConfig, job: Job | None = None):
         """``job``: the entry point's (:mod:`kdscale.lifecycle.job`); without one the trainer
         makes its own, whose watchdog and stop signals run only while :meth:`train` does, and
@@ -80,10 +80,11 @@ class Trainer(InputsMixin, SavingMixin):
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phase_names)}); set train.grad_accum_steps=1")
-        resumed = ckpt.load_latest_checkpoint(cfg.run_dir) if cfg.train.resume else None
-        if resumed is not None:
-            self._check_resumable(*resumed)
+        resumed = Checkpointer.newest(cfg.run_dir, self.strategy, self.world,
+                                      engine_class(self.strategy).resumes_on_any_world_size) \
+            if cfg.train.resume else None
         self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx, self.runtime.autocast_dtype)
+        self.checkpoints = Checkpointer(cfg, self.ctx, self.engine, self.strategy, self.resolved)
         ckpt.seed_per_rank(cfg.experiment.seed, self.rank)  # own dropout masks; a resume restores each rank's own
         if cfg.train.nonfinite == "skip" and self.engine.counts_accumulation_itself and cfg.train.grad_accum_steps > 1:
             raise KdscaleError(f"train.nonfinite=skip under {self.strategy} needs train.grad_accum_steps=1 (DeepSpeed "
@@ -92,7 +93,6 @@ class Trainer(InputsMixin, SavingMixin):
         self.stop_at = min(self.total_steps, cfg.train.stop_after_steps or self.total_steps)
         self.step, self.epoch, self.batches_done, run_id = 0, 0, 0, None
         self.last_metrics: dict[str, float] = {}
-        self.last_saved_step = -1
         self.teacher_best: float | None = None
         self.throughput: float | None = None
         self.failure: str | None = None
@@ -102,7 +102,7 @@ class Trainer(InputsMixin, SavingMixin):
         self.latest_terms: dict[str, torch.Tensor] = {}
         self.window = MetricsWindow()
         if resumed is not None:
-            run_id = self._restore(*resumed)
+            run_id = self.checkpoints.restore(self, *resumed)
         self.tracker = self.job.track(Tracker(cfg, self.resolved, run_id, self.is_main))
         self.watchdog.progress()
 
@@ -248,6 +248,14 @@ class Trainer(InputsMixin, SavingMixin):
         bar.set_postfix(loss=metrics["train/loss"], img_s=metrics["perf/images_per_s"])
         self.throughput = metrics["perf/images_per_s"]
 
+    def save(self) -> None:
+        """A checkpoint now (:class:`kdscale.checkpoints.Checkpointer`), once the pending
+        agreement is read: a non-finite step not yet agreed on fails the run before its weights
+        are written."""
+        if self.step != self.checkpoints.last_saved_step:
+            self._settle()
+        self.checkpoints.save(self)
+
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BN statistics): each rank updated them from
         its own batches since the last broadcast (DDP broadcasts at each forward, ZeRO never)."""
@@ -297,7 +305,7 @@ class Trainer(InputsMixin, SavingMixin):
                    "nonfinite_skipped": self.nonfinite_skipped}
         if self.is_main:
             if student_state is not None:
-                summary["export"] = self._export(student_state)
+                summary["export"] = self.checkpoints.export(student_state)
             path = os.path.join(self.cfg.run_dir, "summary.json")
             with open(f"{path}.tmp-{os.getpid()}", "w") as fh:
                 json.dump(summary, fh, indent=2)

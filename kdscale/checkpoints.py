@@ -1,0 +1,269 @@
+"""Checkpoints, in one module: the format and layout, what a checkpoint holds of a run, which
+one a run may resume, retention, and the student's export (:class:`Checkpointer`). Engines
+hand over their state and load it back; nothing else writes or reads a checkpoint.
+
+Two layouts under ``<run>/checkpoints/``:
+- DDP: ``step-<8 digits>.pt``, one file written by rank 0;
+- DeepSpeed ZeRO: ``step-<8 digits>/``, a directory of per-rank shards plus ``meta.pt``.
+Both are written under a temporary name unique to the writer (``.tmp-<pid>``) and renamed
+only when complete (after an fsync), so a crash mid-write never leaves a checkpoint that
+looks complete; the run-directory lock's holder removes the leftovers of killed writers. They hold every trainable
+network, the optimizers, the step, the data position, RNG states, the wandb run id, the
+strategy and world size, and the resolved config. Metadata is read with
+``weights_only=True``; a checkpoint that fails to load is skipped with a warning and the
+next older one is tried.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import random
+import re
+import shutil
+import warnings
+
+import torch
+
+from kdscale.errors import KdscaleError
+from kdscale.log import log
+
+CHECKPOINT_MARKER = "kdscale_checkpoint"
+"""The key every kdscale checkpoint file carries (``weights: path.pt`` recognises one by it)."""
+_NAME = re.compile(r"step-(\d{8})(\.pt)?$")
+META_FILE = "meta.pt"
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoints (files or shard directories), oldest first."""
+    paths = []
+    for path in glob.glob(os.path.join(checkpoint_dir(run_dir), "step-*")):
+        if not _NAME.search(path):
+            continue
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_FILE)):
+            continue
+        paths.append(path)
+    return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _prune(run_dir: str, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+        _remove(old)
+
+
+def save_checkpoint(run_dir: str, state: dict, step: int, keep: int) -> str:
+    """One file (DDP); called on rank 0 only."""
+    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
+    path = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}.pt")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({CHECKPOINT_MARKER: 1, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        _remove(tmp)
+        if getattr(err, "errno", None) != errno.ENOSPC and shutil.disk_usage(checkpoint_dir(run_dir)).free > 2**26:
+            raise
+        previous = (list_checkpoints(run_dir) or ["none"])[-1]
+        raise KdscaleError(f"no space left on the device of {run_dir} while writing checkpoint {path}; the newest "
+                           f"complete checkpoint ({previous}) is intact: free space (or lower "
+                           f"train.keep_checkpoints) and run the same command again to resume") from None
+    os.replace(tmp, path)
+    _prune(run_dir, keep)
+    return path
+
+
+def save_sharded_checkpoint(run_dir: str, write_shards, meta: dict, step: int, keep: int, ctx) -> str:
+    """A directory of shards (DeepSpeed); called on every rank. ``write_shards(dir)`` is
+    the collective that writes each rank's part."""
+    final = os.path.join(checkpoint_dir(run_dir), f"step-{step:08d}")
+    tmp = f"{final}.tmp-{step}"  # every rank must name the same directory; the run lock keeps out other jobs
+    if ctx.is_main:
+        _remove(tmp)
+        os.makedirs(tmp)
+    ctx.barrier()
+    write_shards(tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        torch.save({CHECKPOINT_MARKER: 1, **meta}, os.path.join(tmp, META_FILE))
+        _remove(final)
+        os.replace(tmp, final)
+        _prune(run_dir, keep)
+    ctx.barrier()
+    return final
+
+
+def remove_stale_temporaries(run_dir: str) -> None:
+    """Delete half-written checkpoints of writers that were killed (call with the run lock held)."""
+    for path in glob.glob(os.path.join(checkpoint_dir(run_dir), "step-*.tmp*")):
+        _remove(path)
+
+
+def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """(path, state) of the newest readable checkpoint; for a shard directory the state is
+    its metadata (the shards are loaded by the engine)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            file = os.path.join(path, META_FILE) if os.path.isdir(path) else path
+            return path, torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(err).__name__}: {err}", stacklevel=2)
+    return None
+
+
+def _local_rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's own device
+    return state
+
+
+def capture_rng_state(ctx=None) -> dict:
+    """Every rank's own generator states (Python, CPU, its CUDA device), gathered: a collective
+    when ``ctx`` is distributed. Each rank draws its own dropout masks, so each must get its
+    own states back (:func:`restore_rng_state`)."""
+    state = _local_rng_state()
+    if ctx is None or not ctx.distributed:
+        return {"per_rank": [state]}
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return {"per_rank": gathered}
+
+
+def restore_rng_state(state: dict, rank: int = 0, world_size: int = 1) -> None:
+    """This rank's own states; on another world size rank ``r`` takes saved rank ``r mod n``
+    (the data split restarts there anyway). Checkpoints of one shared state still load."""
+    per_rank = state.get("per_rank") or [state]
+    mine = per_rank[rank] if len(per_rank) == world_size else per_rank[rank % len(per_rank)]
+    random.setstate(mine["python"])
+    torch.set_rng_state(mine["torch"])
+    cuda = mine.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # an older checkpoint: every device's state, from rank 0
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def seed_per_rank(seed: int, rank: int) -> None:
+    """After the networks are built from one seed (identical initial weights on every rank),
+    give each rank a generator stream of its own (dropout, drop-path): rank 0 keeps ``seed``."""
+    torch.manual_seed(seed + 1_000_003 * rank)
+
+
+def network_state(model_state: dict[str, torch.Tensor], network: str, where: str) -> dict[str, torch.Tensor]:
+    """One network's weights from a checkpoint's ``model`` (``path.pt#network``; default student)."""
+    prefix = network + "."
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not state:
+        networks = sorted({k.split(".", 1)[0] for k in model_state})
+        raise KdscaleError(f"{where}: checkpoint has no network {network!r}; it holds {', '.join(networks)} "
+                           f"(select one with path#<network>)")
+    return state
+
+
+class Checkpointer:
+    """A training run's checkpoints and export, in one place: what a checkpoint holds of the
+    run (:meth:`save`), whether one may resume this run (:meth:`newest`: the same strategy;
+    ZeRO shards on the same world size), putting it back (:meth:`restore`), and the
+    student's export (:meth:`export`). The engine says how its networks are stored
+    (``sharded_checkpoints``: one file by rank 0, or DeepSpeed's per-rank shards) and hands
+    over its state (``checkpoint_state``, ``write_shards``, ``load_checkpoint``); the method
+    hands over its per-sample state (``gathered_state``).
+
+    It reads and sets these attributes of the trainer: ``step``, ``epoch``, ``batches_done``,
+    ``last_metrics``, ``distiller``, ``window``, ``tracker``, ``watchdog``, ``sync_buffers()``.
+    """
+
+    def __init__(self, cfg, ctx, engine, strategy: str, resolved_config: dict):
+        self.cfg, self.ctx, self.engine, self.strategy, self.resolved = cfg, ctx, engine, strategy, resolved_config
+        self.run_dir, self.keep = cfg.run_dir, cfg.train.keep_checkpoints
+        self.last_saved_step = -1
+
+    # -- reading back -------------------------------------------------------------------
+    @staticmethod
+    def newest(run_dir: str, strategy: str, world_size: int, resumes_on_any_world_size: bool):
+        """(path, metadata) of the newest readable checkpoint that this run may resume, None when
+        there is none; one that belongs to another setup is refused in one line."""
+        found = load_latest_checkpoint(run_dir)
+        if found is None:
+            return None
+        path, state = found
+        saved = state.get("strategy", "ddp")
+        if saved != strategy:
+            raise KdscaleError(f"checkpoint {path} was written under {saved}, this run uses {strategy}; resume "
+                               f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
+                               f"weights from the old run's export/student.safetensors")
+        if not resumes_on_any_world_size and state.get("world_size") != world_size:
+            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
+                               f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
+        return found
+
+    def restore(self, trainer, path: str, state: dict) -> str | None:
+        """Put the run back as it was at ``path``; returns the wandb run id to continue."""
+        try:
+            self.engine.load_checkpoint(path, state)
+        except (RuntimeError, KeyError) as err:
+            raise KdscaleError(f"checkpoint {path} does not fit this config's networks "
+                               f"({str(err).splitlines()[0]}); use another experiment.name or train.resume=false") from None
+        trainer.step, trainer.epoch, trainer.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        trainer.last_metrics = dict(state.get("metrics", {}))
+        self.last_saved_step = trainer.step
+        world = self.ctx.world_size
+        if state.get("world_size") != world:
+            log.info(f"resuming a {state.get('world_size')}-process run on {world} processes: the epoch's "
+                     f"data split restarts (no sample is lost; the order differs)")
+            trainer.batches_done = 0
+        if state.get("method_state") is not None:
+            trainer.distiller.restore_gathered_state(state["method_state"])
+        trainer.window.restore(state.get("metrics_window"), self.ctx.rank, world, self.ctx.device)
+        restore_rng_state(state["rng"], self.ctx.rank, world)
+        log.info(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batches_done})")
+        return state.get("wandb_run_id")
+
+    # -- writing ------------------------------------------------------------------------
+    def save(self, trainer) -> None:
+        """A checkpoint at the trainer's step (a collective; once per step)."""
+        if trainer.step == self.last_saved_step:
+            return
+        with trainer.watchdog.waiting("writing a checkpoint"):
+            trainer.sync_buffers()
+            meta = {"step": trainer.step, "epoch": trainer.epoch, "batches_in_epoch": trainer.batches_done,
+                    "rng": capture_rng_state(self.ctx), "wandb_run_id": trainer.tracker.run_id,
+                    "config": self.resolved, "world_size": self.ctx.world_size, "strategy": self.strategy,
+                    "metrics": trainer.last_metrics, "method_state": trainer.distiller.gathered_state(),
+                    "metrics_window": trainer.window.state(self.ctx), **self.engine.checkpoint_state()}
+            if self.engine.sharded_checkpoints:
+                save_sharded_checkpoint(self.run_dir, self.engine.write_shards, meta, trainer.step, self.keep, self.ctx)
+            else:  # every rank holds the same weights: rank 0 writes one file
+                if self.ctx.is_main:
+                    save_checkpoint(self.run_dir, meta, trainer.step, self.keep)
+                self.ctx.barrier()
+        trainer.watchdog.progress()
+        self.last_saved_step = trainer.step
+
+    def export(self, student_state: dict) -> str:
+        """The student alone, as safetensors (loadable into the plain model); rank 0."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.run_dir, "export", "student.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(student_state, f"{path}.tmp-{os.getpid()}")
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+        return path
