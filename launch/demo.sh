@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: set up, make a synthetic JPEG dataset as
 # webdataset shards, train a teacher, distill a student from it with KD through
-# `accelerate launch -m kdscale.train`, and print the results.
+# `accelerate launch -m kdscale.train`, train the same student alone (same data, epochs,
+# seed and schedule: what distillation buys), print the results of the three runs and
+# draw their validation accuracy in one figure (`kdscale compare --plot`).
 #
 # Environment:
 #   KDSCALE_DEMO_SCALE=full|tiny   tiny is a faster setting of the same code path (CI)
 #   KDSCALE_DEMO_DATA=dir          where the shards go (default data/demo-synth[-tiny])
-#   KDSCALE_DEMO_OUT=dir           where the runs go (default runs/demo[-tiny]); replaced on rerun
+#   KDSCALE_DEMO_OUT=dir           where the runs and the figure go (default runs/demo[-tiny]); replaced on rerun
 #   KDSCALE_CPU_PROCS=N            processes when there is no GPU (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,12 +32,19 @@ if [ -d "$out" ]; then
   rm -rf "$out"
 fi
 shards=(data.train_shards="$data/train-*.tar" data.val_shards="$data/val-*.tar" experiment.output_dir="$out")
-echo "[demo] 1/2 training the teacher (resnet20)"
+echo "[demo] 1/3 training the teacher (resnet20)"
 bash launch/accelerate.sh -m kdscale.train --config configs/demo_teacher.yaml "${shards[@]}" \
   train.epochs="$teacher_epochs"
-echo "[demo] 2/2 distilling the student (resnet8) with KD"
+echo "[demo] 2/3 distilling the student (resnet8) with KD"
 bash launch/accelerate.sh -m kdscale.train --config configs/demo_kd.yaml "${shards[@]}" \
   train.epochs="$student_epochs" teacher.weights="$out/demo-teacher/export/student.safetensors"
+echo "[demo] 3/3 training the same student (resnet8) alone, without a teacher"
+bash launch/accelerate.sh -m kdscale.train --config configs/demo_student.yaml "${shards[@]}" \
+  train.epochs="$student_epochs"
 echo
 echo "[demo] results ($(( $(date +%s) - start )) s in all)"
-.venv/bin/kdscale summary "$out/demo-teacher" "$out/demo-kd"
+runs=("$out/demo-teacher" "$out/demo-kd" "$out/demo-student")
+.venv/bin/kdscale summary "${runs[@]}"
+figure="$out/demo-compare.png"
+.venv/bin/kdscale compare "${runs[@]}" --metric val/student_top1 --plot "$figure" >/dev/null
+echo "[demo] validation top-1 of the three runs by epoch (kdscale compare --plot): $figure"

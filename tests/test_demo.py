@@ -1,14 +1,14 @@
 """The demo script itself, end to end: 2 processes through accelerate launch, real
-offline wandb runs, a teacher then a KD student (tiny setting, same code path)."""
+offline wandb runs, a teacher, a KD student, the same student alone, and the figure of
+the three (tiny setting, same code path)."""
 
 from __future__ import annotations
-
-import pytest
 
 import glob
 import json
 import os
 
+import pytest
 from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
@@ -23,7 +23,7 @@ def test_demo_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert (data / "index.json").is_file()
     summaries = {}
-    for name in ("demo-teacher", "demo-kd"):
+    for name in ("demo-teacher", "demo-kd", "demo-student"):
         summary = json.load(open(out / name / "summary.json"))
         summaries[name] = summary
         assert summary["completed"] and summary["world_size"] == 2
@@ -35,5 +35,15 @@ def test_demo_script_end_to_end(tmp_path):
     # Both ranks evaluate with rank 0's weights and BN statistics, so the teacher scores the same
     # in its own run and as the frozen teacher of the KD run.
     assert summaries["demo-kd"]["metrics"]["val/teacher_top1"] == teacher_top1
-    assert "| demo-teacher | vanilla" in result.stdout and "| demo-kd      | kd" in result.stdout
+    # The student alone trains the KD student's network for as many steps, with no teacher.
+    assert summaries["demo-student"]["step"] == summaries["demo-kd"]["step"]
+    assert "val/teacher_top1" not in summaries["demo-student"]["metrics"]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| demo-")]
+    assert [line.split("|")[1:4] for line in table] == [
+        [" demo-teacher ", " vanilla ", " resnet20 (alone)    "],
+        [" demo-kd      ", " kd      ", " resnet8 <- resnet20 "],
+        [" demo-student ", " vanilla ", " resnet8 (alone)     "]], result.stdout[-3000:]
+    figure = out / "demo-compare.png"
+    assert figure.is_file() and figure.stat().st_size > 0
+    assert f"(kdscale compare --plot): {figure}" in result.stdout
     assert "wandb sync " in result.stdout
