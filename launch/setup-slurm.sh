@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's Slurm and munge for the tests that start a real 2-node Slurm cluster on
-# this machine (tests/test_slurm.py). Needs root and apt; elsewhere those tests are skipped
+# this machine (tests/cluster/test_slurm.py). Needs root and apt; elsewhere those tests are skipped
 # with the reason.
 set -euo pipefail
 if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then

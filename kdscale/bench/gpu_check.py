@@ -5,7 +5,7 @@ Parts, each a subprocess with its own time limit; a part that fails or runs out 
 recorded and the next one still runs:
 
 1. ``environment``: the GPU, driver, CUDA, and every package version that matters;
-2. ``correctness``: ``pytest -m gpu`` (``tests/test_gpu.py``: bf16 + channels-last KD against
+2. ``correctness``: ``pytest -m gpu`` (``tests/gpu/test_gpu.py``: bf16 + channels-last KD against
    fp32 with the export reloaded, DeepSpeed ZeRO-2 and ZeRO-3 on the device resuming exactly,
    GPU decode against the CPU path, compiled against eager, CRD's banks on the device, the
    ranks' late-read agreement, ``kdscale.teach`` on the device replayed into a run);
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "dry_run": args.dry_run, "environment": environment(), "parts": []}
     print(f"kdscale gpu-check: {report['environment'].get('gpu', 'CPU (dry run)')}", flush=True)
     correctness = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-                   os.path.join(ROOT, "tests", "test_gpu.py"), f"--junitxml={os.path.join(out, 'correctness.xml')}"]
+                   os.path.join(ROOT, "tests", "gpu", "test_gpu.py"), f"--junitxml={os.path.join(out, 'correctness.xml')}"]
     report["parts"].append(run_part("correctness", correctness, BUDGET_S["correctness"] * (3 if args.dry_run else 1),
                                     env, os.path.join(out, "correctness.log")))
     bench_out = os.path.join(out, "bench")

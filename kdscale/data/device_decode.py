@@ -7,7 +7,7 @@ then decodes the whole batch with ``torchvision.io.decode_jpeg`` on its device (
 GPU), crops, resizes (bilinear with antialiasing, as Pillow's resize), flips and normalises
 there. Same boxes and flips as the CPU path for the same seeds; pixels differ by Pillow's
 versus torch's resampling and rounding (under 2 of 255 levels in mean absolute value:
-``tests/test_decode.py``).
+``tests/data/test_decode.py``).
 
 An image the device cannot decode is replaced by the next decodable image of the batch
 (with that image's box), as the CPU path replaces an undecodable one, and counted. On a

@@ -23,14 +23,14 @@ Choices, each configurable:
   statistics still near their initial values, and its outputs are far from what the
   network computes in training. An audit saw a converged teacher pulled from 99% to 11%
   top-1 with eval-mode targets at a 0.3x teacher lr on a small real dataset. On kdscale's
-  synthetic task (``tests/prokt_study.py``, a 90.8% resnet20 teacher, seed 0) eval-mode
+  synthetic task (``tests/helpers/prokt_study.py``, a 90.8% resnet20 teacher, seed 0) eval-mode
   targets at 0.3x gave the deepest dip (to 75.0% after the first epoch), batch statistics
   83.0%; the figures are in docs/methods.md.
 - ``teacher_lr_scale = 0.1`` (inferred): the teacher's lr is the scheduled lr times this.
   The code uses AdamW with 3e-5 for the teacher and 1e-4 for the student (0.3x); under SGD
   with momentum the first epoch's dip grows with this scale. For a converged teacher use
   0.03: over 3 seeds its top-1 stayed within 9 points of its start
-  (``tests/test_prokt_stability.py``).
+  (``tests/methods/test_prokt_stability.py``).
 - ``lam = 0.35`` (published 0.3-0.4).
 - ``teacher_init`` (the code starts from generic pre-trained ``bert-base-uncased``, not
   fine-tuned on the task, with ``--init_classifier_to_zero``): ``generic`` (default)

@@ -14,7 +14,7 @@ mixed batch). Choices:
   uses. Its weights are non-negative and sum to 1 per output pixel, so it commutes with the
   per-channel affine map; the adapter therefore resizes the normalised batch and applies
   the two normalisations as one multiply-add (``x * std_d/std_t + (mean_d - mean_t)/std_t``),
-  equal to the formula above up to float rounding (checked in ``tests/test_timm.py``).
+  equal to the formula above up to float rounding (checked in ``tests/models/test_timm.py``).
 - in float32 outside autocast, keeping the batch's memory format (channels-last on GPU).
 - the identity (same mean, std and size) returns the batch itself: no copy, no cost, the
   bits of a run without adapters.
