@@ -64,7 +64,7 @@ class DDPEngine:
         return losses, True
 
     # -- measurement --------------------------------------------------------------
-    def optimizerstate_bytes(self) -> int:
+    def optimizer_state_bytes(self) -> int:
         return sum(state_bytes(opt) for opt in self.optimizers.values())
 
     def local_parameter_count(self) -> int:

@@ -57,7 +57,7 @@ class DeepSpeedEngine:
         engine.step()
         return losses, True
 
-    def optimizerstate_bytes(self) -> int:
+    def optimizer_state_bytes(self) -> int:
         return sum(state_bytes(engine.optimizer.optimizer) for engine in self.engines.values())
 
     def local_parameter_count(self) -> int:
