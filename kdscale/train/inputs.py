@@ -16,19 +16,28 @@ from kdscale.log import EVERY_RANK, log
 from kdscale.train.window import MetricsWindow
 
 
-class InputsMixin:
-    def _train_loader(self):
+class TrainerInputs:
+    """Where a trainer's batches come from and how they reach the device. It holds what it
+    reads (declared here, not shared attributes of the trainer); the data position (epoch,
+    batches done) is passed in by the loop."""
+
+    def __init__(self, cfg, plan, runtime, rank: int, world: int, watchdog, teacher_outputs_dir: str | None):
+        self.cfg, self.plan, self.runtime, self.rank, self.world = cfg, plan, runtime, rank, world
+        self.watchdog, self.teacher_outputs_dir = watchdog, teacher_outputs_dir
+
+    def train_loader(self, epoch: int, batches_done: int):
+        """This rank's stream of the epoch's training batches, after the ``batches_done`` already seen."""
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
-                             epoch=self.epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
-                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=self.batches_done,
-                             teacher_outputs=self.teacher.outputs_dir, sample_offsets=self.plan.sample_offsets)
+                             epoch=epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
+                             batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=batches_done,
+                             teacher_outputs=self.teacher_outputs_dir, sample_offsets=self.plan.sample_offsets)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
-    def _val_loader(self):
+    def val_loader(self):
         stream = ValStream(self.plan.val_shards, self.cfg.data, rank=self.rank, world_size=self.world)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
-    def _next_batch(self, loader, window: MetricsWindow):
+    def next_batch(self, loader, window: MetricsWindow):
         fetch_start = time.perf_counter()
         with self.watchdog.waiting("waiting for a batch from the data loader"):
             try:
@@ -44,7 +53,7 @@ class InputsMixin:
         window.bad_samples_epoch += batch.bad_samples
         return batch
 
-    def _inputs(self, batch):
+    def on_device(self, batch, epoch: int, batches_done: int):
         """The micro-batch on the device, mixed (Mixup/CutMix) before any network sees it:
         (images, targets, replayed teacher probabilities or None, dataset indices or None)."""
         device = self.runtime.device
@@ -54,13 +63,10 @@ class InputsMixin:
         targets = batch.targets.to(device, non_blocking=True)
         probs = batch.teacher_probs.to(device, non_blocking=True) if batch.teacher_probs is not None else None
         if mixing_enabled(self.cfg.data):
-            gen = batch_generator(self.cfg.experiment.seed, self.rank, self.epoch, self.batches_done)
+            gen = batch_generator(self.cfg.experiment.seed, self.rank, epoch, batches_done)
             images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
         indices = batch.indices.to(device, non_blocking=True) if batch.indices is not None else None
         return images, targets, probs, indices
-
-    def _autocast(self):
-        return self.runtime.autocast()
 
     def _decoded_on_device(self, batch):
         """The batch with its images decoded on the device; an image the device cannot decode

@@ -32,7 +32,7 @@ from kdscale.runtime.optim import lr_at
 from kdscale.runtime.tracking import Tracker
 from kdscale.train.agreement import StepAgreement, Verdict
 from kdscale.train.evaluate import evaluate
-from kdscale.train.inputs import InputsMixin
+from kdscale.train.inputs import TrainerInputs
 from kdscale.train.setup import (
     build_distiller,
     check_compile_fits,
@@ -43,7 +43,7 @@ from kdscale.train.teacher_source import teacher_source
 from kdscale.train.window import MetricsWindow, describe_losses
 
 
-class Trainer(InputsMixin):
+class Trainer:
     def __init__(self, cfg: ExperimentConfig, job: Job | None = None):
         """``job``: the entry point's (:mod:`kdscale.lifecycle.job`); without one the trainer
         makes its own, whose watchdog and stop signals run only while :meth:`train` does, and
@@ -76,6 +76,8 @@ class Trainer(InputsMixin):
         labels = training_labels(self.plan, self.ctx, self.watchdog.progress)  # a long scan is no stall
         self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, labels)
         self.teacher = teacher_source(cfg, frozen, self.watchdog)
+        self.inputs = TrainerInputs(cfg, self.plan, self.runtime, self.rank, self.world, self.watchdog,
+                                    self.teacher.outputs_dir)
         self.phase_names = tuple(self.distiller.phases())
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
@@ -119,12 +121,12 @@ class Trainer(InputsMixin):
         window = self.window  # restored from the checkpoint on a resume
         if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
-        loader = iter(self._train_loader()) if self._work_left() else None
+        loader = iter(self.inputs.train_loader(self.epoch, self.batches_done)) if self._work_left() else None
         self.distiller.set_epoch(self.epoch)  # a resumed epoch keeps its window's counts
         if self.batches_done == 0:
             window.bad_samples_epoch = 0
         while self._work_left():
-            batch = self._next_batch(loader, window)
+            batch = self.inputs.next_batch(loader, window)
             stepped, lr = self._step(batch, window)
             self._after_step(stepped, lr, window, bar)
         del loader  # ends the loader's workers
@@ -140,14 +142,14 @@ class Trainer(InputsMixin):
 
     def _step(self, batch, window: MetricsWindow) -> tuple[bool, float]:
         """One micro-batch through every phase; (whether it ended an optimizer step, lr)."""
-        images, targets, probs, indices = self._inputs(batch)
+        images, targets, probs, indices = self.inputs.on_device(batch, self.epoch, self.batches_done)
         teacher_output = self.teacher(images, probs)
         sync = (self.batches_done + 1) % self.cfg.train.grad_accum_steps == 0
         lr = lr_at(self.step, self.plan.steps_per_epoch, self.total_steps, self.cfg.optim)
         with self.watchdog.waiting("in the training step (forward, backward, gradient all-reduce)"):
             for phase in self.phase_names:
                 losses, went_on = self.engine.micro_step(phase, images, targets, teacher_output, sync, lr,
-                                                         self._autocast, self._proceed, sample_indices=indices)
+                                                         self.runtime.autocast, self._proceed, sample_indices=indices)
                 if not went_on:
                     break
                 self.latest_terms = losses
@@ -265,7 +267,7 @@ class Trainer(InputsMixin):
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
         lockstep = self.engine.shards_parameters or self.teacher.lockstep
-        return evaluate(self.distiller, self.teacher.frozen, self._val_loader(), self.ctx, self.runtime.autocast_dtype,
+        return evaluate(self.distiller, self.teacher.frozen, self.inputs.val_loader(), self.ctx, self.runtime.autocast_dtype,
                         self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep)
 
     @staticmethod
