@@ -124,7 +124,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from kdscale.analysis.plan_report import run_plan
+    from kdscale.planning.report import run_plan
 
     run_plan(args)
 

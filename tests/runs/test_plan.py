@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers.common import ROOT
 
-from kdscale.analysis.plan import NetworkSizes, plan_networks, rank_plan
 from kdscale.cli import main
 from kdscale.config import load_config
+from kdscale.planning.memory import NetworkSizes, plan_networks, rank_plan
 
 DEMO = f"{ROOT}/configs/demo_kd.yaml"
 
@@ -64,7 +64,7 @@ def test_zero_figures_match_real_engines(zero_probes, strategy):
 
 
 def test_byte_formulas():
-    """The table of kdscale.analysis.plan's docstring, on 4 ranks, SGD with momentum."""
+    """The table of kdscale.planning.memory's docstring, on 4 ranks, SGD with momentum."""
     cfg = load_config(None, ["optim.name=sgd", "train.precision=bf16"])
     sizes = NetworkSizes(trained=4_000_000, trained_persistent=0, trained_buffer_bytes=0, phases=1,
                          teacher=400_000_000, teacher_persistent=0, teacher_largest_module=10)
@@ -118,8 +118,8 @@ def test_bad_input_gives_one_clear_line(capsys, args, message):
 def test_crd_banks_are_planned_per_rank():
     """CRD keeps two float32 rows of feat_dim per training sample, sharded across ranks: the plan
     counts ceil(N / ranks) of them in every row's buffers and says so."""
-    from kdscale.analysis.plan import plan_config
-    from kdscale.analysis.plan_report import format_plan
+    from kdscale.planning.memory import plan_config
+    from kdscale.planning.report import format_plan
 
     cfg = load_config(f"{ROOT}/configs/crd_cifar100.yaml", ["teacher.weights=null"])
     plans = {gpus: plan_config(cfg, gpus) for gpus in (1, 4)}

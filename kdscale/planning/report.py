@@ -1,15 +1,15 @@
-"""The report of ``kdscale plan``: the per-rank table of :mod:`kdscale.analysis.plan` as text."""
+"""The report of ``kdscale plan``: the per-rank table of :mod:`kdscale.planning.memory` as text."""
 
 from __future__ import annotations
 
-from kdscale.analysis.plan import (
+from kdscale.config.schema import ExperimentConfig
+from kdscale.planning.memory import (
     GIB,
     PROBE_BATCHES,
     Plan,
     optimizer_states_per_parameter,
     plan_config,
 )
-from kdscale.config.schema import ExperimentConfig
 
 FOOTNOTE = ("rows: strategy and frozen-teacher placement, * the config's. buffers: DDP's reducer buckets, DeepSpeed's "
             "gradient buckets (reduce_bucket_size), and a method's per-sample state (CRD's memory banks). "

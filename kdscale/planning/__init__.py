@@ -1,0 +1,4 @@
+"""``kdscale plan``: what a run will need before it runs. Bytes per rank of every network,
+gradient and optimizer state under each strategy and teacher placement, counted from the
+networks themselves (:mod:`.memory`), and the table and advice ``kdscale plan`` prints
+(:mod:`.report`)."""
