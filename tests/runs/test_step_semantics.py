@@ -92,7 +92,7 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
                       "train.stop_after_steps=3", "train.checkpoint_every_steps=0")
     trainer = Trainer(cfg)
     seen: dict[str, list] = {"loader": [], "teacher": [], "student": []}
-    next_batch, source, micro_step = trainer._next_batch, trainer.teacher, trainer.engine.micro_step
+    next_batch, source, micro_step = trainer.inputs.next_batch, trainer.teacher, trainer.engine.micro_step
 
     def record_batch(*args):
         batch = next_batch(*args)
@@ -110,7 +110,7 @@ def test_online_teacher_sees_the_mixed_images(synth_data, tmp_path):
         seen["student"].append(images.clone())
         return micro_step(phase, images, *args, **kwargs)
 
-    trainer._next_batch, trainer.teacher, trainer.engine.micro_step = record_batch, RecordingTeacher(), record_step
+    trainer.inputs.next_batch, trainer.teacher, trainer.engine.micro_step = record_batch, RecordingTeacher(), record_step
     try:
         trainer.train()
     finally:
