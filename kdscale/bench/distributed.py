@@ -1,5 +1,5 @@
 """Benchmarks that need real processes: per-rank memory under DDP and ZeRO-1/2/3 (through
-:mod:`kdscale.bench.engine_probe`), and 1 vs 2 process training throughput.
+:mod:`kdscale.probes`), and 1 vs 2 process training throughput.
 
 Memory ratios are byte counts (exact, one round, no spread). Scaling runs in rounds, each a
 1-process run followed by a 2-process run, and its ratio is taken per round."""
@@ -38,7 +38,7 @@ def bench_memory(out_dir: str, processes: int = 2) -> dict:
     out = {}
     for strategy in ("ddp", "zero1", "zero2", "zero3"):
         path = os.path.join(out_dir, f"memory-{strategy}.json")
-        result = launch(processes, ["-m", "kdscale.bench.engine_probe", path, "train", strategy, "kd"])
+        result = launch(processes, ["-m", "kdscale.probes", path, "train", strategy, "kd"])
         if result.returncode != 0:
             raise RuntimeError(f"memory probe {strategy} failed:\n{result.stderr[-2000:]}")
         ranks = json.load(open(path))
@@ -66,7 +66,7 @@ def bench_crd(out_dir: str, samples: int, negatives: int, batch_per_rank: int = 
     per_rank = {}
     for processes in (1, 2):
         path = os.path.join(out_dir, f"crd-bank-{processes}.json")
-        result = launch(processes, ["-m", "kdscale.bench.engine_probe", path, "crd_bank", str(samples), str(dim),
+        result = launch(processes, ["-m", "kdscale.probes", path, "crd_bank", str(samples), str(dim),
                                     str(batch_per_rank), str(negatives), str(steps)])
         if result.returncode != 0:
             raise RuntimeError(f"CRD bank probe on {processes} process(es) failed:\n{result.stderr[-2000:]}")

@@ -1,4 +1,4 @@
-"""Launch kdscale's engine probe (``kdscale/bench/engine_probe.py``) as real processes: one
+"""Launch kdscale's probes (``python -m kdscale.probes``, :mod:`kdscale.probes`) as real processes: one
 rank as a plain ``python``, more through ``launch/accelerate.sh`` (gloo on CPU). The scale-out
 tests read what it wrote: one dict per rank.
 
@@ -13,13 +13,13 @@ import os
 
 from helpers.common import PYTHON, ROOT, run_cli
 
-WORKER = os.path.join(ROOT, "kdscale", "bench", "engine_probe.py")
+PROBES = ["-m", "kdscale.probes"]
 ACCELERATE = os.path.join(ROOT, "launch", "accelerate.sh")
 
 
 def _launch(folder, ranks: int, args: list[str], name: str):
     out = folder / f"{name.replace('=', '_')}-{ranks}.json"
-    command = ([PYTHON, WORKER] if ranks == 1 else ["bash", ACCELERATE, WORKER]) + [str(out), *args]
+    command = ([PYTHON, *PROBES] if ranks == 1 else ["bash", ACCELERATE, *PROBES]) + [str(out), *args]
     result = run_cli(command, env_extra={"KDSCALE_CPU_PROCS": str(ranks)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as fh:
@@ -27,7 +27,7 @@ def _launch(folder, ranks: int, args: list[str], name: str):
 
 
 def run_probe(folder, ranks: int, *args: str) -> list[dict]:
-    """``engine_probe.py OUT *args`` on ``ranks`` processes (``args``: ``train <strategy> <method>
+    """``python -m kdscale.probes OUT *args`` on ``ranks`` processes (``args``: ``train <strategy> <method>
     [key=value ...]`` or ``teacher``); the run must succeed. One dict per rank."""
     return _launch(folder, ranks, list(args), "-".join(args))
 

@@ -285,7 +285,7 @@ def test_fitnet_two_ranks_match_one_rank(strategy, fitnet_runs):
     for a, b in zip(one[0]["losses"], two[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-5)
     assert one[0]["losses"][-1] < one[0]["losses"][0]
-    from kdscale.bench.engine_probe import PlainNet
+    from kdscale.probes.networks import PlainNet
 
     regressor = 16 * 24 + 24  # 1x1 conv (with bias) from the probe student's 16 channels to the teacher's 24
     student = sum(p.numel() for p in PlainNet(16).parameters())

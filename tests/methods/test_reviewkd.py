@@ -298,7 +298,7 @@ def test_two_ranks_match_one_rank(strategy, tmp_path):
     changes nothing) train under DDP and ZeRO-2: 2 x 4 images give 1 x 8's losses."""
     from helpers.scaleout import run_probe
 
-    from kdscale.bench.engine_probe import PlainNet
+    from kdscale.probes.networks import PlainNet
     from kdscale.methods.reviewkd import ABF
 
     one, two = (run_probe(tmp_path, ranks, "train", strategy, "reviewkd", "abf_bn=false", *PROBE)

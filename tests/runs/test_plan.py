@@ -1,5 +1,5 @@
 """The capacity planner (``kdscale plan``): its per-rank ZeRO figures against what real 2-rank
-DeepSpeed engines hold (engine_probe, as in test_zero), the byte formulas, the CLI output and
+DeepSpeed engines hold (the train probe, as in test_zero), the byte formulas, the CLI output and
 its one-line errors."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ DEMO = f"{ROOT}/configs/demo_kd.yaml"
 
 
 def probe_plan(gpus: int):
-    """The planner on the probe's own networks and settings (engine_probe.run_train): a
+    """The planner on the probe's own networks and settings (kdscale/probes/engine_train.py): a
     PlainNet(16) student distilled by KD from a frozen PlainNet(24), AdamW, fp32."""
-    from kdscale.bench.engine_probe import CLASSES, GLOBAL_BATCH, PlainNet
+    from kdscale.probes.networks import CLASSES, GLOBAL_BATCH, PlainNet
     from kdscale.methods import MethodContext, get_method_class
     from kdscale.teachers.frozen import FrozenTeacher
 

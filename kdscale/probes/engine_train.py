@@ -1,0 +1,65 @@
+"""The ``train`` probe: a few steps of one method under one engine (``ddp``, ``zero1``..``zero3``)
+on the fixed global batches, so a 2-rank run is mathematically the 1-rank run with each
+global batch split in two. Records the global mean loss per step, optimizer-state,
+parameter and gradient bytes, the parameters this rank's optimizer holds, and the
+method's per-sample state (CRD's banks) gathered whole. ``params`` set method parameters;
+the rest keep their defaults."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kdscale.config import load_config
+from kdscale.engines import make_engine
+from kdscale.methods import MethodContext, get_method_class
+from kdscale.parallel.context import DistContext
+from kdscale.probes.networks import (
+    CLASSES,
+    GLOBAL_BATCH,
+    SAMPLES,
+    PlainNet,
+    global_batches,
+)
+from kdscale.teachers.frozen import FrozenTeacher
+
+
+def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | None = None) -> dict:
+    per_rank = GLOBAL_BATCH // ctx.world_size
+    cfg = load_config(None, [f"distributed.strategy={strategy}", f"data.batch_size={per_rank}",
+                             "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"])
+    torch.manual_seed(0)
+    teacher_width = 16 if (params or {}).get("share_trunk") else 24  # a shared trunk needs the same widths
+    student, teacher = PlainNet(16), PlainNet(teacher_width)
+    cls = get_method_class(method_name)
+    mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
+                         teacher_role=cls.teacher_role, teacher_name="plain24",
+                         teacher_pretrained=True, build_model=lambda _name: PlainNet(24),
+                         train_labels=torch.arange(SAMPLES) % CLASSES)
+    distiller = cls(student, cls.Params(**(params or {})), mctx).train().to(ctx.device)
+    frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
+        if cls.teacher_role == "frozen" else None
+    engine = make_engine(strategy, distiller, cfg, ctx)
+    losses = []
+    for images, targets, indices in global_batches():
+        mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+        images, targets, indices = (t[mine].to(ctx.device) for t in (images, targets, indices))
+        teacher_output = frozen(images) if frozen else None
+        step_total = 0.0
+        for phase in distiller.phases():
+            terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext,
+                                         sample_indices=indices)
+            step_total += sum(t.detach() for t in terms.values())
+        losses.append(ctx.all_reduce(torch.as_tensor(step_total).reshape(1).float(), "mean").item())
+    state = distiller.gathered_state()  # per-sample state (CRD's banks), gathered whole
+    banks = {k: v.double().sum().item() for k, v in (state or {}).items() if torch.is_tensor(v)}
+    values = {k: v.flatten().tolist() for k, v in (state or {}).items() if torch.is_tensor(v) and v.numel() <= 4096}
+    trainable = sum(p.numel() for p in distiller.parameters())
+    per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
+    return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
+            "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
+            "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
+            "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),
+            "gathered_state_sums": banks, "gathered_state_values": values,
+            "gathered_state_scalars": {k: v for k, v in (state or {}).items() if isinstance(v, (int, float))}}
