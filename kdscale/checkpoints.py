@@ -124,6 +124,37 @@ def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
+def consolidate_student(run_dir: str) -> str:
+    """The student of the run's newest checkpoint as one safetensors file, whatever wrote it:
+    ZeRO shards of any number of processes are gathered offline (DeepSpeed's fp32
+    reconstruction from the shards, plus the buffers kdscale keeps beside them). Written to
+    ``<run>/export/step-<N>-student.safetensors``; loads as ``student.weights``."""
+    from safetensors.torch import save_file
+
+    found = load_latest_checkpoint(run_dir)
+    if found is None:
+        raise KdscaleError(f"{run_dir}: no readable checkpoint in {checkpoint_dir(run_dir)}")
+    path, state = found
+    if os.path.isdir(path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tags = sorted(t for t in os.listdir(path) if os.path.isdir(os.path.join(path, t)))
+        model = {**state.get("buffers", {})}
+        for tag in tags:  # one DeepSpeed engine per optimizer phase
+            model.update(get_fp32_state_dict_from_zero_checkpoint(path, tag=tag))
+    else:
+        model = state["model"]
+    student = {k.removeprefix("student."): v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in model.items() if k.startswith("student.")}
+    if not student:
+        raise KdscaleError(f"checkpoint {path} holds no student network")
+    out = os.path.join(run_dir, "export", f"step-{state['step']:08d}-student.safetensors")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    save_file(student, f"{out}.tmp-{os.getpid()}")
+    os.replace(f"{out}.tmp-{os.getpid()}", out)
+    return out
+
+
 def _local_rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -211,9 +242,39 @@ class Checkpointer:
                                f"with distributed.strategy={saved}, or start a new run (experiment.name) and take the "
                                f"weights from the old run's export/student.safetensors")
         if not resumes_on_any_world_size and state.get("world_size") != world_size:
-            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {state.get('world_size')} processes; resume on "
-                               f"{state.get('world_size')} processes (DDP checkpoints resume on any number)")
+            saved_world = state.get("world_size")
+            raise KdscaleError(f"checkpoint {path} holds ZeRO shards of {saved_world} processes: resume on "
+                               f"{saved_world} processes, or carry its student to {world_size} (the optimizer state "
+                               f"and schedule restart): `kdscale checkpoint consolidate {run_dir}`, then a new run "
+                               f"(experiment.name) with the student.weights it prints")
         return found
+
+    @staticmethod
+    def keep_global_batch(cfg, path: str, state: dict, world_size: int) -> None:
+        """A run resumed on another number of processes keeps its global batch (and so its
+        steps per epoch and its schedule): ``train.grad_accum_steps`` is set so that
+        ``data.batch_size x world size x accumulation`` equals the checkpoint's; where no whole
+        accumulation does, the resume is refused in one line naming settings that do."""
+        saved_world = state.get("world_size", world_size)
+        saved = state.get("config") or {}
+        saved_batch = saved.get("data", {}).get("batch_size", cfg.data.batch_size)
+        saved_accum = saved.get("train", {}).get("grad_accum_steps", cfg.train.grad_accum_steps)
+        global_batch = saved_batch * saved_accum * saved_world
+        per_step = cfg.data.batch_size * world_size
+        if per_step * cfg.train.grad_accum_steps == global_batch:
+            return
+        if global_batch % per_step:
+            hint = next((f"data.batch_size={b} train.grad_accum_steps={global_batch // (b * world_size)}"
+                         for b in range(cfg.data.batch_size, 0, -1) if global_batch % (b * world_size) == 0), None)
+            fix = f"set {hint}" if hint else f"resume on {saved_world} processes"
+            raise KdscaleError(f"checkpoint {path} was trained with a global batch of {global_batch} "
+                               f"({saved_batch} x {saved_world} processes x {saved_accum} accumulation); no whole "
+                               f"train.grad_accum_steps keeps it with data.batch_size={cfg.data.batch_size} on "
+                               f"{world_size} processes: {fix}, or start a new run (experiment.name)")
+        accum = global_batch // per_step
+        log.info(f"resuming a {saved_world}-process run on {world_size} processes: train.grad_accum_steps "
+                 f"{cfg.train.grad_accum_steps} -> {accum} keeps its global batch of {global_batch}")
+        cfg.train.grad_accum_steps = accum
 
     def restore(self, trainer, path: str, state: dict) -> str | None:
         """Put the run back as it was at ``path``; returns the wandb run id to continue."""
@@ -226,10 +287,12 @@ class Checkpointer:
         trainer.last_metrics = dict(state.get("metrics", {}))
         self.last_saved_step = trainer.step
         world = self.ctx.world_size
-        if state.get("world_size") != world:
-            log.info(f"resuming a {state.get('world_size')}-process run on {world} processes: the epoch's "
-                     f"data split restarts (no sample is lost; the order differs)")
-            trainer.batches_done = 0
+        if state.get("world_size") != world:  # the same global batch (keep_global_batch): the same step in the epoch
+            saved_accum = (state.get("config") or {}).get("train", {}).get("grad_accum_steps", 1)
+            trainer.batches_done = trainer.batches_done // saved_accum * self.cfg.train.grad_accum_steps
+            log.info(f"resuming a {state.get('world_size')}-process run on {world} processes at the same step of "
+                     f"epoch {trainer.epoch}: its remaining batches come from the new split of the shards over "
+                     f"{world} processes (the order differs from an uninterrupted run)")
         if state.get("method_state") is not None:
             trainer.distiller.restore_gathered_state(state["method_state"])
         trainer.window.restore(state.get("metrics_window"), self.ctx.rank, world, self.ctx.device)

@@ -1,6 +1,7 @@
 """The ``kdscale`` command and its subcommands: ``train`` (as ``python -m kdscale.train``),
 ``shards`` (``synth``, ``from-folder``, ``from-torchvision``, ``from-hf``, ``verify``),
-``methods``, ``sweep``, ``bench``, ``compare``, ``plan`` and ``summary``."""
+``methods``, ``sweep``, ``bench``, ``compare``, ``plan``, ``checkpoint consolidate`` and
+``summary``."""
 
 from __future__ import annotations
 
@@ -158,6 +159,14 @@ def cmd_summary(args) -> None:
     print(format_summary_table([summarise_run_dir(d) for d in args.run_dirs]))
 
 
+def cmd_checkpoint_consolidate(args) -> None:
+    from kdscale.checkpoints import consolidate_student
+
+    path = consolidate_student(args.run_dir)
+    print(f"student of the newest checkpoint: {path}\n"
+          f"continue in a new run (any number of processes) with: student.weights={path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdscale", description="Distributed knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--link-gbps", type=float, default=100.0, help="per-GPU link speed, Gbit/s")
     plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
     plan.set_defaults(func=cmd_plan)
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
+                                                                                  required=True)
+    consolidate = checkpoint.add_parser("consolidate", help="the newest checkpoint's student as one safetensors "
+                                        "file, gathered from ZeRO shards of any number of processes")
+    consolidate.add_argument("run_dir")
+    consolidate.set_defaults(func=cmd_checkpoint_consolidate)
     summary = sub.add_parser("summary", help="results table of finished runs (same images/s as compare)")
     summary.add_argument("run_dirs", nargs="+")
     summary.set_defaults(func=cmd_summary)

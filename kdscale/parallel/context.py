@@ -113,6 +113,11 @@ def init_deepspeed_comm(device: torch.device) -> None:
     """DeepSpeed's communication layer over the process group kdscale set up (NCCL on GPUs,
     gloo on CPUs): the one place it is started, before any DeepSpeed engine or ``zero.Init``.
     Calling it again does nothing."""
+    import contextlib
+    import io
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    quiet = dist.is_initialized() and dist.get_rank() != 0  # its op-build notice is a print, once per rank
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

@@ -1,7 +1,8 @@
 """The ``train`` probe: a few steps of one method under one engine (``ddp``, ``zero1``..``zero3``)
 on the fixed global batches, so a 2-rank run is mathematically the 1-rank run with each
-global batch split in two. Records the global mean loss per step, optimizer-state,
-parameter and gradient bytes, the parameters this rank's optimizer holds, and the
+global batch split in two. Records the global mean loss per step, the trained student's
+weights at the end (gathered whole: sums and its first values), optimizer-state, parameter
+and gradient bytes, the parameters this rank's optimizer holds, and the
 method's per-sample state (CRD's banks) gathered whole. ``params`` set method parameters;
 the rest keep their defaults."""
 
@@ -55,9 +56,13 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     state = distiller.gathered_state()  # per-sample state (CRD's banks), gathered whole
     banks = {k: v.double().sum().item() for k, v in (state or {}).items() if torch.is_tensor(v)}
     values = {k: v.flatten().tolist() for k, v in (state or {}).items() if torch.is_tensor(v) and v.numel() <= 4096}
+    student = engine.gathered_student_state()  # every rank's view of the trained student, whole
+    weights = torch.cat([v.double().flatten() for v in student.values()])
     trainable = sum(p.numel() for p in distiller.parameters())
     per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
-    return {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
+    return {"losses": losses, "student_weights_head": weights[:256].tolist(),
+            "student_weights_sum": weights.sum().item(), "student_weights_abs_sum": weights.abs().sum().item(),
+            "optimizer_state_bytes": engine.optimizer_state_bytes(),
             "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
             "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
             "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from kdscale.config.arguments import experiment_parser
 from kdscale.errors import exit_on_user_error
-from kdscale.log import setup_logging
+from kdscale.log import one_voice
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = experiment_parser("kdscale teach", "Write teacher-output shards.").parse_args(argv)
-    setup_logging()
+    one_voice()
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.lifecycle.job import Job

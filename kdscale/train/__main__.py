@@ -14,14 +14,14 @@ import warnings
 from kdscale.config.arguments import experiment_parser
 from kdscale.errors import KdscaleError, exit_on_user_error
 from kdscale.lifecycle.exit import set_exit_reason
-from kdscale.log import log, setup_logging
+from kdscale.log import log, one_voice
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = experiment_parser("kdscale train", "Train or distill a classifier.").parse_args(argv)
     # torch.distributed's deprecation notices fire on every ZeRO collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    setup_logging()
+    one_voice()
     with exit_on_user_error():
         from kdscale.config import load_config
         from kdscale.lifecycle.job import Job

@@ -71,6 +71,12 @@ class Trainer:
         log.info(f"resolved config ({self.world} process(es), {self.strategy}, device {self.ctx.device}):\n"
                  f"{format_config(cfg)}")
         torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
+        resumed = Checkpointer.newest(cfg.run_dir, self.strategy, self.world,
+                                      engine_class(self.strategy).resumes_on_any_world_size) \
+            if cfg.train.resume else None
+        if resumed is not None:  # another world size keeps the global batch: before the data plan
+            Checkpointer.keep_global_batch(cfg, *resumed, self.world)
+            self.resolved = config_to_dict(cfg)
         self.runtime = Runtime.from_config(cfg, self.ctx.device)
         self.plan = plan_data(cfg, self.world)
         labels = training_labels(self.plan, self.ctx, self.watchdog.progress)  # a long scan is no stall
@@ -82,9 +88,6 @@ class Trainer:
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
                                f"({', '.join(self.phase_names)}); set train.grad_accum_steps=1")
-        resumed = Checkpointer.newest(cfg.run_dir, self.strategy, self.world,
-                                      engine_class(self.strategy).resumes_on_any_world_size) \
-            if cfg.train.resume else None
         self.engine = make_engine(self.strategy, self.distiller, cfg, self.ctx, self.runtime.autocast_dtype)
         self.checkpoints = Checkpointer(cfg, self.ctx, self.engine, self.strategy, self.resolved)
         ckpt.seed_per_rank(cfg.experiment.seed, self.rank)  # own dropout masks; a resume restores each rank's own
