@@ -29,7 +29,7 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def tiny_ctkd_env(synth_data, tmp_path, extra: str = "") -> dict:
+def tiny_ctkd_env(synth_data, tmp_path, extra: str = "", procs_per_node: int = 1) -> dict:
     teacher = tmp_path / "expert.pt"
     torch.manual_seed(0)
     torch.save(build_model("resnet20", 10).state_dict(), teacher)
@@ -39,7 +39,7 @@ def tiny_ctkd_env(synth_data, tmp_path, extra: str = "") -> dict:
                  "method.scratch_layers=[layer2,layer3] method.teacher_layers=[layer2,layer3] "
                  "optim.lr=0.05 train.log_every_steps=1 train.checkpoint_every_steps=0 " + extra)
     return {"KDSCALE_OVERRIDES": overrides, "KDSCALE_OUTPUT": str(tmp_path / "runs"), "WANDB_MODE": "offline",
-            "KDSCALE_CPU_PROCS_PER_NODE": "1", "KDSCALE_REPO": ROOT}
+            "KDSCALE_CPU_PROCS_PER_NODE": str(procs_per_node), "KDSCALE_REPO": ROOT}
 
 
 def submit(cluster, tmp_path, env) -> str:
@@ -82,7 +82,10 @@ def test_ctkd_job_on_two_nodes(cluster, synth_data, tmp_path):
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, synth_data, tmp_path):
-    env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=640 train.epochs=2 train.preempt_check_steps=1")
+    """2 nodes x 2 processes (4 ranks: one of them neither first nor last on its node or in
+    the job), preempted, requeued and resumed in the same wandb run."""
+    env = tiny_ctkd_env(synth_data, tmp_path, "data.train_samples=640 train.epochs=2 train.preempt_check_steps=1",
+                        procs_per_node=2)
     job = submit(cluster, tmp_path, env)
     run_dir = tmp_path / "runs" / "ctkd-imagenet-r34-r18"
     wait_for_training(run_dir, 4, tmp_path, job)
@@ -95,7 +98,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, synth_data, tmp_pa
     restarts = cluster.run(["scontrol", "show", "job", job]).stdout
     assert "Restarts=1" in restarts
     summary = json.load(open(run_dir / "summary.json"))
-    assert summary["completed"] and summary["step"] == summary["total_steps"] == 2 * 640 // 32
+    assert summary["world_size"] == 4 and summary["ranks_agree"]
+    assert summary["completed"] and summary["step"] == summary["total_steps"] == 2 * 640 // (16 * 4)
     steps = sorted({json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl") if "train/loss" in line})
     assert steps == list(range(1, summary["total_steps"] + 1))  # continuous across the requeue
     runs = read_runs(str(run_dir))
