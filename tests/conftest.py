@@ -34,3 +34,12 @@ def photo_samples(tmp_path_factory):
     write_synthetic_shards(str(out), num_classes=4, train_samples=48, val_samples=4, samples_per_shard=48,
                            photo_like=True, progress=False)
     return list(_samples_of(sorted(glob.glob(str(out / "train-*.tar")))))
+
+
+@pytest.fixture(scope="session")
+def probes(tmp_path_factory):
+    """The engine probe's results, pooled over the suite: ``probes(ranks, *case)`` is one dict
+    per rank (``helpers.scaleout.ProbePool``; cases declared by each test module)."""
+    from helpers.scaleout import ProbePool
+
+    return ProbePool(tmp_path_factory.mktemp("probes"))

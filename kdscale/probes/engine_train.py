@@ -56,15 +56,15 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     state = distiller.gathered_state()  # per-sample state (CRD's banks), gathered whole
     banks = {k: v.double().sum().item() for k, v in (state or {}).items() if torch.is_tensor(v)}
     values = {k: v.flatten().tolist() for k, v in (state or {}).items() if torch.is_tensor(v) and v.numel() <= 4096}
-    student = engine.gathered_student_state()  # every rank's view of the trained student, whole
-    weights = torch.cat([v.double().flatten() for v in student.values()])
-    trainable = sum(p.numel() for p in distiller.parameters())
+    trainable = sum(p.numel() for p in distiller.parameters())  # ZeRO-3 keeps these small parameters whole here
     per_network = sum(p.numel() for net in distiller.children() for p in net.parameters())
-    return {"losses": losses, "student_weights_head": weights[:256].tolist(),
-            "student_weights_sum": weights.sum().item(), "student_weights_abs_sum": weights.abs().sum().item(),
-            "optimizer_state_bytes": engine.optimizer_state_bytes(),
-            "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
-            "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
-            "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),
-            "gathered_state_sums": banks, "gathered_state_values": values,
-            "gathered_state_scalars": {k: v for k, v in (state or {}).items() if isinstance(v, (int, float))}}
+    result = {"losses": losses, "optimizer_state_bytes": engine.optimizer_state_bytes(),
+              "optimizer_parameters": engine.optimizer_parameter_count(), "per_network_parameters": per_network,
+              "local_parameters": engine.local_parameter_count(), "trainable_parameters": trainable,
+              "parameter_bytes": engine.local_parameter_count() * 4, "gradient_bytes": engine.gradient_bytes(),
+              "gathered_state_sums": banks, "gathered_state_values": values,
+              "gathered_state_scalars": {k: v for k, v in (state or {}).items() if isinstance(v, (int, float))}}
+    # Last: gathering re-partitions ZeRO-3's small persistent parameters, which the counts above see whole.
+    weights = torch.cat([v.double().flatten() for v in engine.gathered_student_state().values()])  # a collective
+    return {**result, "student_weights_head": weights[:256].tolist(), "student_weights_sum": weights.sum().item(),
+            "student_weights_abs_sum": weights.abs().sum().item()}

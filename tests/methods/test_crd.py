@@ -19,7 +19,7 @@ from helpers.methods import (
     no_grad_from,
 )
 from helpers.reference_crd import crd_step
-from helpers.scaleout import run_probe
+from helpers.scaleout import declare
 
 from kdscale import checkpoints as ckpt
 from kdscale.data.loader import TrainStream
@@ -224,13 +224,16 @@ def test_a_resumed_run_restores_the_banks(synth_data, tmp_path, teacher_file):
     assert a["student"].shape == (1600, 16)
 
 
+PROBE_ARGS = ("crd", "nce_k=20", "feat_dim=16", "student_layer=layer2", "teacher_layer=layer2")
+declare((1, 2), *(("train", strategy, *PROBE_ARGS) for strategy in ("ddp", "zero2")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_two_ranks_equal_one(tmp_path, strategy):
+def test_two_ranks_equal_one(probes, strategy):
     """The probe's BN-free nets on a global batch of 8 split over 2 ranks: the same losses,
     banks and Z as 1 rank (DDP), and ZeRO-2 trains to the same numbers."""
-    args = ("train", strategy, "crd", "nce_k=20", "feat_dim=16", "student_layer=layer2", "teacher_layer=layer2")
-    one, (two, _) = run_probe(tmp_path, 1, *args)[0], run_probe(tmp_path, 2, *args)
+    one, (two, _) = probes(1, "train", strategy, *PROBE_ARGS)[0], probes(2, "train", strategy, *PROBE_ARGS)
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["gathered_state_scalars"] == pytest.approx(one["gathered_state_scalars"], rel=1e-6)
     assert two["gathered_state_sums"] == pytest.approx(one["gathered_state_sums"], rel=1e-5)

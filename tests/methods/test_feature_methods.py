@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import reference as ref
 from helpers.methods import batch, build_method, has_grad_from, no_grad_from, rows, tap
-from helpers.scaleout import run_probes
+from helpers.scaleout import declare
 from torch import nn
 
 from kdscale.errors import KdscaleError
@@ -265,15 +265,18 @@ def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
 
 
 # -- scale-out (slow tier): the engine probe's BN-free nets, global batch 8 -------------------
+FITNET = {strategy: ("train", strategy, "fitnet", "regressor_bn=false") for strategy in ("ddp", "zero2")}
+declare((1, 2), *FITNET.values())
+declare(2, ("train", "zero2", "fitnet"))
+
+
 @pytest.fixture(scope="module")
-def fitnet_runs(tmp_path_factory):
+def fitnet_runs(probes):
     """BN-free FitNet under DDP and ZeRO-2 on 1 and on 2 ranks, and (2 ranks) the BN regressor
-    under ZeRO-2: one launch per rank count."""
-    folder = tmp_path_factory.mktemp("fitnet_probes")
-    plain = [("train", strategy, "fitnet", "regressor_bn=false") for strategy in ("ddp", "zero2")]
-    one = run_probes(folder, 1, *plain)
-    *two, bn = run_probes(folder, 2, *plain, ("train", "zero2", "fitnet"))
-    return {("ddp", 1): one[0], ("zero2", 1): one[1], ("ddp", 2): two[0], ("zero2", 2): two[1], "bn": bn}
+    under ZeRO-2 (the suite's pooled probe launches)."""
+    runs = {(strategy, ranks): probes(ranks, *case) for strategy, case in FITNET.items() for ranks in (1, 2)}
+    runs["bn"] = probes(2, "train", "zero2", "fitnet")
+    return runs
 
 
 @pytest.mark.slow  # real 2-process runs

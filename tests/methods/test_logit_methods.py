@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import reference as ref
 from helpers.methods import TeacherOutput, batch, build_method, rows
-from helpers.scaleout import run_probes
+from helpers.scaleout import declare
 
 from kdscale.methods.dist import dist_relations
 from kdscale.methods.dkd import decoupled_kd
@@ -192,15 +192,16 @@ PROBES = [("ddp", "dkd"), ("zero2", "dkd"), ("ddp", "dist", "intra_batch=global"
           ("zero2", "dist", "intra_batch=global")]
 
 
+declare((1, 2), *(("train", *probe) for probe in PROBES))
+declare(2, ("train", "ddp", "dist"))
+
+
 @pytest.fixture(scope="module")
-def probe_runs(tmp_path_factory):
-    """Every probe on 1 and on 2 ranks, and (2 ranks) DIST's local form: one launch per rank count."""
-    folder = tmp_path_factory.mktemp("logit_probes")
-    cases = [("train", *probe) for probe in PROBES]
-    runs = {(probe, 1): result for probe, result in zip(PROBES, run_probes(folder, 1, *cases))}
-    *two, local = run_probes(folder, 2, *cases, ("train", "ddp", "dist"))
-    runs.update({(probe, 2): result for probe, result in zip(PROBES, two, strict=True)})
-    runs["local", 2] = local
+def probe_runs(probes):
+    """Every probe on 1 and on 2 ranks, and (2 ranks) DIST's local form (the suite's pooled
+    probe launches)."""
+    runs = {(probe, ranks): probes(ranks, "train", *probe) for probe in PROBES for ranks in (1, 2)}
+    runs["local", 2] = probes(2, "train", "ddp", "dist")
     return runs
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers import reference as ref
 from helpers import reference_reviewkd as rref
 from helpers.methods import batch, build_method, has_grad_from, no_grad_from, rows, tap
+from helpers.scaleout import declare
 from torch import nn
 
 from kdscale.errors import KdscaleError
@@ -291,18 +292,19 @@ def test_export_is_the_student_alone(synth_data, tmp_path):
 PROBE = ("student_layers=[layer1,layer2]", "teacher_layers=[layer1,layer2]", "warmup_epochs=0")
 
 
+declare((1, 2), *(("train", strategy, "reviewkd", "abf_bn=false", *PROBE) for strategy in ("ddp", "zero2")))
+declare(2, ("train", "zero2", "reviewkd", *PROBE))
+
+
 @pytest.mark.slow  # real 2-process runs
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_two_ranks_match_one_rank(strategy, tmp_path):
+def test_two_ranks_match_one_rank(strategy, probes):
     """The student and the ABFs (BN-free here, like the probe's nets, so that a split batch
     changes nothing) train under DDP and ZeRO-2: 2 x 4 images give 1 x 8's losses."""
-    from helpers.scaleout import run_probe
-
-    from kdscale.probes.networks import PlainNet
     from kdscale.methods.reviewkd import ABF
+    from kdscale.probes.networks import PlainNet
 
-    one, two = (run_probe(tmp_path, ranks, "train", strategy, "reviewkd", "abf_bn=false", *PROBE)
-                for ranks in (1, 2))
+    one, two = (probes(ranks, "train", strategy, "reviewkd", "abf_bn=false", *PROBE) for ranks in (1, 2))
     for a, b in zip(one[0]["losses"], two[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-5)
     assert one[0]["losses"][-1] < one[0]["losses"][0]
@@ -317,10 +319,8 @@ def test_two_ranks_match_one_rank(strategy, tmp_path):
 
 
 @pytest.mark.slow  # real 2-process runs
-def test_bn_abfs_train_under_zero2(tmp_path):
-    from helpers.scaleout import run_probe
-
-    two = run_probe(tmp_path, 2, "train", "zero2", "reviewkd", *PROBE)
+def test_bn_abfs_train_under_zero2(probes):
+    two = probes(2, "train", "zero2", "reviewkd", *PROBE)
     losses = two[0]["losses"]
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert two[0]["trainable_parameters"] == two[0]["per_network_parameters"]

@@ -18,8 +18,8 @@ DEMO = f"{ROOT}/configs/demo_kd.yaml"
 def probe_plan(gpus: int):
     """The planner on the probe's own networks and settings (kdscale/probes/engine_train.py): a
     PlainNet(16) student distilled by KD from a frozen PlainNet(24), AdamW, fp32."""
-    from kdscale.probes.networks import CLASSES, GLOBAL_BATCH, PlainNet
     from kdscale.methods import MethodContext, get_method_class
+    from kdscale.probes.networks import CLASSES, GLOBAL_BATCH, PlainNet
     from kdscale.teachers.frozen import FrozenTeacher
 
     cfg = load_config(None, [f"data.batch_size={GLOBAL_BATCH // gpus}", "optim.name=adamw", "train.precision=fp32",

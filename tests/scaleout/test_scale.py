@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 from helpers.common import ROOT, run_cli
-from helpers.scaleout import ACCELERATE, run_probes
+from helpers.scaleout import ACCELERATE, declare
 
 from kdscale.config import load_config
 from kdscale.runtime.optim import lr_at
@@ -33,18 +33,16 @@ CASES = {"ddp-kd": ("train", "ddp", "kd"), "zero1-kd": ("train", "zero1", "kd"),
 WORLDS = (4, 8)
 
 
+declare(1, *CASES.values())
+declare(WORLDS, *CASES.values(), ("teacher",))
+
+
 @pytest.fixture(scope="module")
-def probe_runs(tmp_path_factory):
-    """Every case on 1, 4 and 8 ranks (and the ZeRO-3 teacher on 4 and 8): one launch per
-    rank count, the cases one after the other in the same processes."""
-    folder = tmp_path_factory.mktemp("scale")
-    runs = {}
-    for world in (1, *WORLDS):
-        extra = [("teacher",)] if world > 1 else []
-        results = run_probes(folder, world, *CASES.values(), *extra)
-        runs.update({(name, world): result for name, result in zip(CASES, results, strict=False)})
-        if extra:
-            runs["teacher", world] = results[-1]
+def probe_runs(probes):
+    """Every case on 1, 4 and 8 ranks, and the ZeRO-3 teacher on 4 and 8 (the suite's pooled
+    probe launches: one per rank count)."""
+    runs = {(name, world): probes(world, *case) for name, case in CASES.items() for world in (1, *WORLDS)}
+    runs.update({("teacher", world): probes(world, "teacher") for world in WORLDS})
     return runs
 
 

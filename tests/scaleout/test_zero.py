@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from helpers.common import ROOT, base_overrides, make_config, run_cli
-from helpers.scaleout import ACCELERATE, run_probes
+from helpers.scaleout import ACCELERATE, declare
 
 from kdscale.config import load_config
 from kdscale.engines.deepspeed_config import build_deepspeed_config
@@ -24,20 +24,20 @@ COMBOS = [("ddp", "kd"), ("zero1", "kd"), ("zero2", "kd"), ("zero3", "kd"), ("dd
           ("ddp", "ctkd"), ("zero2", "ctkd")]
 
 
+FFL_CASES = {strategy: ("train", strategy, "ffcl", "share_trunk=true") for strategy in ("ddp", "zero2")}
+declare((1, 2), *(("train", strategy, method) for strategy, method in COMBOS))
+declare(2, ("teacher",), *FFL_CASES.values())
+
+
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory):
-    """Every combination on 1 and on 2 ranks, and (2 ranks) the ZeRO-3 frozen teacher: one
-    launch per rank count, the cases one after the other in the same processes."""
-    folder = tmp_path_factory.mktemp("engines")
-    cases = [("train", strategy, method) for strategy, method in COMBOS]
-    one = run_probes(folder, 1, *cases)
-    *two, teacher, ffl_ddp, ffl_zero2 = run_probes(folder, 2, *cases, ("teacher",),
-                                                   ("train", "ddp", "ffcl", "share_trunk=true"),
-                                                   ("train", "zero2", "ffcl", "share_trunk=true"))
-    runs = {(strategy, method, 1): result for (strategy, method), result in zip(COMBOS, one, strict=True)}
-    runs.update({(strategy, method, 2): result for (strategy, method), result in zip(COMBOS, two, strict=True)})
-    runs["teacher"] = teacher
-    runs["ffl", "ddp"], runs["ffl", "zero2"] = ffl_ddp, ffl_zero2
+def engine_runs(probes):
+    """Every combination on 1 and on 2 ranks, and (2 ranks) the ZeRO-3 frozen teacher and FFL's
+    shared trunk (the suite's pooled probe launches, one per rank count)."""
+    runs = {(strategy, method, ranks): probes(ranks, "train", strategy, method)
+            for strategy, method in COMBOS for ranks in (1, 2)}
+    runs["teacher"] = probes(2, "teacher")
+    for strategy, case in FFL_CASES.items():
+        runs["ffl", strategy] = probes(2, *case)
     return runs
 
 
