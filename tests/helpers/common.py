@@ -29,3 +29,20 @@ def make_config(data_dir: str, out_dir: str, *extra: str, name: str = "run"):
 def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600, cwd: str = ROOT):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def short_distillation_run(data_dir: str, out_dir, method: str, *extra: str) -> dict:
+    """One epoch of 192 samples of ``method`` in this process (``kdscale.train``'s ``main``):
+    a ResNet-8 student from a random ResNet-20 teacher written to a file first (seed 7).
+    Returns the run's summary."""
+    import torch
+
+    from kdscale.models import build_model
+    from kdscale.train.__main__ import main as train_main
+
+    teacher = os.path.join(str(out_dir), "teacher.pt")
+    torch.manual_seed(7)
+    torch.save(build_model("resnet20", 10).state_dict(), teacher)
+    return train_main(base_overrides(data_dir, str(out_dir), name=method)
+                      + [f"method.name={method}", "student.name=resnet8", "teacher.name=resnet20",
+                         f"teacher.weights={teacher}", "data.train_samples=192", "train.epochs=1", *extra])

@@ -243,17 +243,10 @@ def test_relations_do_not_train_the_teacher_side():
 # -- a real run ------------------------------------------------------------------------
 @pytest.mark.slow  # a real training run: the full tier
 def test_fitnet_export_is_the_student_alone(synth_data, tmp_path):
-    from helpers.common import base_overrides
+    from helpers.common import short_distillation_run
     from safetensors.torch import load_file
 
-    from kdscale.train.__main__ import main as train_main
-
-    teacher = tmp_path / "teacher.pt"
-    torch.manual_seed(7)
-    torch.save(build_model("resnet20", 10).state_dict(), teacher)
-    summary = train_main(base_overrides(synth_data, str(tmp_path), name="fitnet")
-                         + ["method.name=fitnet", "student.name=resnet8", "teacher.name=resnet20",
-                            f"teacher.weights={teacher}", "data.train_samples=192", "train.epochs=1"])
+    summary = short_distillation_run(synth_data, tmp_path, "fitnet")
     assert summary["completed"]
     exported = load_file(summary["export"])
     assert set(exported) == set(build_model("resnet8", 10).state_dict())  # no regressor.* keys

@@ -268,18 +268,10 @@ def test_no_gradient_reaches_the_teacher_after_warmup():
 # -- real runs (slow tier) ----------------------------------------------------------------------
 @pytest.mark.slow  # a real training run
 def test_export_is_the_student_alone(synth_data, tmp_path):
-    from helpers.common import base_overrides
+    from helpers.common import short_distillation_run
     from safetensors.torch import load_file
 
-    from kdscale.train.__main__ import main as train_main
-
-    teacher = tmp_path / "teacher.pt"
-    torch.manual_seed(7)
-    torch.save(build_model("resnet20", 10).state_dict(), teacher)
-    summary = train_main(base_overrides(synth_data, str(tmp_path), name="reviewkd")
-                         + ["method.name=reviewkd", "method.warmup_epochs=0", "student.name=resnet8",
-                            "teacher.name=resnet20", f"teacher.weights={teacher}", "data.train_samples=192",
-                            "train.epochs=1"])
+    summary = short_distillation_run(synth_data, tmp_path, "reviewkd", "method.warmup_epochs=0")
     assert summary["completed"]
     assert set(load_file(summary["export"])) == set(build_model("resnet8", 10).state_dict())  # no abfs.* keys
     with open(f"{summary['run_dir']}/metrics.jsonl") as fh:
