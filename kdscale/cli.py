@@ -132,7 +132,8 @@ def cmd_plan(args) -> None:
 
 def cmd_methods(_args) -> None:
     """Each method with what it trains and reads, taken from an instance built on small
-    CIFAR networks (resnet8 student, resnet20 teacher), so the listing cannot drift from the code."""
+    CIFAR networks (resnet8 student, resnet20 teacher; a method that needs a student of its own
+    kind names one in ``probe_student``), so the listing cannot drift from the code."""
     import warnings
 
     import torch
@@ -141,13 +142,14 @@ def cmd_methods(_args) -> None:
     from kdscale.models import build_model
 
     for name, cls in sorted(METHODS.items()):
-        context = MethodContext(num_classes=10, image_size=32, method_name=name, student_name="resnet8",
+        student = getattr(cls, "probe_student", "resnet8")
+        context = MethodContext(num_classes=10, image_size=32, method_name=name, student_name=student,
                             teacher_name="resnet20", teacher_network=build_model("resnet20", 10),
                             teacher_role=cls.teacher_role, build_model=lambda model: build_model(model, 10),
                             train_labels=torch.arange(20) % 10)
         with warnings.catch_warnings():  # untrained probe networks
             warnings.simplefilter("ignore")
-            method = cls(build_model("resnet8", 10), cls.Params(), context)
+            method = cls(build_model(student, 10), cls.Params(), context)
         needs = method.teacher_needs().describe() if cls.teacher_role == "frozen" else "none"
         print(f"{name:10s} {cls.description}\n{'':10s} source: {cls.paper}\n{'':10s} trains: "
               f"{', '.join(method.trained_networks())}; frozen-teacher outputs: {needs}")

@@ -4,6 +4,7 @@ from kdscale.methods import (  # noqa: F401  (registration)  # noqa: F401  (regi
                                   at,
                                   crd,  # noqa: F401  (registration)
                                   ctkd,
+                                  deit,
                                   dist,
                                   dkd,
                                   dml,

@@ -40,6 +40,7 @@ CASES = {
     "sp": ("sp", "wrn_16_2", {}, 0),
     "reviewkd-epoch10": ("reviewkd", "resnet20", {}, 10),
     "crd": ("crd", "resnet20", {"feat_dim": 16, "nce_k": 32}, 0),
+    "deit-soft": ("deit", "resnet20", {"distillation": "soft", "tau": 3.0}, 0),  # a tiny distilled ViT student
 }
 
 

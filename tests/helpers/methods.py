@@ -11,6 +11,19 @@ from kdscale.teachers.frozen import FrozenTeacher
 NUM_CLASSES = 10
 TRAIN_SAMPLES = 64
 """The probe training set's size (methods that keep state per sample: CRD)."""
+TINY_DEIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+"""timm keyword arguments that shrink a distilled ViT to 32 px, 16 patches and one block."""
+
+
+def tiny_distilled_vit(num_classes: int = NUM_CLASSES):
+    """A timm distilled ViT (DeiT's student) small enough for CPU tests, with random weights."""
+    import timm
+
+    return timm.create_model("deit_tiny_distilled_patch16_224", num_classes=num_classes, **TINY_DEIT)
+
+
+STUDENTS = {"deit": tiny_distilled_vit}
+"""Methods that need a student of their own kind get it here instead of ``student``."""
 
 
 def build_method(name: str, student: str = "resnet8", teacher: str | None = None, **params):
@@ -23,7 +36,8 @@ def build_method(name: str, student: str = "resnet8", teacher: str | None = None
                         teacher_pretrained=bool(teacher),
                         build_model=lambda n: build_model(n, NUM_CLASSES),
                         train_labels=torch.arange(TRAIN_SAMPLES) % NUM_CLASSES)
-    method = cls(build_model(student, NUM_CLASSES), cls.Params(**params), context).train()
+    student_model = STUDENTS[name]() if name in STUDENTS else build_model(student, NUM_CLASSES)
+    method = cls(student_model, cls.Params(**params), context).train()
     frozen = None
     if cls.teacher_role == "frozen":
         frozen = FrozenTeacher(teacher_model, list(method.teacher_needs().features), torch.device("cpu"), None, False)
@@ -68,5 +82,5 @@ def has_grad_from(loss, module) -> bool:
     return any(g is not None and g.abs().sum() > 0 for g in grads(loss, module))
 
 
-__all__ = ["TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from", "rows", "run_forward",
-           "sample_indices", "tap"]
+__all__ = ["STUDENTS", "TINY_DEIT", "TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from",
+           "rows", "run_forward", "sample_indices", "tap", "tiny_distilled_vit"]

@@ -40,11 +40,14 @@ EXPECTED = {
     "sp": ({"ce", "sp"}, {"student", "teacher"}),
     "reviewkd": ({"ce", "review"}, {"student", "teacher"}),
     "crd": ({"ce", "crd"}, {"student", "teacher"}),
+    "deit": ({"ce", "dist"}, {"student", "class_head", "dist_head", "teacher"}),
 }
 TEACHERS = {"kd": "resnet20", "at": "resnet20", "ctkd": "resnet20", "prokt": "resnet20", "ffcl": "resnet20",
             "sokd": "wrn_16_2", "dkd": "resnet20", "dist": "resnet20"}
 TEACHERS.update({"fitnet": "resnet20", "rkd": "resnet20", "pkt": "resnet20", "sp": "wrn_16_2"})
-TEACHERS.update({"reviewkd": "resnet20", "crd": "resnet20"})
+TEACHERS.update({"reviewkd": "resnet20", "crd": "resnet20", "deit": "resnet20"})
+STUDENTS = {"deit": "timm:deit_tiny_distilled_patch16_224"}
+"""Methods that need a student of their own kind; timm students are shrunk by :func:`small_timm`."""
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,8 @@ def teacher_files(tmp_path_factory):
 
 
 def method_overrides(method: str, teacher_files) -> list[str]:
-    extra = [f"method.name={method}", "student.name=resnet8", "data.train_samples=320", "train.epochs=1"]
+    extra = [f"method.name={method}", f"student.name={STUDENTS.get(method, 'resnet8')}", "data.train_samples=320",
+             "train.epochs=1"]
     if method in TEACHERS:
         extra += [f"teacher.name={TEACHERS[method]}", f"teacher.weights={teacher_files[TEACHERS[method]]}"]
     if method == "crd":  # 16384 negatives of 1600 samples would only repeat rows; 256 keep the run quick
@@ -67,8 +71,23 @@ def method_overrides(method: str, teacher_files) -> list[str]:
     return extra
 
 
+def small_timm(monkeypatch) -> None:
+    """timm's distilled ViTs built at 32 px with one small block (the stock ones are 224 px)."""
+    import timm
+    from helpers.methods import TINY_DEIT
+
+    create = timm.create_model
+
+    def create_small(name, *args, **kwargs):
+        return create(name, *args, **({**kwargs, **TINY_DEIT} if "distilled" in name else kwargs))
+
+    monkeypatch.setattr(timm, "create_model", create_small)
+
+
 @pytest.mark.parametrize("method", sorted(EXPECTED))
-def test_method_trains_through_entry_point(method, synth_data, tmp_path, teacher_files):
+def test_method_trains_through_entry_point(method, synth_data, tmp_path, teacher_files, monkeypatch):
+    if method in STUDENTS:
+        small_timm(monkeypatch)
     summary = train_main(base_overrides(synth_data, str(tmp_path), name=method)
                          + method_overrides(method, teacher_files) + ["train.log_every_steps=1"])
     assert summary["completed"] and summary["step"] == 10

@@ -52,6 +52,8 @@ CASES = [
     ("crd", "resnet20", {"feat_dim": 16, "nce_k": 32}, {"student", "embed_student", "embed_teacher"}, set()),
     ("crd", "wrn_16_2", {"feat_dim": 16, "nce_k": 32, "negatives": "uniform", "kd_weight": 1.0},
      {"student", "embed_student", "embed_teacher"}, set()),
+    ("deit", "resnet20", {}, {"student"}, set()),  # student: helpers.methods.STUDENTS (a tiny distilled ViT)
+    ("deit", "resnet20", {"distillation": "soft", "tau": 3.0, "soft_normalization": "batch"}, {"student"}, set()),
 ]
 
 

@@ -66,6 +66,7 @@ RANGES = {
     "crd:method.beta": ">=0", "crd:method.ce_weight": ">=0", "crd:method.kd_weight": ">=0",
     "crd:method.temperature": ">0", "crd:method.feat_dim": ">=1", "crd:method.nce_k": ">=1", "crd:method.nce_t": ">0",
     "crd:method.nce_m": "[0,1]",
+    "deit:method.alpha": "[0,1]", "deit:method.tau": ">0",
 }
 # Numbers with no range: any value is meaningful.
 UNCHECKED = {"experiment.seed", "data.mean"}
