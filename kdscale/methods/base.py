@@ -38,10 +38,29 @@ from kdscale.errors import KdscaleError
 
 @dataclass
 class TeacherOutput:
-    """What a frozen teacher produced for one batch: logits and tapped features."""
+    """What the run's frozen teachers produced for one batch.
+
+    - ``logits``: the teacher's logits; with several teachers, the weighted mean of their
+      logits (the "mean of logits" ensemble, so a method that reads one target gets a defined
+      one; :mod:`kdscale.methods.ensemble` builds the other ensemble targets);
+    - ``features``: the tapped features of the one teacher that gives them
+      (``method.feature_teacher``, default the first);
+    - ``members``: each teacher's logits by its ``id`` (a replayed teacher's: the log of its
+      stored probabilities), in config order; one teacher: ``{id: logits}``, empty when the
+      output was built by hand;
+    - ``weights``: each teacher's ``weight``, normalised to sum to 1, same keys as ``members``.
+    """
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    members: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def member_items(self) -> list[tuple[str, torch.Tensor, float]]:
+        """``(id, logits, weight)`` per teacher; a hand-built output is one teacher of weight 1."""
+        if not self.members:
+            return [("teacher", self.logits, 1.0)]
+        return [(tid, logits, self.weights.get(tid, 1.0 / len(self.members))) for tid, logits in self.members.items()]
 
 
 @dataclass(frozen=True)
