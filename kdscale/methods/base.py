@@ -119,6 +119,10 @@ class MethodContext:
     teacher_role: str = "none"
     teacher_pretrained: bool = False
     """Whether the teacher network was loaded from ``teacher.weights``."""
+    teacher_ids: tuple[str, ...] = ()
+    """The ``id`` of every frozen teacher of the run, in config order (online or replayed;
+    empty without frozen teachers). More than one: the method gets an ensemble
+    (:class:`TeacherOutput`'s ``members``) and may refuse in one line if it cannot use one."""
     build_model: Callable[[str], nn.Module] | None = None
     """Builds another network by model name, with ``num_classes`` outputs (DML peers)."""
     seed: int = 0
