@@ -58,7 +58,7 @@ def bench_data(data_dir: str, image_size: int, batch: int, workers: int, batches
 
     def kdscale_loader(outputs=None):
         stream = TrainStream(shards, section, seed=0, epoch=0, rank=0, world_size=1, batches_per_rank=batches,
-                             teacher_outputs=outputs)
+                             teacher_outputs=[outputs] if outputs else None)
         return make_loader(stream, section, pin_memory=False)
 
     def folder_loader():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -42,9 +43,16 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-        override_keys.add(key)
+        override_keys.add(re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key))  # teachers.1.x is teachers[1].x
     source = _Source(path or "<no file>", override_keys)
-    return build_dataclass(ExperimentConfig, raw, "", source)
+    return _resolved(build_dataclass(ExperimentConfig, raw, "", source), source)
+
+
+def _resolved(cfg: ExperimentConfig, source: _Source) -> ExperimentConfig:
+    from kdscale.config.teachers import resolve_teachers
+
+    resolve_teachers(cfg, source.where)
+    return cfg
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -62,17 +70,27 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in the raw config; a number indexes a list (``teachers.1.weights``)."""
     parts = dotted.split(".")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise KdscaleError(f"command-line override {dotted}: {'.'.join(parts[:depth])} is a list of "
+                                   f"{len(node)}; {part!r} is not an index into it (0 to {len(node) - 1})")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise KdscaleError(f"command-line override {dotted}: {'.'.join(parts[:depth])} is a value, not a section")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        child = node.get(part) if isinstance(node, dict) else node[part]
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            prefix = ".".join(parts[: depth + 1])
+        if not isinstance(child, (dict, list)):
             raise KdscaleError(f"command-line override {dotted}: {prefix} is a value, not a section")
         node = child
-    node[parts[-1]] = value
 
 
 class _Source:
@@ -117,11 +135,14 @@ def build_method_section(raw: Any, source: _Source) -> MethodSection:
         raise KdscaleError(f"{source.where('method')}: expected a mapping with at least 'name', got {raw!r}")
     raw = dict(raw)
     name = raw.pop("name", "vanilla")
+    feature_teacher = raw.pop("feature_teacher", None)
+    if feature_teacher is not None and not isinstance(feature_teacher, str):
+        raise KdscaleError(f"{source.where('method.feature_teacher')}: expected a teacher id, got {feature_teacher!r}")
     if not isinstance(name, str):
         raise KdscaleError(f"{source.where('method.name')}: expected a method name, got {name!r}")
     method_cls = get_method_class(name, where=source.where("method.name"))
     params = build_dataclass(method_cls.Params, raw, "method.", source)
-    return MethodSection(name=name, params=params)
+    return MethodSection(name=name, feature_teacher=feature_teacher, params=params)
 
 
 def _unknown_key_message(full: str, key: str, names: list[str], prefix: str, source: _Source) -> str:
@@ -184,11 +205,14 @@ def config_to_dict(cfg: Any) -> Any:
     """The resolved config as plain YAML-able data (method params flattened into ``method``)."""
     if isinstance(cfg, MethodSection):
         out = {"name": cfg.name}
+        if cfg.feature_teacher is not None:
+            out["feature_teacher"] = cfg.feature_teacher
         if cfg.params is not None:
             out.update(config_to_dict(cfg.params))
         return out
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if dataclasses.is_dataclass(cfg):  # ``teacher`` is input only: resolved into ``teachers``
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if not (isinstance(cfg, ExperimentConfig) and f.name == "teacher")}
     if isinstance(cfg, (list, tuple)):
         return [config_to_dict(v) for v in cfg]
     return cfg
@@ -196,7 +220,8 @@ def config_to_dict(cfg: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Rebuild a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
-    return build_dataclass(ExperimentConfig, data, "", _Source("<checkpoint config>", set()))
+    source = _Source("<checkpoint config>", set())
+    return _resolved(build_dataclass(ExperimentConfig, data, "", source), source)
 
 
 def format_config(cfg: ExperimentConfig) -> str:

@@ -39,6 +39,15 @@ class ModelSpec:
 
 @dataclass
 class TeacherSpec(ModelSpec):
+    id: Optional[str] = None
+    """The teacher's name in metrics (``val/<id>_top1``), loss terms and ``method.feature_teacher``,
+    independent of its architecture: letters, digits, ``_`` and ``-``. Default: ``teacher`` for
+    a run's only teacher, ``teacher<i>`` for entry i of a ``teachers`` list."""
+    weight: float = ranged(1.0, "the teacher's weight in the ensemble", gt=0)
+    """Its weight in an ensemble of frozen teachers; weights are normalised to sum to 1
+    (:mod:`kdscale.methods.ensemble`)."""
+    sharding: Optional[Literal["replicated", "zero3"]] = None
+    """A frozen teacher's placement; default ``distributed.teacher_sharding``."""
     source: Literal["online", "shards"] = "online"
     """Where a frozen teacher's outputs come from: ``online`` runs it every step; ``shards``
     replays crops and soft labels stored by ``kdscale.teach`` in ``teacher.outputs`` (no
@@ -208,6 +217,9 @@ class WandbSection:
 @dataclass
 class MethodSection:
     name: str = "vanilla"
+    feature_teacher: Optional[str] = None
+    """With several frozen teachers: the ``id`` of the one whose layers a feature method taps
+    (default: the first entry of ``teachers``)."""
     params: Any = None
     """The method's own ``Params`` dataclass instance, filled by the loader from the other
     keys of the ``method`` section."""
@@ -219,11 +231,31 @@ class ExperimentConfig:
     method: MethodSection = field(default_factory=MethodSection)
     student: ModelSpec = field(default_factory=ModelSpec)
     teacher: Optional[TeacherSpec] = None
+    """One teacher (input only): the loader turns it into a ``teachers`` list of one, so after
+    loading it is always None and ``teachers`` says everything."""
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    """The run's teachers: any number of frozen ones (each with its own view, placement and
+    source), or the one teacher a method trains (ProKT, FFCL)."""
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+
+    def teacher_sharding(self, spec: TeacherSpec) -> str:
+        """Where the frozen teacher ``spec`` runs: its own ``sharding``, else the run's."""
+        return spec.sharding or self.distributed.teacher_sharding
+
+    def only_teacher(self, what: str) -> Optional[TeacherSpec]:
+        """The run's one teacher (None without any); ``what`` (e.g. ``kdscale.teach``) takes
+        one, so several are an error naming the fix."""
+        if len(self.teachers) > 1:
+            from kdscale.errors import KdscaleError
+
+            ids = ", ".join(t.id or "?" for t in self.teachers)
+            raise KdscaleError(f"{what} takes one teacher, but teachers lists {len(self.teachers)} ({ids}); "
+                               f"keep one entry (or set teacher: instead of teachers:)")
+        return self.teachers[0] if self.teachers else None
 
     @property
     def run_dir(self) -> str:

@@ -48,7 +48,7 @@ class Batch(NamedTuple):
     bad_samples: int
     """Bad samples this worker found (for the first time this epoch) while making this batch."""
     teacher_probs: torch.Tensor | None = None
-    """Soft labels replayed from teacher-output shards, (B, classes)."""
+    """Soft labels replayed from teacher-output shards, (B, replayed teachers, classes)."""
     indices: torch.Tensor | None = None
     """Each sample's dataset index (:mod:`kdscale.data.sample_index`), when the stream numbers them."""
 
@@ -120,8 +120,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: list[str], data: DataSection, *, seed: int, epoch: int, rank: int,
                  world_size: int, batches_per_rank: int, skip_batches: int = 0, epochs: int | None = None,
-                 teacher_outputs: str | None = None, sample_offsets: dict[str, int] | None = None):
-        self.shards, self.data, self.teacher_outputs = list(shards), data, teacher_outputs
+                 teacher_outputs: list[str] | None = None, sample_offsets: dict[str, int] | None = None):
+        """``teacher_outputs``: the teacher-output directories of the replayed teachers, in order."""
+        self.shards, self.data, self.teacher_outputs = list(shards), data, teacher_outputs or None
         self.sample_offsets = sample_offsets
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.first_epoch, self.end_epoch = epoch, epoch + 1 if epochs is None else epochs

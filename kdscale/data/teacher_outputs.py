@@ -153,19 +153,48 @@ def check_teacher_outputs(image_shards: list[str], outputs_dir: str, num_classes
     return meta
 
 
-def paired_samples(image_shard: str, outputs_dir: str) -> Iterator[dict]:
-    """Image samples with their teacher record under ``__teacher__``; keys must align."""
+def paired_samples(image_shard: str, outputs_dirs: list[str]) -> Iterator[dict]:
+    """Image samples with the records of every replayed teacher (one per directory, in order)
+    under ``__teacher__``; keys must align."""
     from kdscale.data.tar_reader import iter_samples
 
     images = iter_samples(image_shard)
-    records = iter_samples(companion_path(image_shard, outputs_dir))
-    for sample, record in itertools.zip_longest(images, records):
-        if sample is None or record is None:
-            raise KdscaleError(f"teacher outputs {companion_path(image_shard, outputs_dir)} and image shard "
-                               f"{image_shard} hold different numbers of samples; regenerate them with kdscale.teach")
-        if sample["__key__"] != record["__key__"]:
-            raise KdscaleError(f"teacher outputs do not match image shard {image_shard}: key {sample['__key__']!r} "
-                               f"vs {record['__key__']!r} in {companion_path(image_shard, outputs_dir)}; regenerate "
-                               f"them with kdscale.teach")
-        sample["__teacher__"] = record
+    companions = [companion_path(image_shard, d) for d in outputs_dirs]
+    for sample, *records in itertools.zip_longest(images, *(iter_samples(c) for c in companions)):
+        for companion, record in zip(companions, records):
+            if sample is None or record is None:
+                raise KdscaleError(f"teacher outputs {companion} and image shard {image_shard} hold different "
+                                   f"numbers of samples; regenerate them with kdscale.teach")
+            if sample["__key__"] != record["__key__"]:
+                raise KdscaleError(f"teacher outputs do not match image shard {image_shard}: key "
+                                   f"{sample['__key__']!r} vs {record['__key__']!r} in {companion}; regenerate them "
+                                   f"with kdscale.teach")
+        sample["__teacher__"] = records
         yield sample
+
+
+CROP_SETTINGS = ("seed", "crops_per_image", "image_size")
+"""What makes two teachers' stored crops the same (:func:`crop_boxes` draws them from the seed
+and the sample key; R and the output size are the teach run's)."""
+
+
+def check_same_crops(metas: dict[str, dict]) -> None:
+    """Several replayed teachers: their outputs must store the same crops, since one crop is
+    replayed for all of them. ``metas``: outputs directory -> its ``teacher_outputs.json``."""
+    (first_dir, first), *others = metas.items()
+    for outputs_dir, meta in others:
+        differ = [f"{k} {first.get(k)!r} vs {meta.get(k)!r}" for k in CROP_SETTINGS if first.get(k) != meta.get(k)]
+        if differ:
+            raise KdscaleError(f"teacher outputs {first_dir} and {outputs_dir} store different crops "
+                               f"({', '.join(differ)}): one crop is replayed for every teacher; write both with "
+                               f"kdscale.teach under the same experiment.seed, teacher.crops_per_image and "
+                               f"data.image_size")
+
+
+def same_crop(first: dict, other: dict, r: int, record: dict) -> None:
+    """Stored crop ``r`` is the same box and flip in both teachers' records (else an error
+    naming the sample: the directories were checked alike, so the records were rewritten)."""
+    if len(other["crops"]) != len(first["crops"]) or not (np.array_equal(other["crops"][r], first["crops"][r])
+                                                        and other["flips"][r] == first["flips"][r]):
+        raise KdscaleError(f"teacher outputs for sample {record.get('__key__')} in {record.get('__url__')} store "
+                           f"another crop than the first replayed teacher's; regenerate them with kdscale.teach")

@@ -96,7 +96,7 @@ class Job:
 
     @classmethod
     def for_teaching(cls, cfg, from_start: bool = True) -> "Job":
-        return cls(cfg.teacher.outputs, cfg.train.stall_timeout_s, cfg.distributed.timeout_s, cfg.train.preempt_file,
+        return cls(cfg.only_teacher("kdscale.teach").outputs, cfg.train.stall_timeout_s, cfg.distributed.timeout_s, cfg.train.preempt_file,
                    what="kdscale.teach job", lock_fix="(a rerun continues its shards), or choose another teacher.outputs",
                    from_start=from_start)
 

@@ -9,7 +9,7 @@ The wandb config and summary carry the run's keys at the top level (:func:`run_k
 ``method`` (as papers name it, ``kd+ls`` for KD with logit standardization), ``seed``,
 ``student``, ``teacher``, ``dataset``) so a dashboard can group
 runs by method and average over seeds with no editing; the config sections of the same
-names follow as ``method_config``, ``student_config`` and ``teacher_config``
+names follow as ``method_config``, ``student_config`` (the ``teachers`` section keeps its name)
 (:func:`run_config`). A training run also writes that config to ``run.json`` beside
 ``metrics.jsonl``, so ``kdscale compare`` knows a run tracked without wandb.
 """
@@ -52,8 +52,7 @@ def run_tags(cfg: ExperimentConfig) -> list[str]:
     paper = get_method_class(cfg.method.name).paper
     tags = [f"method:{cfg.method.name}", f"paper:{paper}"[:64], f"dataset:{cfg.experiment.dataset}",
             f"student:{cfg.student.name}"]
-    if cfg.teacher is not None:
-        tags.append(f"teacher:{cfg.teacher.name}")
+    tags += [f"teacher:{spec.name}" for spec in cfg.teachers]
     return tags + list(cfg.wandb.tags)
 
 
@@ -65,9 +64,10 @@ def method_label(cfg: ExperimentConfig) -> str:
 
 
 def run_keys(cfg: ExperimentConfig) -> dict:
-    """The keys runs are grouped and averaged by (``teacher`` None for a method without one)."""
+    """The keys runs are grouped and averaged by (``teacher``: the teachers' names joined by
+    ``+``, None for a run without one)."""
     return {"method": method_label(cfg), "seed": cfg.experiment.seed, "student": cfg.student.name,
-            "teacher": cfg.teacher.name if cfg.teacher is not None else None, "dataset": cfg.experiment.dataset}
+            "teacher": "+".join(spec.name for spec in cfg.teachers) or None, "dataset": cfg.experiment.dataset}
 
 
 def _world_size() -> int:

@@ -101,7 +101,7 @@ class CompanionSink:
 
 def check_teach_config(cfg: ExperimentConfig) -> None:
     """What kdscale.teach needs of the config, checked before the job takes any directory."""
-    spec = cfg.teacher
+    spec = cfg.only_teacher("kdscale.teach (it writes one teacher's outputs per run)")
     if spec is None or not spec.name:
         raise KdscaleError("kdscale.teach needs a teacher: set teacher.name and teacher.weights")
     if not spec.outputs:
@@ -114,7 +114,7 @@ class TeacherOutputWriter:
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext, watchdog: Watchdog | None = None,
                  stop: JobStop | None = None):
         check_teach_config(cfg)
-        spec = cfg.teacher
+        spec = cfg.only_teacher("kdscale.teach")
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
         self.stop = stop

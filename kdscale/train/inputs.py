@@ -21,16 +21,17 @@ class TrainerInputs:
     reads (declared here, not shared attributes of the trainer); the data position (epoch,
     batches done) is passed in by the loop."""
 
-    def __init__(self, cfg, plan, runtime, rank: int, world: int, watchdog, teacher_outputs_dir: str | None):
+    def __init__(self, cfg, plan, runtime, rank: int, world: int, watchdog, teacher_outputs_dirs: list[str]):
+        """``teacher_outputs_dirs``: the replayed teachers' output directories, in order (may be empty)."""
         self.cfg, self.plan, self.runtime, self.rank, self.world = cfg, plan, runtime, rank, world
-        self.watchdog, self.teacher_outputs_dir = watchdog, teacher_outputs_dir
+        self.watchdog, self.teacher_outputs_dirs = watchdog, teacher_outputs_dirs
 
     def train_loader(self, epoch: int, batches_done: int):
         """This rank's stream of the epoch's training batches, after the ``batches_done`` already seen."""
         stream = TrainStream(self.plan.train_shards, self.cfg.data, seed=self.cfg.experiment.seed,
                              epoch=epoch, epochs=self.cfg.train.epochs, rank=self.rank, world_size=self.world,
                              batches_per_rank=self.plan.micro_batches_per_epoch, skip_batches=batches_done,
-                             teacher_outputs=self.teacher_outputs_dir, sample_offsets=self.plan.sample_offsets)
+                             teacher_outputs=self.teacher_outputs_dirs, sample_offsets=self.plan.sample_offsets)
         return make_loader(stream, self.cfg.data, pin_memory=self.runtime.device.type == "cuda")
 
     def val_loader(self):

@@ -81,9 +81,9 @@ class Trainer:
         self.plan = plan_data(cfg, self.world)
         labels = training_labels(self.plan, self.ctx, self.watchdog.progress)  # a long scan is no stall
         self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, labels)
-        self.teacher = teacher_source(cfg, frozen, self.watchdog)
+        self.teacher = teacher_source(cfg, frozen, self.watchdog, self.distiller.teacher_role == "frozen")
         self.inputs = TrainerInputs(cfg, self.plan, self.runtime, self.rank, self.world, self.watchdog,
-                                    self.teacher.outputs_dir)
+                                    self.teacher.outputs_dirs)
         self.phase_names = tuple(self.distiller.phases())
         if len(self.phase_names) > 1 and cfg.train.grad_accum_steps != 1:
             raise KdscaleError(f"method {cfg.method.name!r} takes one optimizer step per phase "
@@ -122,7 +122,7 @@ class Trainer:
     def _train(self) -> dict:
         bar = ProgressBar(self.total_steps, self.step, enabled=self.is_main)
         window = self.window  # restored from the checkpoint on a resume
-        if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teacher.weights:
+        if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teachers[0].weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
         loader = iter(self.inputs.train_loader(self.epoch, self.batches_done)) if self._work_left() else None
         self.distiller.set_epoch(self.epoch)  # a resumed epoch keeps its window's counts
@@ -270,7 +270,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
         lockstep = self.engine.shards_parameters or self.teacher.lockstep
-        return evaluate(self.distiller, self.teacher.frozen, self.inputs.val_loader(), self.ctx, self.runtime.autocast_dtype,
+        return evaluate(self.distiller, self.teacher, self.inputs.val_loader(), self.ctx, self.runtime.autocast_dtype,
                         self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep)
 
     @staticmethod

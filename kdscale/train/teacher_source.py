@@ -1,28 +1,31 @@
-"""Where a training step's frozen-teacher output comes from.
+"""Where a training step's frozen-teacher output comes from: the run's teachers as one source.
 
-- :class:`OnlineTeacher`: the frozen teacher runs on the step's (mixed) images.
-- :class:`ReplayedTeacher`: the teacher's stored top-k probabilities, read from
-  teacher-output shards beside the image shards and mixed with the images
-  (:mod:`kdscale.data.teacher_outputs`); the method gets their log as logits.
-- :class:`NoTeacher`: the method reads nothing from a frozen teacher.
+Each teacher is a member of :class:`TeacherSource`, in config order:
+- online: its :class:`~kdscale.teachers.frozen.FrozenTeacher` runs on the step's (mixed)
+  images, in its own view (``mean`` / ``std`` / ``input_size``, else its pretrained weights'
+  metadata, else the data section's; :mod:`kdscale.teachers.views`);
+- replayed: its stored top-k probabilities, read from its teacher-output shards beside the
+  image shards and mixed with the images (:mod:`kdscale.data.teacher_outputs`); the method
+  gets their log as logits. The loader reads every replayed teacher's shards and replays the
+  one crop they all stored, so an online teacher beside them sees that crop too.
 
-Each is called as ``source(images, replayed_probs) -> TeacherOutput | None`` and says
-whether every rank must call it together (``lockstep``: a ZeRO-3 partitioned teacher
-gathers its parameters in each forward).
-
-:func:`teacher_source` also gives an online frozen teacher its own view of the batch
-(``teacher.mean`` / ``std`` / ``input_size``, else its pretrained weights' metadata, else
-the data section's; :mod:`kdscale.teachers.views`); the trainer's validation calls the same
-:class:`FrozenTeacher`, so training and evaluation agree.
+The source is called as ``source(images, replayed_probs) -> TeacherOutput | None``
+(``replayed_probs``: ``(B, replayed teachers, classes)``) and says whether every rank must
+call it together (``lockstep``: a ZeRO-3 partitioned teacher gathers its parameters in each
+forward). The trainer's validation runs the same online teachers (:meth:`TeacherSource.
+evaluation_outputs`), so training and evaluation agree. One teacher gives exactly what it
+gave before there could be several: its logits, untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.config.teachers import feature_teacher_id
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log
 from kdscale.methods import TeacherOutput
@@ -30,43 +33,92 @@ from kdscale.teachers.frozen import FrozenTeacher
 from kdscale.teachers.views import teacher_view
 
 
-class NoTeacher:
-    lockstep = False
+@dataclasses.dataclass
+class Member:
+    id: str
+    weight: float
+    """Normalised over the run's frozen teachers (they sum to 1)."""
     frozen: FrozenTeacher | None = None
-    outputs_dir: str | None = None
-
-    def __call__(self, images: torch.Tensor, replayed_probs: torch.Tensor | None) -> None:
-        return None
-
-
-class OnlineTeacher(NoTeacher):
-    def __init__(self, frozen: FrozenTeacher, watchdog: Watchdog):
-        self.frozen, self.watchdog, self.lockstep = frozen, watchdog, frozen.lockstep
-
-    def __call__(self, images, replayed_probs) -> TeacherOutput:
-        with self.watchdog.waiting("running the frozen teacher"):
-            return self.frozen(images)
+    """Online: the network that runs; replayed: None."""
+    replay_slot: int | None = None
+    """Replayed: its index in the batch's ``replayed_probs`` (and in :attr:`TeacherSource.outputs_dirs`)."""
 
 
-class ReplayedTeacher(NoTeacher):
-    def __init__(self, outputs_dir: str):
-        self.outputs_dir = outputs_dir
+class TeacherSource:
+    """The run's frozen teachers (none for a method without one: it is then called for nothing
+    and returns None)."""
 
-    def __call__(self, images, replayed_probs) -> TeacherOutput:
-        return TeacherOutput(replayed_probs.clamp_min(1e-12).log())
+    def __init__(self, members: list[Member], feature_id: str | None, watchdog: Watchdog | None = None,
+                 outputs_dirs: list[str] | None = None):
+        self.members, self.feature_id, self.watchdog = members, feature_id, watchdog
+        self.outputs_dirs = outputs_dirs or []
+        self.lockstep = any(m.frozen is not None and m.frozen.lockstep for m in members)
+        self.online = {m.id: m.frozen for m in members if m.frozen is not None}
+
+    @property
+    def frozen(self) -> FrozenTeacher | None:
+        """The online frozen teacher of a run that has exactly one teacher (None otherwise)."""
+        return self.members[0].frozen if len(self.members) == 1 else None
+
+    def __call__(self, images: torch.Tensor, replayed_probs: torch.Tensor | None) -> TeacherOutput | None:
+        if not self.members:
+            return None
+        outputs = {}
+        for member in self.members:
+            if member.frozen is not None:
+                with self.watchdog.waiting(f"running the frozen teacher {member.id}"):
+                    outputs[member.id] = member.frozen(images)
+            else:
+                outputs[member.id] = TeacherOutput(replayed_probs[:, member.replay_slot].clamp_min(1e-12).log())
+        return self.combine(outputs)
+
+    def combine(self, outputs: dict[str, TeacherOutput]) -> TeacherOutput:
+        """One output from the members' (all or some of them): each member's logits, the
+        weighted mean of the logits as ``logits`` (one member: its logits), the feature
+        teacher's features."""
+        weights = {m.id: m.weight for m in self.members if m.id in outputs}
+        if len(weights) < len(self.members):  # validation without the replayed teachers: renormalised
+            total = sum(weights.values())
+            weights = {k: w / total for k, w in weights.items()}
+        members = {tid: outputs[tid].logits for tid in weights}
+        if len(members) == 1:
+            logits = next(iter(members.values()))
+        else:
+            logits = sum(w * members[tid].float() for tid, w in weights.items())
+        features = outputs[self.feature_id].features if self.feature_id in outputs else {}
+        return TeacherOutput(logits, features, members, weights)
+
+    def evaluation_outputs(self, images: torch.Tensor) -> TeacherOutput | None:
+        """The online teachers' output on validation images (replayed teachers have none there)."""
+        if not self.online:
+            return None
+        return self.combine({tid: frozen(images) for tid, frozen in self.online.items()})
 
 
-def teacher_source(cfg: ExperimentConfig, frozen: FrozenTeacher | None, watchdog: Watchdog) -> NoTeacher:
-    if cfg.teacher is not None and cfg.teacher.source == "shards":
-        return ReplayedTeacher(cfg.teacher.outputs)
-    if frozen is None:
-        preprocessing = [k for k in ("mean", "std", "input_size") if getattr(cfg.teacher, k, None) is not None]
-        if preprocessing:
-            warnings.warn(f"teacher.{', teacher.'.join(preprocessing)} ignored: only a frozen teacher has its own "
-                          f"view; a teacher the method trains sees the student's (data.mean, data.std, "
-                          f"data.image_size)", stacklevel=2)
-        return NoTeacher()
-    frozen.view = teacher_view(cfg.data, cfg.teacher)
-    if not frozen.view.identity:
-        log.info(f"frozen teacher {cfg.teacher.name} sees its own view: {frozen.view.describe()}")
-    return OnlineTeacher(frozen, watchdog)
+def teacher_source(cfg: ExperimentConfig, frozen: dict[str, FrozenTeacher], watchdog: Watchdog,
+                   method_reads_teachers: bool = True) -> TeacherSource:
+    """The source of ``cfg.teachers`` given the online ones built (:func:`kdscale.train.setup.
+    build_distiller`); each online teacher gets its own view of the batch.
+    ``method_reads_teachers``: False for a method with no frozen teacher (the source is empty)."""
+    if not method_reads_teachers or (not frozen and not any(s.source == "shards" for s in cfg.teachers)):
+        for spec in cfg.teachers:
+            preprocessing = [k for k in ("mean", "std", "input_size") if getattr(spec, k, None) is not None]
+            if preprocessing:
+                warnings.warn(f"teacher.{', teacher.'.join(preprocessing)} ignored: only a frozen teacher has its "
+                              f"own view; a teacher the method trains sees the student's (data.mean, data.std, "
+                              f"data.image_size)", stacklevel=2)
+        return TeacherSource([], None, watchdog)
+    total = sum(spec.weight for spec in cfg.teachers)
+    members, outputs_dirs = [], []
+    for spec in cfg.teachers:
+        member = Member(spec.id, spec.weight / total)
+        if spec.source == "shards":
+            member.replay_slot = len(outputs_dirs)
+            outputs_dirs.append(spec.outputs)
+        else:
+            member.frozen = frozen[spec.id]
+            member.frozen.view = teacher_view(cfg.data, spec)
+            if not member.frozen.view.identity:
+                log.info(f"frozen teacher {spec.id} ({spec.name}) sees its own view: {member.frozen.view.describe()}")
+        members.append(member)
+    return TeacherSource(members, feature_teacher_id(cfg), watchdog, outputs_dirs)

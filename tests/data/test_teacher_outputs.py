@@ -102,7 +102,7 @@ def test_training_from_teacher_shards_learns(synth_data, outputs, tmp_path):
     cfg = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "teacher.source=shards",
                       f"teacher.outputs={outputs}", "data.augment=imagenet", "train.epochs=3", name="shards")
     trainer = Trainer(cfg)
-    assert trainer.teacher.frozen is None and trainer.teacher.outputs_dir  # replayed: no teacher network at all
+    assert trainer.teacher.frozen is None and trainer.teacher.outputs_dirs  # replayed: no teacher network at all
     summary = trainer.train()
     assert summary["completed"] and summary["metrics"]["val/student_top1"] > 25.0
     logged = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]

@@ -151,7 +151,7 @@ def test_timm_dml_peers_ctkd_scratch_teacher_and_at_defaults():
                                 runtime)
     assert type(ctkd.scratch_teacher).__name__ == "ResNet" and ctkd.shared_stem
     assert ctkd.teacher_needs().features == ("layer1", "layer2", "layer3", "layer4")
-    assert frozen.taps is not None and at.teacher_needs().features == ("stages.0", "stages.1", "stages.2",
+    assert frozen["teacher"].taps is not None and at.teacher_needs().features == ("stages.0", "stages.1", "stages.2",
                                                                          "stages.3")
 
 
@@ -169,7 +169,7 @@ def _teacher_input(frozen: FrozenTeacher, images: torch.Tensor) -> torch.Tensor:
 def test_preprocessing_defaults_come_from_the_weights_then_the_data():
     def resolved(*extra):
         cfg = load_config(None, ["data.image_size=32", *extra])
-        p = network_preprocessing(cfg.data, cfg.teacher)
+        p = network_preprocessing(cfg.data, cfg.teachers[0])
         return p.mean, p.std, p.input_size
 
     data = (tuple(DATA_MEAN), tuple(DATA_STD), (32, 32))
@@ -190,7 +190,7 @@ def test_a_teacher_with_other_mean_std_and_size_sees_its_own_view(size):
     normalise, computed here with torchvision's functional ops; the student's batch is untouched."""
     cfg = load_config(None, ["data.image_size=64", "teacher.name=timm:test_convnext", "teacher.mean=[0.5,0.4,0.3]",
                              "teacher.std=[0.25,0.3,0.35]", f"teacher.input_size={size}"])
-    view = teacher_view(cfg.data, cfg.teacher)
+    view = teacher_view(cfg.data, cfg.teachers[0])
     frozen = FrozenTeacher(build_model("timm:test_convnext", 10), [], torch.device("cpu"), None, False, view=view)
     torch.manual_seed(0)
     pixels = torch.rand(4, 3, 64, 64)
@@ -212,7 +212,7 @@ def test_a_teacher_with_other_mean_std_and_size_sees_its_own_view(size):
 def test_the_identity_view_is_bit_identical_to_no_view():
     cfg = load_config(None, ["data.image_size=32", "teacher.name=timm:test_resnet", f"teacher.mean={DATA_MEAN}",
                              "teacher.input_size=32"])
-    view = teacher_view(cfg.data, cfg.teacher)
+    view = teacher_view(cfg.data, cfg.teachers[0])
     assert view.identity
     torch.manual_seed(0)
     model = build_model("timm:test_resnet", 10)
@@ -234,7 +234,7 @@ def test_only_a_frozen_teacher_gets_a_view():
         teacher_source(cfg, None, Watchdog(60, 0))
     cfg = load_config(None, ["method.name=kd", "teacher.name=resnet8", "teacher.input_size=64"])
     frozen = FrozenTeacher(build_model("resnet8", 10), [], torch.device("cpu"), None, False)
-    assert teacher_source(cfg, frozen, Watchdog(60, 0)).frozen.view.target.input_size == (64, 64)
+    assert teacher_source(cfg, {"teacher": frozen}, Watchdog(60, 0)).frozen.view.target.input_size == (64, 64)
 
 
 def test_teacher_output_shards_record_and_use_the_teachers_preprocessing(tmp_path):
@@ -336,4 +336,4 @@ def test_a_fixed_size_teacher_is_checked_at_its_own_input_size(synth_data, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         distiller, frozen = build_distiller(cfg, Runtime.from_config(cfg, torch.device("cpu")))
-    assert distiller is not None and frozen is not None
+    assert distiller is not None and set(frozen) == {"teacher"}

@@ -19,11 +19,11 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(path, ["optim.lr=0.2", "data.batch_size=256", "teacher.name=resnet20", "optim.milestones=[30,60]"])
     assert cfg.optim.lr == 0.2 and isinstance(cfg.optim.lr, float)
     assert cfg.data.batch_size == 256
-    assert cfg.teacher.name == "resnet20" and cfg.teacher.source == "online"
+    assert cfg.teachers[0].name == "resnet20" and cfg.teachers[0].source == "online"
     assert cfg.optim.milestones == [30.0, 60.0]
     assert cfg.method.name == "kd" and cfg.method.params.temperature == 2.0
     assert cfg.method.params.ce_weight == 0.1  # KD default kept
-    assert cfg.teacher is not None and cfg.student.name == "resnet8"
+    assert len(cfg.teachers) == 1 and cfg.student.name == "resnet8"
 
 
 def test_scientific_notation_string_is_a_float(tmp_path):

@@ -1,0 +1,169 @@
+"""The run's teachers, built from ``cfg.teachers`` with every check that can fail on them.
+
+A run has any number of frozen teachers, each with its own view (:mod:`kdscale.teachers.views`),
+placement (``sharding``: replicated or ZeRO-3-partitioned) and source (``online``, or
+replayed from its teacher-output shards), or the one teacher a method trains (ProKT, FFCL).
+The method is built between :func:`teacher_networks` (what it may read: the feature
+teacher's network) and :func:`frozen_teachers` (each online teacher wrapped to run, with
+taps on the feature teacher only, once the method has said which layers it reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from kdscale.config.schema import ExperimentConfig, TeacherSpec
+from kdscale.config.teachers import feature_teacher_id, teacher_key
+from kdscale.errors import KdscaleError
+from kdscale.methods import TeacherNeeds
+from kdscale.models import build_model
+from kdscale.models.preprocessing import network_preprocessing
+from kdscale.runtime.compile import compiles_teacher
+from kdscale.runtime.device import Runtime
+from kdscale.teachers.frozen import FrozenTeacher, zero3_teacher_config
+from kdscale.teachers.partitioned import build_partitioned, host_weights, shape_twin
+
+
+@dataclasses.dataclass
+class TeacherBuild:
+    """One teacher entry as built so far."""
+
+    spec: TeacherSpec
+    key: str
+    """Its name in messages: ``teacher`` or ``teachers[i]``."""
+    sharding: str
+    network: nn.Module | None = None
+    """Online: the network (a ZeRO-3 teacher's shape twin on ``meta``); replayed: None."""
+    classes: int = 0
+    weights: dict | None = None
+    """A ZeRO-3 teacher's weights, on the host until it is built partitioned."""
+
+    @property
+    def replayed(self) -> bool:
+        return self.spec.source == "shards"
+
+
+def replayed_specs(cfg: ExperimentConfig) -> list[TeacherSpec]:
+    return [spec for spec in cfg.teachers if spec.source == "shards"]
+
+
+def check_teacher_placement(cfg: ExperimentConfig, method_name: str, role: str, world_size: int) -> None:
+    shardings = {teacher_key(cfg, s): cfg.teacher_sharding(s) for s in cfg.teachers if s.source == "online"}
+    zero3 = [key for key, sharding in shardings.items() if sharding == "zero3"]
+    if cfg.distributed.teacher_sharding == "zero3" and not shardings:
+        zero3 = ["distributed"]
+    if not zero3:
+        return
+    what = "distributed.teacher_sharding=zero3" if zero3 == ["distributed"] or len(cfg.teachers) == 1 \
+        else f"{zero3[0]}.sharding=zero3"
+    if compiles_teacher(cfg.train.compile):
+        raise KdscaleError(f"train.compile={cfg.train.compile} compiles the frozen teachers, which {what} "
+                           f"partitions (DeepSpeed swaps its parameters in hooks); use train.compile=networks or "
+                           f"replicated teachers")
+    if role != "frozen":
+        raise KdscaleError(f"{what} applies to frozen teachers; method {method_name!r} has "
+                           f"{'none' if role == 'none' else 'a trained teacher'} "
+                           f"(use distributed.strategy=zero3 to shard trained networks)")
+    if world_size < 2:
+        raise KdscaleError(f"{what} partitions the teacher across processes, but this run has 1; launch at least 2 "
+                           f"processes or use distributed.teacher_sharding=replicated")
+
+
+def _output_classes(model: nn.Module, size: tuple[int, int]) -> int:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():  # on the model's device: a ZeRO-3 teacher's shape twin is on ``meta``
+        out = model(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return out.shape[-1]
+
+
+def check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Module, spec: TeacherSpec,
+                       frozen: bool) -> None:
+    """Both predict the same classes; each is run at the size it will see (a frozen teacher at
+    its own input size: a 384-px ViT accepts nothing else)."""
+    size = (cfg.data.image_size, cfg.data.image_size)
+    student_classes = _output_classes(student, size)
+    teacher_size = network_preprocessing(cfg.data, spec, teacher_key(cfg, spec)).input_size if frozen else size
+    teacher_classes = _output_classes(teacher, teacher_size)
+    if student_classes != teacher_classes:
+        key = teacher_key(cfg, spec)
+        raise KdscaleError(f"{key} {spec.name} predicts {teacher_classes} classes but student {cfg.student.name} "
+                           f"predicts {student_classes}; they must match (check {key}.num_classes, "
+                           f"student.num_classes and data.num_classes)")
+
+
+def teacher_networks(cfg: ExperimentConfig, method_cls, student: nn.Module, world_size: int) -> list[TeacherBuild]:
+    """Every teacher entry, its network built (random weights warned about) and checked against
+    the student; none for a method without a teacher (a teacher section is then ignored, with
+    a warning)."""
+    role = method_cls.teacher_role
+    check_teacher_placement(cfg, method_cls.name, role, world_size)
+    if role == "none":
+        if cfg.teachers and not replayed_specs(cfg):
+            warnings.warn(f"method {method_cls.name!r} uses no teacher; the teacher section is ignored", stacklevel=3)
+        return []
+    if role == "trainable":
+        cfg.only_teacher(f"method {method_cls.name!r} (it trains its teacher)")
+    if not cfg.teachers or not all(spec.name or spec.source == "shards" for spec in cfg.teachers):
+        what = "a frozen teacher: set teacher.name and teacher.weights (e.g. a vanilla run's export)" \
+            if role == "frozen" else "a teacher network to train with the student: set teacher.name"
+        raise KdscaleError(f"method {method_cls.name!r} needs {what}")
+    builds = []
+    for spec in cfg.teachers:
+        key = teacher_key(cfg, spec)
+        build = TeacherBuild(spec, key, cfg.teacher_sharding(spec), classes=spec.num_classes or cfg.data.num_classes)
+        builds.append(build)
+        if build.replayed:
+            continue
+        if role == "frozen" and not spec.weights:
+            warnings.warn(f"{key}.weights is not set: distilling from a randomly initialised teacher", stacklevel=3)
+        if role == "frozen" and build.sharding == "zero3":
+            build.weights = host_weights(spec.name, build.classes, spec.weights, where=key)
+            build.network = shape_twin(lambda: build_model(spec.name, build.classes, where=key))
+        else:
+            build.network = build_model(spec.name, build.classes, spec.weights, where=key)
+        if role == "frozen":
+            check_same_classes(cfg, student, build.network, spec, frozen=True)
+    return builds
+
+
+def feature_network(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> nn.Module | None:
+    """The network a method may read (shapes, layer names): the feature teacher's, or the
+    trained teacher; None when it is replayed."""
+    wanted = feature_teacher_id(cfg)
+    return next((b.network for b in builds if b.spec.id == wanted), None)
+
+
+def frozen_teachers(cfg: ExperimentConfig, builds: list[TeacherBuild], needs: TeacherNeeds, method_name: str,
+                    runtime: Runtime) -> dict[str, FrozenTeacher]:
+    """Each online frozen teacher ready to run, by id; the feature teacher taps ``needs.features``.
+    Refuses a teacher the method would run for nothing and features from a replayed teacher."""
+    feature_id = feature_teacher_id(cfg)
+    frozen = {}
+    for build in builds:
+        taps = list(needs.features) if build.spec.id == feature_id else []
+        if taps and build.replayed:
+            raise KdscaleError(f"method {method_name!r} needs features: use {build.key}.source=online (it reads the "
+                               f"teacher's {', '.join(needs.features)}; {build.key}.source=shards replays logits only)")
+        if not needs.logits and not taps and len(builds) > 1:
+            raise KdscaleError(f"method {method_name!r} reads only the features of one teacher "
+                               f"(method.feature_teacher={feature_id}); {build.key} ({build.spec.id}) would run for "
+                               f"nothing: remove it from teachers")
+        if build.replayed:
+            continue
+        network = build.network
+        if build.sharding == "zero3":
+            network = build_partitioned(
+                lambda spec=build.spec, classes=build.classes, key=build.key: build_model(spec.name, classes, where=key),
+                build.weights, zero3_teacher_config(cfg.data.batch_size, runtime.autocast_dtype),
+                where=f"{build.key}.weights={build.spec.weights}", device=runtime.device)
+        frozen[build.spec.id] = FrozenTeacher(network, taps, runtime.device, runtime.autocast_dtype,
+                                              runtime.channels_last, sharding=build.sharding,
+                                              micro_batch=cfg.data.batch_size,
+                                              compile=compiles_teacher(cfg.train.compile))
+    return frozen
