@@ -4,7 +4,8 @@ global batch split in two. Records the global mean loss per step, the trained st
 weights at the end (gathered whole: sums and its first values), optimizer-state, parameter
 and gradient bytes, the parameters this rank's optimizer holds, and the
 method's per-sample state (CRD's banks) gathered whole. ``params`` set method parameters;
-the rest keep their defaults."""
+the rest keep their defaults, except ``teachers=2``: a second frozen teacher beside the
+first (:func:`two_teachers`)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,36 @@ from kdscale.probes.networks import (
     PlainNet,
     global_batches,
 )
-from kdscale.teachers.frozen import FrozenTeacher
+from kdscale.models.preprocessing import Preprocessing
+from kdscale.teachers.frozen import FrozenTeacher, zero3_teacher_config
+from kdscale.teachers.partitioned import build_partitioned
+from kdscale.teachers.views import TeacherView
+from kdscale.train.teacher_source import Member, TeacherSource
+
+
+def two_teachers(first: FrozenTeacher, ctx: DistContext, micro_batch: int) -> TeacherSource:
+    """The probe's first teacher (weight 0.3) and a wider second one (weight 0.7) with its own
+    view (20 px, other mean and std), ZeRO-3-partitioned on several ranks (replicated on one:
+    the same function), as a run with two teachers combines them."""
+    torch.manual_seed(7)
+    state = PlainNet(32).state_dict()
+    if ctx.world_size > 1:
+        network = build_partitioned(lambda: PlainNet(32), state, zero3_teacher_config(micro_batch), "probe",
+                                    ctx.device)
+    else:
+        network = PlainNet(32)
+        network.load_state_dict(state)
+    view = TeacherView(Preprocessing((0.0,) * 3, (1.0,) * 3, (16, 16)),
+                       Preprocessing((0.1, 0.2, 0.3), (0.5, 0.6, 0.7), (20, 20), "probe"))
+    second = FrozenTeacher(network, [], ctx.device, None, False, view=view,
+                           sharding="zero3" if ctx.world_size > 1 else "replicated", micro_batch=micro_batch)
+    return TeacherSource([Member("a", 0.3, first), Member("b", 0.7, second)], "a")
 
 
 def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | None = None) -> dict:
     per_rank = GLOBAL_BATCH // ctx.world_size
+    params = dict(params or {})
+    teachers = params.pop("teachers", 1)
     cfg = load_config(None, [f"distributed.strategy={strategy}", f"data.batch_size={per_rank}",
                              "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"])
     torch.manual_seed(0)
@@ -37,16 +63,19 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     mctx = MethodContext(num_classes=CLASSES, image_size=16, method_name=method_name, teacher_network=teacher,
                          teacher_role=cls.teacher_role, teacher_name="plain24",
                          teacher_pretrained=True, build_model=lambda _name: PlainNet(24),
+                         teacher_ids=("a", "b") if teachers == 2 else ("teacher",),
                          train_labels=torch.arange(SAMPLES) % CLASSES)
-    distiller = cls(student, cls.Params(**(params or {})), mctx).train().to(ctx.device)
+    distiller = cls(student, cls.Params(**params), mctx).train().to(ctx.device)
     frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
         if cls.teacher_role == "frozen" else None
+    if teachers == 2:
+        frozen = two_teachers(frozen, ctx, per_rank)
     engine = make_engine(strategy, distiller, cfg, ctx)
     losses = []
     for images, targets, indices in global_batches():
         mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
         images, targets, indices = (t[mine].to(ctx.device) for t in (images, targets, indices))
-        teacher_output = frozen(images) if frozen else None
+        teacher_output = (frozen(images, None) if teachers == 2 else frozen(images)) if frozen else None
         step_total = 0.0
         for phase in distiller.phases():
             terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext,

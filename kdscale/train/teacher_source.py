@@ -19,6 +19,7 @@ gave before there could be several: its logits, untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -66,7 +67,9 @@ class TeacherSource:
         outputs = {}
         for member in self.members:
             if member.frozen is not None:
-                with self.watchdog.waiting(f"running the frozen teacher {member.id}"):
+                waiting = self.watchdog.waiting(f"running the frozen teacher {member.id}") if self.watchdog \
+                    else contextlib.nullcontext()
+                with waiting:
                     outputs[member.id] = member.frozen(images)
             else:
                 outputs[member.id] = TeacherOutput(replayed_probs[:, member.replay_slot].clamp_min(1e-12).log())
