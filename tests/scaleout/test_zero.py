@@ -171,20 +171,28 @@ def test_crash_ends_job_and_resume_reproduces(kd_overrides, tmp_path):
 
 def test_zero3_teacher_run_equals_replicated_teacher(kd_overrides, tmp_path):
     """kdscale.train on 2 ranks with the frozen teacher built partitioned (ZeRO-3) gives the
-    losses of the replicated teacher; SOKD, whose bridge is built from the teacher's layers,
-    trains from the partitioned teacher's shape twin."""
+    losses of the replicated teacher, and so do two copies of it, one partitioned and one
+    replicated (their ensemble is the teacher); SOKD, whose bridge is built from the teacher's
+    layers, trains from the partitioned teacher's shape twin."""
     launch = ["bash", ACCELERATE, "-m", "kdscale.train"]
     runs = {}
-    for name, method, sharding in (("replicated", "kd", "replicated"), ("sharded", "kd", "zero3"),
-                                   ("sokd", "sokd", "zero3")):
-        result = run_cli(launch + kd_overrides(name, "distributed.strategy=ddp", f"method.name={method}",
-                                               f"distributed.teacher_sharding={sharding}",
-                                               "train.stop_after_steps=4"), timeout=600)
+    teacher = tmp_path / "teacher.pt"  # written by the kd_overrides fixture
+    # Two copies of the teacher, one partitioned and one replicated: their ensemble is the teacher.
+    pair = (f"teachers=[{{name: resnet20, weights: {teacher}, sharding: zero3}}, "
+            f"{{name: resnet20, weights: {teacher}, sharding: replicated}}]")
+    for name, method, sharding, *extra in (("replicated", "kd", "replicated"), ("sharded", "kd", "zero3"),
+                                           ("sokd", "sokd", "zero3"), ("pair", "kd", "replicated", pair)):
+        overrides = kd_overrides(name, "distributed.strategy=ddp", f"method.name={method}",
+                                 f"distributed.teacher_sharding={sharding}", "train.stop_after_steps=4", *extra)
+        if extra:
+            overrides = [o for o in overrides if not o.startswith("teacher.")]
+        result = run_cli(launch + overrides, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = losses_by_step(tmp_path / "runs" / name)
-    assert sorted(runs["replicated"]) == sorted(runs["sharded"]) == [1, 2, 3, 4]
+    assert sorted(runs["replicated"]) == sorted(runs["sharded"]) == sorted(runs["pair"]) == [1, 2, 3, 4]
     for step, values in runs["sharded"].items():
         assert values[0] == pytest.approx(runs["replicated"][step][0], rel=1e-5), step
+        assert runs["pair"][step][0] == pytest.approx(runs["replicated"][step][0], rel=1e-5), step
     assert sorted(runs["sokd"]) == [1, 2, 3, 4] and all(v[0] == v[0] for v in runs["sokd"].values())
 
 
