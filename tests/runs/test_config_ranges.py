@@ -21,7 +21,7 @@ from kdscale.models import build_model, read_state_dict
 # key -> the allowed range; "kd:method.temperature" is method kd's parameter.
 RANGES = {
     "student.num_classes": ">=1", "teacher.num_classes": ">=1",
-    "teacher.crops_per_image": ">=1", "teacher.top_k": ">=1", "teacher.input_size": ">=1",
+    "teacher.crops_per_image": ">=1", "teacher.top_k": ">=1", "teacher.input_size": ">=1", "teacher.weight": ">0",
     "data.num_classes": ">=1", "data.train_samples": ">=1", "data.image_size": ">=1", "data.val_resize": ">=1",
     "data.std": ">0", "data.batch_size": ">=1", "data.num_workers": ">=0", "data.shuffle_buffer": ">=1",
     "data.mixup_alpha": ">=0", "data.cutmix_alpha": ">=0", "data.mix_prob": "[0,1]",
@@ -102,7 +102,9 @@ def numeric_fields(cls: type, prefix: str = ""):
             yield f"{prefix}{f.name}", base, f.metadata
 
 
-FIELDS = {key: (kind, meta) for key, kind, meta in numeric_fields(ExperimentConfig)}
+# ``teachers`` entries are the ``teacher`` section's dataclass: checked once, as ``teacher.*``
+# (tests/runs/test_several_teachers.py checks that a list entry's range names ``teachers[i]``).
+FIELDS = {key: (kind, meta) for key, kind, meta in numeric_fields(ExperimentConfig) if not key.startswith("teachers.")}
 for _name, _cls in METHODS.items():
     FIELDS.update((f"{_name}:method.{key}", (kind, meta)) for key, kind, meta in numeric_fields(_cls.Params))
 CASES = [(spec, value) for spec, rng in RANGES.items() for value in BAD[rng]
