@@ -33,6 +33,12 @@ Mixup/CutMix targets and ``train.label_smoothing`` go through
 The teacher's logits come from outside (online, or replayed from teacher-output shards)
 and are detached. Evaluation scores the two-head mean as ``student`` (what the model
 predicts at inference) and each head alone as ``class_head`` and ``dist_head``.
+
+Several frozen teachers (``ensemble``; :mod:`kdscale.methods.ensemble`), weights normalised
+to sum to 1: ``probs`` (default) takes the ensemble target ``sum_i w_i softmax(z_i / tau)``,
+``logits`` ``softmax(sum_i w_i z_i / tau)``; soft distillation distils it, hard distillation
+takes its argmax (with ``probs``, the class of the highest mean probability at ``tau``, 1 by
+default). One teacher: both forms are today's terms, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 
 from kdscale.errors import KdscaleError
 from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.ensemble import ensemble_target_logits
 from kdscale.methods.losses import cross_entropy
 
 
@@ -87,6 +94,7 @@ class DeiT(Distiller):
         alpha: float = field(default=0.5, metadata={"ge": 0, "le": 1})
         tau: float = field(default=1.0, metadata={"gt": 0})
         soft_normalization: Literal["numel", "batch"] = "numel"
+        ensemble: Literal["probs", "logits"] = "probs"
 
     def __init__(self, student, params, context):
         if not is_distilled_vit(student):
@@ -118,7 +126,7 @@ class DeiT(Distiller):
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         class_logits, dist_logits = self._training_heads(images)
-        teacher_logits = teacher_output.logits.detach()
+        teacher_logits = ensemble_target_logits(teacher_output, p.tau, p.ensemble).detach()
         if p.distillation == "soft":
             distill = deit_soft_distillation(dist_logits, teacher_logits, p.tau, p.soft_normalization)
         else:

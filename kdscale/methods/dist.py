@@ -29,6 +29,11 @@ Choices:
   size (inferred: an option for runs that must not depend on the GPU count).
 - No logit standardization switch: neither the DIST code nor the logit-standardization code
   applies the z-score to DIST.
+- Several frozen teachers (``ensemble``; :mod:`kdscale.methods.ensemble`), weights normalised
+  to sum to 1 (equal weights keep kd_weight at its single-teacher scale): ``probs`` (default)
+  correlates with the ensemble's probability matrix ``P_T = sum_i w_i softmax(z_i / tau)``
+  (exactly); ``logits`` with ``softmax(sum_i w_i z_i / tau)``. One teacher: both forms are
+  today's terms, bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.ensemble import ensemble_target_logits
 from kdscale.methods.losses import cross_entropy
 from kdscale.parallel.collectives import gather_rows
 
@@ -80,11 +86,13 @@ class DIST(Distiller):
         gamma: float = field(default=1.0, metadata={"ge": 0})
         tau: float = field(default=1.0, metadata={"gt": 0})
         intra_batch: Literal["local", "global"] = "local"
+        ensemble: Literal["probs", "logits"] = "probs"
 
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         logits = self.student(images)
-        inter, intra = dist_relations(teacher_output.logits.detach(), logits, p.tau, p.intra_batch)
+        teacher_logits = ensemble_target_logits(teacher_output, p.tau, p.ensemble).detach()
+        inter, intra = dist_relations(teacher_logits, logits, p.tau, p.intra_batch)
         return logits, {
             "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
             "inter": p.kd_weight * p.beta * inter,

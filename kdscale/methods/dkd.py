@@ -32,16 +32,25 @@ Choices:
   with ``--logit-stand --kd-weight 9`` also sets ``ALPHA = 9 * ALPHA`` and then ``BETA = 9 * ALPHA``
   (81 with the default alpha), and its ``--base-temp`` sets ``KD.TEMPERATURE``, which DKD does
   not read; set alpha, beta and temperature explicitly.
+- Several frozen teachers (``ensemble``; :mod:`kdscale.methods.ensemble`), weights normalised
+  to sum to 1 (equal weights keep alpha and beta at their single-teacher scale): ``probs``
+  (default) distils ``p = sum_i w_i softmax(z_i / T)``, so ``b_T = [p_y, 1 - p_y]`` and
+  ``q_T = p_c / (1 - p_y)`` are the ensemble's own, exactly; ``logits`` distils
+  ``softmax(sum_i w_i z_i / T)``. Logit standardization z-scores the mean of the raw logits
+  (``logits``); with ``probs`` and several teachers it is refused when the method is built.
+  One teacher: both forms are today's terms, bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.ensemble import ensemble_target_logits, refuse_standardized_probs
 from kdscale.methods.losses import cross_entropy, standardize_logits
 
 
@@ -84,6 +93,11 @@ class DKD(Distiller):
         temperature: float = field(default=4.0, metadata={"gt": 0})
         warmup: float = field(default=20.0, metadata={"ge": 0})
         logit_standardization: bool = False
+        ensemble: Literal["probs", "logits"] = "probs"
+
+    def __init__(self, student, params, context):
+        refuse_standardized_probs(self.name, context, params.ensemble, params.logit_standardization)
+        super().__init__(student, params, context)
 
     def warmup_factor(self) -> float:
         """``min((epoch + 1) / warmup, 1)``: mdistiller's weight for its 1-based epoch."""
@@ -92,8 +106,8 @@ class DKD(Distiller):
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         logits = self.student(images)
-        tckd, nckd = decoupled_kd(teacher_output.logits.detach(), logits, targets, p.temperature,
-                                  p.logit_standardization)
+        teacher_logits = ensemble_target_logits(teacher_output, p.temperature, p.ensemble).detach()
+        tckd, nckd = decoupled_kd(teacher_logits, logits, targets, p.temperature, p.logit_standardization)
         w = self.warmup_factor()
         return logits, {
             "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),

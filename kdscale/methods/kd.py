@@ -16,13 +16,27 @@ Distillation") z-scores both logits per sample before the temperature, which is 
 temperature; ``T^2`` stays (verified: sunshangquan/logit-standardization-KD
 ``mdistiller/distillers/KD.py``; their CIFAR-100 runs: T=2, CE 1, KD 9). See
 :func:`~kdscale.methods.losses.standardize_logits`.
+
+Several frozen teachers (``ensemble``; :mod:`kdscale.methods.ensemble`), their weights
+normalised to sum to 1, so equal weights keep ``kd_weight`` at its single-teacher scale:
+
+- ``probs`` (default; Hinton et al. 2015's ensemble target): ``p_T^T = sum_i w_i p_i^T``;
+- ``logits``: ``p_T^T = softmax(sum_i w_i z_i / T)``, the mean of the logits;
+- ``per_teacher``: one term per teacher, ``kd_<id> = kd_weight * w_i * T^2 KL(p_i^T || p_S^T)``;
+  their sum is the weighted mean of the single-teacher KD terms.
+
+With one teacher every form is today's ``kd`` term, bit for bit. Logit standardization
+z-scores the mean of the raw logits (``logits``) or each teacher (``per_teacher``);
+``probs`` with several teachers and standardization is refused when the method is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kdscale.methods.base import Distiller, register_method
+from kdscale.methods.ensemble import ensemble_target_logits, refuse_standardized_probs
 from kdscale.methods.losses import cross_entropy, soft_kl
 
 
@@ -40,12 +54,24 @@ class KD(Distiller):
         kd_weight: float = field(default=0.9, metadata={"ge": 0})
         t_squared: bool = True
         logit_standardization: bool = False
+        ensemble: Literal["probs", "logits", "per_teacher"] = "probs"
+
+    def __init__(self, student, params, context):
+        refuse_standardized_probs(self.name, context, params.ensemble, params.logit_standardization,
+                                  fix="method.ensemble=logits or method.ensemble=per_teacher")
+        super().__init__(student, params, context)
 
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
         logits = self.student(images)
-        teacher_logits = teacher_output.logits.detach()
-        return logits, {
-            "ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing),
-            "kd": p.kd_weight * soft_kl(teacher_logits, logits, p.temperature, p.t_squared, p.logit_standardization),
-        }
+        terms = {"ce": p.ce_weight * cross_entropy(logits, targets, self.label_smoothing)}
+        members = teacher_output.member_items()
+        if p.ensemble == "per_teacher" and len(members) > 1:
+            for tid, teacher_logits, weight in members:
+                terms[f"kd_{tid}"] = p.kd_weight * weight * soft_kl(
+                    teacher_logits.detach(), logits, p.temperature, p.t_squared, p.logit_standardization)
+            return logits, terms
+        form = "logits" if p.ensemble == "per_teacher" else p.ensemble
+        teacher_logits = ensemble_target_logits(teacher_output, p.temperature, form).detach()
+        terms["kd"] = p.kd_weight * soft_kl(teacher_logits, logits, p.temperature, p.t_squared, p.logit_standardization)
+        return logits, terms
