@@ -206,3 +206,26 @@ def make_config_overrides(synth_data, tmp_path, name):
     from helpers.common import base_overrides
 
     return base_overrides(synth_data, str(tmp_path), name=name) + ["student.name=resnet8"]
+
+
+@pytest.mark.slow
+def test_the_shipped_ensemble_config_runs(synth_data, tmp_path):
+    """configs/kd_ensemble_cifar100.yaml as shipped, on the synthetic shards (10 classes, random
+    teachers, 4 steps): it trains and scores both teachers, the ensemble and the agreements."""
+    from helpers.common import ROOT, base_overrides
+
+    from kdscale.train.loop import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "configs", "kd_ensemble_cifar100.yaml"), base_overrides(
+        synth_data, str(tmp_path)) + ["teachers.0.weights=null", "teachers.1.weights=null", "data.train_samples=128",
+                                      "train.epochs=1", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random teachers
+        trainer = Trainer(cfg)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    assert summary["completed"] and summary["step"] == 4
+    assert {"val/r32x4_top1", "val/wrn40x2_top1", "val/ensemble_top1", "val/agreement_r32x4_top1",
+            "val/agreement_wrn40x2_top1"} <= set(summary["metrics"])
