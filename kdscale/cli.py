@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side throughput and memory ratios (docs/benchmarks.md)")
     bench.add_argument("--quick", action="store_true", help="small settings, a few minutes on 2 cores")
     bench.add_argument("--out", help="output folder (default runs/bench/<time>)")
-    bench.add_argument("--sections", default="all", help="comma list of compute, compile, data, imagenet_data, "
-                       "decode, writer, memory, crd, scaling (default: all)")
+    bench.add_argument("--sections", default="all", help="comma list of compute, teachers2, compile, data, "
+                       "imagenet_data, decode, writer, memory, crd, scaling (default: all)")
     bench.add_argument("--student", default="resnet8")
     bench.add_argument("--teacher", default="resnet56")
     bench.add_argument("--image-size", type=int, default=32)

@@ -11,7 +11,13 @@
   information only (``flop_model``): it holds when both networks are compute-bound and
   not for small networks bound by per-operator overhead;
 - peer: torchdistill's DistillationBox on the same KD configuration, models and batches,
-  plus the loss both compute on the same first batch.
+  plus the loss both compute on the same first batch;
+- several teachers (section ``teachers2``, :func:`bench_teachers`): KD from two online frozen
+  teachers (random weights, the ``--teacher`` network twice) against its bound, a student-only
+  step plus each teacher's forward, measured the same way in the same round; and KD from two
+  replayed teachers against student-only. Both go through the trainer's
+  :class:`~kdscale.train.teacher_source.TeacherSource` (members, their mean, the ensemble
+  target of the method).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ T, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 0.05
 
 
 class Setup:
-    def __init__(self, student: str, teacher: str, image_size: int, batch: int, num_classes: int, device: str):
+    def __init__(self, student: str, teacher: str, image_size: int, batch: int, num_classes: int, device: str,
+                 teachers: int = 1):
         self.device = torch.device(device)
         self.ctx = DistContext(0, 1, 0, self.device)
         self.on_gpu = self.device.type == "cuda"
@@ -58,15 +65,32 @@ class Setup:
         self.cfg = load_config(None, [f"data.batch_size={batch}", "optim.name=sgd", f"optim.lr={LR}",
                                       "optim.momentum=0.9", "optim.weight_decay=5e-4"])
         self.image_size, self.batch, self.num_classes = image_size, batch, num_classes
+        self.teachers = [self.teacher]  # more: the same network, other random weights
+        for i in range(1, teachers):
+            torch.manual_seed(i)
+            extra = build_model(teacher, num_classes).to(self.device).eval().requires_grad_(False)
+            self.teachers.append(extra.to(memory_format=torch.channels_last) if self.on_gpu else extra)
 
     def autocast(self):
         return autocast(self.device, self.dtype)
 
-    def kdscale_step(self, method: str, teacher_source: str):
+    def kdscale_step(self, method: str, teacher_source: str, teachers: int = 1):
+        """One training step of ``method`` with its teachers ``online``, replayed from stored
+        outputs (``shards``) or ``none``; ``teachers`` > 1: the first ``teachers`` of :attr:`teachers`
+        through the trainer's teacher source."""
         cls = get_method_class(method)
         params = cls.Params(temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT) if method == "kd" else cls.Params()
-        distiller = cls(copy.deepcopy(self.student), params, MethodContext(self.num_classes, self.image_size)).train()
+        ids = tuple(f"teacher{i}" for i in range(teachers)) if teachers > 1 else ()
+        distiller = cls(copy.deepcopy(self.student), params,
+                        MethodContext(self.num_classes, self.image_size, teacher_ids=ids)).train()
         engine = DDPEngine(distiller, self.cfg, self.ctx)
+        if teachers > 1:
+            source, replayed = self.teacher_source(teacher_source, ids)
+
+            def step():
+                engine.micro_step("all", self.images, self.targets, source(self.images, replayed), True, LR,
+                                  self.autocast)
+            return step
         frozen = self.frozen_teacher()
         with torch.no_grad():
             stored = TeacherOutput(torch.log_softmax(frozen(self.images).logits.float(), 1))
@@ -79,13 +103,29 @@ class Setup:
             engine.micro_step("all", self.images, self.targets, out, True, LR, self.autocast)
         return step
 
-    def frozen_teacher(self) -> FrozenTeacher:
-        """A fresh copy of the teacher, frozen as the online KD step runs it (logits only)."""
-        return FrozenTeacher(copy.deepcopy(self.teacher), [], self.device, self.dtype, self.on_gpu)
+    def frozen_teacher(self, index: int = 0) -> FrozenTeacher:
+        """A fresh copy of a teacher, frozen as the online KD step runs it (logits only)."""
+        return FrozenTeacher(copy.deepcopy(self.teachers[index]), [], self.device, self.dtype, self.on_gpu)
 
-    def teacher_forward_step(self):
-        """The teacher's own forward at the benchmark batch, exactly as the online KD step calls it."""
-        frozen = self.frozen_teacher()
+    def teacher_source(self, source: str, ids: tuple[str, ...]):
+        """The trainer's :class:`TeacherSource` over the first ``len(ids)`` teachers, equal weights,
+        and what a batch gives it: ``online``, each runs (None); ``shards``, the teachers' stored
+        probabilities, ``(B, teachers, classes)`` as the loader replays them."""
+        from kdscale.lifecycle.watchdog import Watchdog
+        from kdscale.train.teacher_source import Member, TeacherSource
+
+        frozen = [self.frozen_teacher(i) for i in range(len(ids))]
+        if source == "online":
+            members = [Member(tid, 1 / len(ids), teacher) for tid, teacher in zip(ids, frozen)]
+            return TeacherSource(members, ids[0], Watchdog(60, 0)), None
+        with torch.no_grad():
+            probs = torch.stack([teacher(self.images).logits.float().softmax(1) for teacher in frozen], 1)
+        members = [Member(tid, 1 / len(ids), replay_slot=i) for i, tid in enumerate(ids)]
+        return TeacherSource(members, ids[0], Watchdog(60, 0), outputs_dirs=list(ids)), probs
+
+    def teacher_forward_step(self, index: int = 0):
+        """A teacher's own forward at the benchmark batch, exactly as the online KD step calls it."""
+        frozen = self.frozen_teacher(index)
 
         def step():
             frozen(self.images)
@@ -177,8 +217,7 @@ def bench_compute(setup: Setup, steps: int, rounds: int, peer: bool) -> dict:
             peer_note = "torchdistill is not installed (pip install torchdistill==1.1.5)"
     samples = interleaved_rounds(candidates, setup.device, steps, rounds)
     student, online = samples["kdscale_student_only"], samples["kdscale_kd_online"]
-    # Images/s of a student-only step followed by the teacher's forward, both timed in this round.
-    bound = [1.0 / (1.0 / s + 1.0 / t) for s, t in zip(student, samples["teacher_forward"])]
+    bound = measured_bound(student, [samples["teacher_forward"]])
 
     def ratio(numerator: str, denominator: str) -> dict:
         return ratio_over_rounds(samples[numerator], samples[denominator])
@@ -203,3 +242,33 @@ def bench_compute(setup: Setup, steps: int, rounds: int, peer: bool) -> dict:
     if peer_note:
         out["peer_note"] = peer_note
     return out
+
+
+def measured_bound(student: list[float], teacher_forwards: list[list[float]]) -> list[float]:
+    """Per round, the images/s of a student-only step followed by each teacher's forward, all
+    timed in that round (the time per image adds up)."""
+    return [1.0 / (1.0 / s + sum(1.0 / t[r] for t in teacher_forwards)) for r, s in enumerate(student)]
+
+
+def bench_teachers(setup: Setup, steps: int, rounds: int) -> dict:
+    """KD from all of ``setup.teachers`` (section ``teachers<N>``), online against its measured
+    bound and replayed against student-only, side by side in the same rounds."""
+    count = len(setup.teachers)
+    candidates = {
+        "kdscale_student_only": (setup.kdscale_step("vanilla", "none"), setup.batch),
+        f"kdscale_kd_online_{count}_teachers": (setup.kdscale_step("kd", "online", count), setup.batch),
+        **{f"teacher_forward_{i}": (setup.teacher_forward_step(i), setup.batch) for i in range(count)},
+        f"kdscale_kd_shards_{count}_teachers": (setup.kdscale_step("kd", "shards", count), setup.batch),
+    }
+    samples = interleaved_rounds(candidates, setup.device, steps, rounds)
+    student, online = samples["kdscale_student_only"], samples[f"kdscale_kd_online_{count}_teachers"]
+    bound = measured_bound(student, [samples[f"teacher_forward_{i}"] for i in range(count)])
+    prefix = f"teachers{count}"
+    ratios = {
+        f"{prefix}_online_kd_vs_student_only": ratio_over_rounds(online, student),
+        f"{prefix}_online_kd_measured_bound": ratio_over_rounds(bound, student),
+        f"{prefix}_online_kd_fraction_of_bound": ratio_over_rounds(online, bound),
+        f"{prefix}_shard_kd_vs_student_only": ratio_over_rounds(samples[f"kdscale_kd_shards_{count}_teachers"],
+                                                                student),
+    }
+    return {"teachers": count, "throughput": throughput_summary(samples), "ratios": ratios}

@@ -15,13 +15,17 @@ import sys
 
 import torch
 
-SECTIONS = ("compute", "compile", "data", "imagenet_data", "decode", "writer", "memory", "crd", "scaling")
+SECTIONS = ("compute", "teachers2", "compile", "data", "imagenet_data", "decode", "writer", "memory", "crd", "scaling")
 GOALS = {  # ratio -> (goal, description)
     "overhead_kdscale_vs_hand_written": (0.95, "kdscale KD step / hand-written PyTorch loop"),
     "online_kd_vs_student_only": (None, "online-teacher KD / student alone"),
     "online_kd_measured_bound": (None, "bound of that ratio: student-only step + teacher forward, same round"),
     "online_kd_fraction_of_bound": (0.90, "online-teacher KD speed as a fraction of its measured bound"),
     "shard_kd_vs_student_only": (0.90, "KD from stored teacher outputs / student alone (compute path)"),
+    "teachers2_online_kd_vs_student_only": (None, "KD from two online teachers / student alone"),
+    "teachers2_online_kd_measured_bound": (None, "bound of that ratio: student-only step + both teachers' forwards"),
+    "teachers2_online_kd_fraction_of_bound": (0.95, "KD from two online teachers as a fraction of its measured bound"),
+    "teachers2_shard_kd_vs_student_only": (0.90, "KD from two replayed teachers' outputs / student alone"),
     "kdscale_vs_torchdistill": (1.00, "kdscale KD step / torchdistill DistillationBox step"),
     "webdataset_vs_imagefolder": (1.00, "kdscale webdataset loader / torchvision ImageFolder loader"),
     "replay_vs_webdataset": (0.90, "teacher-shard replay loader / plain webdataset loader"),
@@ -98,7 +102,7 @@ def format_report(result: dict) -> str:
         goal_text = "-" if goal is None else (f"<= {goal}" if name in AT_MOST else f">= {goal}")
         lines.append(f"| {name} | {value:.3f} | {spread_text(entry)} | {len(entry['rounds'])} | {goal_text} "
                      f"| {verdict} | {what} |")
-    for section in ("compute", "compile", "data", "imagenet_data"):
+    for section in ("compute", "teachers2", "compile", "data", "imagenet_data"):
         if section in result:
             workers = result[section].get("workers")
             per_worker = (lambda r: f", {r['images_per_s'] / workers:.1f} per loader worker") if workers else \
@@ -175,6 +179,12 @@ def run_bench(args) -> dict:
         result["ratios"].update(result["compute"]["ratios"])
         if args.profile:
             result["compute"]["profile"] = profile_step(setup, os.path.join(out, "profile.txt"))
+    if "teachers2" in sections:  # two online / two replayed teachers: the --teacher network twice, random weights
+        from kdscale.bench.compute import bench_teachers
+
+        result["teachers2"] = bench_teachers(Setup(args.student, args.teacher, args.image_size, args.batch,
+                                                   args.num_classes, device, teachers=2), steps, rounds)
+        result["ratios"].update(result["teachers2"]["ratios"])
     if "compile" in sections:
         from kdscale.bench.compile_bench import bench_compile
 

@@ -28,18 +28,24 @@ even of fp32 weights (``stage_1_and_2.py``); ZeRO-3 updates fp32 weights in plac
 parameters stays gathered from forward to backward, so this is an upper bound).
 A frozen teacher (Ψ_T) holds 4Ψ_T replicated, or under ZeRO-3 4Ψ_T/N plus its persistent
 tensors plus one forward's working set (largest module + ``stage3_prefetch_bucket_size``, 5e7).
+Every online frozen teacher is counted, each under its placement; the teachers run one after
+the other, so of several ZeRO-3 teachers only the largest working set is counted. A teacher
+replayed from its output shards holds no parameters.
 
-Activations are measured: one forward+backward of the real networks on CPU at two small
-batches under the config's autocast, summing the distinct storages saved for backward
-(``saved_tensors_hooks``; weights excluded, their bf16 casts included) and the teacher's
-outputs, scaled linearly in batch and ``image_size²``. Not counted: CUDA context, cuDNN
-workspace, fragmentation, activation gradients in flight.
+Rows vary the strategy and the frozen teachers' placement: a row's placement (``replicated``,
+``zero3``) applies to every online teacher; when the config places its teachers differently
+(``teachers[i].sharding``), the rows ``mixed`` place each as configured.
+
+Activations are measured (:mod:`kdscale.planning.activations`): one forward+backward of the
+real networks on CPU at two small batches, with every online teacher run, scaled linearly in
+batch and ``image_size²``. Not counted: CUDA context, cuDNN workspace, fragmentation,
+activation gradients in flight.
 
 Communication per rank and optimizer step (ring collectives: factor (N-1)/N; fp32; A =
 ``train.grad_accum_steps``): DDP all-reduces the gradients once, 2Ψ·4 per phase; ZeRO-1
 reduce-scatters them once and all-gathers the updated weights, 2Ψ·4; ZeRO-2 reduce-scatters
 every micro-batch, (A+1)Ψ·4; ZeRO-3 all-gathers the weights in forward and backward and
-reduce-scatters every micro-batch, 3AΨ·4 (the paper's 1.5x); a ZeRO-3 teacher all-gathers
+reduce-scatters every micro-batch, 3AΨ·4 (the paper's 1.5x); each ZeRO-3 teacher all-gathers
 its weights every micro-batch, AΨ_T·4. Time is volume / link speed.
 """
 
@@ -54,19 +60,40 @@ from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.errors import KdscaleError
-from kdscale.runtime.device import autocast as run_autocast
+from kdscale.planning.activations import PROBE_BATCHES, ActivationEstimate, measure_activations, step_source
 
 GIB = 2**30
-PROBE_BATCHES = (2, 4)
-PROBE_SIDE = 128  # activations are measured at min(image_size, 128) px and scaled by area
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py) for keys a DeepSpeed JSON leaves out.
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "contiguous_gradients": True, "stage3_param_persistence_threshold": 1e5,
                  "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
 
 
 @dataclasses.dataclass
+class TeacherSizes:
+    """One frozen teacher: its parameter elements (Ψ_T), those in tensors ZeRO-3 keeps whole,
+    its largest module's, its buffer bytes and its configured placement; a replayed teacher
+    (``sharding="shards"``) holds nothing."""
+
+    id: str
+    name: str
+    parameters: int = 0
+    persistent: int = 0
+    largest_module: int = 0
+    buffer_bytes: int = 0
+    sharding: str = "replicated"
+
+    @property
+    def replayed(self) -> bool:
+        return self.sharding == "shards"
+
+
+@dataclasses.dataclass
 class NetworkSizes:
-    """Parameter elements (Ψ) and buffer bytes of the trained networks and the frozen teacher."""
+    """Parameter elements (Ψ) and buffer bytes of the trained networks and the frozen teachers.
+
+    ``teachers``: every frozen teacher, in config order. ``teacher*``: their totals (the
+    largest module: the largest of any); given without ``teachers``, they describe one
+    replicated teacher."""
 
     trained: int
     trained_persistent: int  # in tensors ZeRO-3 keeps whole (below the persistence threshold)
@@ -78,21 +105,33 @@ class NetworkSizes:
     teacher_buffer_bytes: int = 0
     state_bytes_per_sample: int = 0  # per training sample, rows sharded across ranks (CRD's memory banks)
     dataset_size: int = 0
+    teachers: list[TeacherSizes] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.teacher and not self.teachers:
+            self.teachers = [TeacherSizes("teacher", "", self.teacher, self.teacher_persistent,
+                                          self.teacher_largest_module, self.teacher_buffer_bytes)]
+        elif self.teachers:
+            self.teacher = sum(t.parameters for t in self.teachers)
+            self.teacher_persistent = sum(t.persistent for t in self.teachers)
+            self.teacher_largest_module = max(t.largest_module for t in self.teachers)
+            self.teacher_buffer_bytes = sum(t.buffer_bytes for t in self.teachers)
+
+    @property
+    def online_teachers(self) -> list[TeacherSizes]:
+        return [t for t in self.teachers if not t.replayed]
+
+    def placements(self, gpus: int) -> tuple[str, ...]:
+        """The rows' teacher placements: replicated (and zero3 on several GPUs) with an online
+        teacher, plus ``mixed`` where the configured placements differ; else shards or none."""
+        online = self.online_teachers
+        if not online:
+            return ("shards",) if self.teachers else ("none",)
+        mixed = ("mixed",) if gpus > 1 and len({t.sharding for t in online}) > 1 else ()
+        return ("replicated", "zero3")[:1 + (gpus > 1)] + mixed
 
     def rank_state_bytes(self, ranks: int) -> int:
         return self.state_bytes_per_sample * math.ceil(self.dataset_size / ranks)
-
-
-@dataclasses.dataclass
-class ActivationEstimate:
-    """``constant + per_sample * batch * (side / probe_side)²`` bytes."""
-
-    constant: int
-    per_sample: int
-    probe_side: int
-
-    def at(self, batch: int, side: int) -> int:
-        return int(self.constant + self.per_sample * batch * (side / self.probe_side) ** 2)
 
 
 @dataclasses.dataclass
@@ -142,86 +181,53 @@ def _buffer_bytes(module: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def network_sizes(distiller: nn.Module, teacher: nn.Module | None, persistence_threshold: float) -> NetworkSizes:
+def teacher_sizes(tid: str, name: str, teacher: nn.Module, sharding: str) -> TeacherSizes:
+    params = list(teacher.parameters())
+    return TeacherSizes(tid, name, sum(p.numel() for p in params),
+                        sum(p.numel() for p in params if p.numel() <= ZERO_DEFAULTS[
+                            "stage3_param_persistence_threshold"]),  # the teacher's engine runs DeepSpeed's defaults
+                        max(sum(p.numel() for p in m.parameters(recurse=False)) for m in teacher.modules()),
+                        _buffer_bytes(teacher), sharding)
+
+
+def frozen_teacher_sizes(cfg: ExperimentConfig, distiller: nn.Module, frozen: dict) -> list[TeacherSizes]:
+    """Every frozen teacher of the run, in config order (networks built by hand without
+    ``cfg.teachers``: those of ``frozen``), each with its configured placement."""
+    if type(distiller).teacher_role != "frozen":
+        return []
+    specs = {spec.id: spec for spec in cfg.teachers}
+    out = []
+    for tid in list(specs) or list(frozen):
+        spec = specs.get(tid)
+        if tid in frozen:
+            sharding = cfg.teacher_sharding(spec) if spec is not None else cfg.distributed.teacher_sharding
+            out.append(teacher_sizes(tid, spec.name if spec is not None else "", frozen[tid].model, sharding))
+        elif spec is not None and spec.source == "shards":
+            out.append(TeacherSizes(tid, spec.name or "", sharding="shards"))
+    return out
+
+
+def network_sizes(distiller: nn.Module, teachers: list[TeacherSizes], persistence_threshold: float) -> NetworkSizes:
     trained = [p for p in distiller.parameters() if p.requires_grad]  # parameters() yields a tied tensor once
-    sizes = NetworkSizes(trained=sum(p.numel() for p in trained),
-                         trained_persistent=sum(p.numel() for p in trained if p.numel() <= persistence_threshold),
-                         trained_buffer_bytes=_buffer_bytes(distiller), phases=len(distiller.phases()))
-    if teacher is not None:
-        params = list(teacher.parameters())
-        sizes.teacher = sum(p.numel() for p in params)
-        sizes.teacher_persistent = sum(p.numel() for p in params if p.numel() <= ZERO_DEFAULTS[
-            "stage3_param_persistence_threshold"])  # the teacher's engine runs DeepSpeed's defaults
-        sizes.teacher_largest_module = max(sum(p.numel() for p in m.parameters(recurse=False))
-                                           for m in teacher.modules())
-        sizes.teacher_buffer_bytes = _buffer_bytes(teacher)
-    return sizes
-
-
-def _storage(tensor: torch.Tensor):
-    storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-def _saved_in_phase(distiller, phase: str, inputs: tuple, kept: list, autocast) -> int:
-    """Bytes of the distinct storages one phase's forward saves for its backward, weights
-    excluded, plus those of ``kept`` (the teacher's outputs, alive through the step)."""
-    weights = {_storage(p)[0] for p in distiller.parameters()}
-    saved = dict(map(_storage, kept))
-
-    def pack(tensor):
-        ptr, nbytes = _storage(tensor)
-        if ptr not in weights:
-            saved[ptr] = nbytes
-        return tensor
-
-    extra = {"sample_indices": torch.arange(len(inputs[0]))} if distiller.needs_sample_indices else {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        _logits, losses = distiller(*inputs, phase=phase, **extra)
-        loss = sum(losses.values())
-    if loss.requires_grad:
-        loss.backward()
-    distiller.zero_grad(set_to_none=True)
-    return sum(saved.values())
-
-
-def saved_bytes(distiller, frozen, cfg: ExperimentConfig, batch: int, side: int, autocast_dtype) -> int:
-    """Activation bytes of one training step at ``batch`` x ``side``px: the largest phase."""
-    from kdscale.methods import TeacherOutput
-
-    images = torch.randn(batch, 3, side, side)
-    targets = torch.randint(0, cfg.data.num_classes, (batch,))
-    if frozen is not None:
-        teacher_output = frozen(images)
-    elif type(distiller).teacher_role == "frozen":  # replayed soft labels (teacher.source=shards)
-        teacher_output = TeacherOutput(torch.randn(batch, cfg.data.num_classes).log_softmax(-1))
-    else:
-        teacher_output = None
-    outputs = [teacher_output.logits, *teacher_output.features.values()] if teacher_output is not None else []
-    autocast = run_autocast("cpu", autocast_dtype)
-    return max(_saved_in_phase(distiller, phase, (images, targets, teacher_output), outputs, autocast)
-               for phase in distiller.phases())
-
-
-def measure_activations(distiller, frozen, cfg: ExperimentConfig, autocast_dtype) -> ActivationEstimate:
-    side = min(cfg.data.image_size, PROBE_SIDE)
-    small, large = (saved_bytes(distiller, frozen, cfg, b, side, autocast_dtype) for b in PROBE_BATCHES)
-    per_sample = max(0, (large - small) // (PROBE_BATCHES[1] - PROBE_BATCHES[0]))
-    return ActivationEstimate(max(0, small - per_sample * PROBE_BATCHES[0]), per_sample, side)
+    return NetworkSizes(trained=sum(p.numel() for p in trained),
+                        trained_persistent=sum(p.numel() for p in trained if p.numel() <= persistence_threshold),
+                        trained_buffer_bytes=_buffer_bytes(distiller), phases=len(distiller.phases()),
+                        teachers=teachers)
 
 
 def build_networks(cfg: ExperimentConfig):
-    """The Distiller and frozen teacher as the trainer builds them (on CPU; random weights, same sizes)."""
+    """The Distiller and the online frozen teachers (by id) as the trainer builds them (on CPU,
+    each replicated; random weights, same sizes)."""
     from kdscale.runtime.device import Runtime
     from kdscale.train.setup import build_distiller
 
     spec = dataclasses.replace
     cfg = spec(cfg, student=spec(cfg.student, weights=None),
-               teacher=spec(cfg.teacher, weights=None) if cfg.teacher is not None else None,
+               teachers=[spec(t, weights=None, sharding="replicated") for t in cfg.teachers],
                distributed=spec(cfg.distributed, teacher_sharding="replicated"))
     autocast_dtype = torch.bfloat16 if planned_precision(cfg) == "bf16" else None
     torch.manual_seed(cfg.experiment.seed)
-    with warnings.catch_warnings():  # "teacher.weights is not set": dropped on purpose
+    with warnings.catch_warnings():  # "teachers[i].weights is not set": dropped on purpose
         warnings.simplefilter("ignore")
         labels = torch.arange(PROBE_BATCHES[-1]) % cfg.data.num_classes  # per-sample state (CRD) at probe size
         distiller, frozen = build_distiller(cfg, Runtime(torch.device("cpu"), autocast_dtype, False), world_size=1,
@@ -229,9 +235,25 @@ def build_networks(cfg: ExperimentConfig):
     return distiller.train(), frozen, autocast_dtype
 
 
+def teacher_bytes(placement: str, sizes: NetworkSizes, gpus: int, accum: int) -> tuple[int, int]:
+    """Bytes per rank of the frozen teachers and the elements they all-gather per optimizer
+    step, with every online teacher under ``placement`` (``mixed``: each under its own)."""
+    held, live, gathered = sizes.teacher_buffer_bytes, 0, 0
+    for teacher in sizes.online_teachers:
+        sharding = teacher.sharding if placement == "mixed" else placement
+        if sharding == "zero3":
+            loose = teacher.parameters - teacher.persistent
+            live = max(live, min(loose, teacher.largest_module + int(ZERO_DEFAULTS["stage3_prefetch_bucket_size"])))
+            held += 4 * (math.ceil(teacher.parameters / gpus) + teacher.persistent)
+            gathered += accum * teacher.parameters
+        elif sharding == "replicated":
+            held += 4 * teacher.parameters
+    return held + 4 * live, gathered
+
+
 def rank_plan(strategy: str, teacher_sharding: str, sizes: NetworkSizes, activations: int,
               cfg: ExperimentConfig, gpus: int, link_gbps: float) -> RankPlan:
-    """The table of the module docstring for one strategy and teacher placement."""
+    """The table of the module docstring for one strategy and frozen-teacher placement."""
     n, psi, states = gpus, sizes.trained, optimizer_states_per_parameter(cfg)
     part, ring, accum = math.ceil(psi / n), (n - 1) / n, cfg.train.grad_accum_steps
     if strategy == "ddp":
@@ -252,14 +274,8 @@ def rank_plan(strategy: str, teacher_sharding: str, sizes: NetworkSizes, activat
             comm = 3 * accum * psi
         else:
             comm = (2 if stage == 1 else accum + 1) * psi
-    teacher = sizes.teacher_buffer_bytes
-    if teacher_sharding == "zero3":
-        loose = sizes.teacher - sizes.teacher_persistent
-        live = min(loose, sizes.teacher_largest_module + int(ZERO_DEFAULTS["stage3_prefetch_bucket_size"]))
-        teacher += 4 * (math.ceil(sizes.teacher / n) + sizes.teacher_persistent + live)
-        comm += accum * sizes.teacher
-    elif teacher_sharding == "replicated":
-        teacher += 4 * sizes.teacher
+    teacher, gathered = teacher_bytes(teacher_sharding, sizes, n, accum)
+    comm += gathered
     comm_bytes = int(4 * comm * ring)
     row["parameters"] += sizes.trained_buffer_bytes
     row["buffers"] += sizes.rank_state_bytes(n)
@@ -283,17 +299,18 @@ class Plan:
 
 def plan_networks(distiller, frozen, cfg: ExperimentConfig, gpus: int, gpu_memory_gib: float = 80.0,
                   link_gbps: float = 100.0, autocast_dtype=None) -> Plan:
-    """Plan built networks (``frozen``: a :class:`FrozenTeacher` or None) on ``gpus`` ranks."""
+    """Plan built networks on ``gpus`` ranks. ``frozen``: the online frozen teachers by id
+    (:func:`kdscale.train.setup.build_distiller`'s), one :class:`FrozenTeacher`, or None."""
+    if frozen is None or not isinstance(frozen, dict):
+        frozen = {} if frozen is None else {"teacher": frozen}
     threshold = zero_settings(cfg, 3)["stage3_param_persistence_threshold"]
-    sizes = network_sizes(distiller, frozen.model if frozen is not None else None, threshold)
+    sizes = network_sizes(distiller, frozen_teacher_sizes(cfg, distiller, frozen), threshold)
     sizes.state_bytes_per_sample = distiller.state_bytes_per_sample()
     sizes.dataset_size = training_samples(cfg) if sizes.state_bytes_per_sample else 0
-    estimate = measure_activations(distiller, frozen, cfg, autocast_dtype)
+    estimate = measure_activations(distiller, step_source(cfg, frozen, distiller), cfg, autocast_dtype)
     activations = estimate.at(cfg.data.batch_size, cfg.data.image_size)
-    placements = (("replicated", "zero3")[:1 + (gpus > 1)] if frozen is not None else
-                  ("shards",) if cfg.teacher is not None and cfg.teacher.source == "shards" else ("none",))
     rows = [rank_plan(s, t, sizes, activations, cfg, gpus, link_gbps) for s in ("ddp", "zero1", "zero2", "zero3")
-            for t in placements]
+            for t in sizes.placements(gpus)]
     return Plan(rows, sizes, estimate, planned_precision(cfg), gpus, gpu_memory_gib, link_gbps)
 
 

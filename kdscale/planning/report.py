@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.planning.activations import PROBE_BATCHES
 from kdscale.planning.memory import (
     GIB,
-    PROBE_BATCHES,
+    NetworkSizes,
     Plan,
     optimizer_states_per_parameter,
     plan_config,
@@ -15,15 +16,38 @@ FOOTNOTE = ("rows: strategy and frozen-teacher placement, * the config's. buffer
             "gradient buckets (reduce_bucket_size), and a method's per-sample state (CRD's memory banks). "
             "ZeRO-3 params include what DeepSpeed keeps gathered (an upper "
             "bound). Not counted: CUDA context and cuDNN workspace (~1 GiB), allocator fragmentation.")
+SEVERAL_TEACHERS = ("several frozen teachers: a row's placement applies to every online teacher (mixed: each as "
+                    "configured); of ZeRO-3 teachers, run one after the other, one working set is counted.")
 COLUMNS = (("params", 7), ("grads", 6), ("optim", 6), ("master", 6), ("buffers", 7), ("teacher", 7), ("activ", 6),
            ("total", 7))
+
+
+def teachers_text(sizes: NetworkSizes) -> str:
+    """``; frozen teacher NAME: P M parameters`` for one online teacher, else each teacher by id."""
+    if len(sizes.teachers) == 1 and not sizes.teachers[0].replayed:
+        return f"; frozen teacher {sizes.teachers[0].name or sizes.teachers[0].id}: {sizes.teacher / 1e6:.2f} M parameters"
+    if len(sizes.teachers) < 2:
+        return ""
+    return "; frozen teachers " + ", ".join(
+        f"{t.id} ({t.name or '?'}): " + ("replayed from shards, no parameters" if t.replayed else
+                                  f"{t.parameters / 1e6:.2f} M parameters ({t.sharding})") for t in sizes.teachers)
+
+
+def configured_placement(cfg: ExperimentConfig) -> str:
+    """The row label of the config's own frozen-teacher placement."""
+    online = {cfg.teacher_sharding(spec) for spec in cfg.teachers if spec.source == "online"}
+    if len(online) > 1:
+        return "mixed"
+    if online:
+        return online.pop()
+    return "shards" if cfg.teachers else "none"
 
 
 def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> str:
     from kdscale.engines.deepspeed_config import _config_path, resolve_strategy
 
     sizes, est, data = plan.sizes, plan.activation, cfg.data
-    teacher = f"; frozen teacher {cfg.teacher.name}: {sizes.teacher / 1e6:.2f} M parameters" if sizes.teacher else ""
+    teacher = teachers_text(sizes)
     header = (
         f"kdscale plan: {config_path or 'overrides'} on {plan.gpus} GPU(s) x {plan.gpu_memory_gib:g} GiB, "
         f"link {plan.link_gbps:g} Gbit/s\n"
@@ -41,7 +65,7 @@ def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> s
            if sizes.state_bytes_per_sample else ""))
     lines = [header, f"{'per rank, GiB':18s} " + " ".join(f"{name:>{w}s}" for name, w in COLUMNS)
              + f"  {'comm/step':>10s} {'time':>9s}  fits"]
-    configured = {(resolve_strategy(cfg), t) for t in (cfg.distributed.teacher_sharding, "none", "shards")}
+    configured = {(resolve_strategy(cfg), t) for t in (configured_placement(cfg), "none")}
     for row in plan.rows:
         mark = "*" if (row.strategy, row.teacher_sharding) in configured else " "
         cells = (row.parameters + row.gathered, row.gradients, row.optimizer_states, row.master_weights, row.buffers,
@@ -52,6 +76,8 @@ def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> s
                      + ("yes" if plan.fits(row) else "no"))
     fitting = [f"{r.strategy}/{r.teacher_sharding}" for r in plan.rows if plan.fits(r)]
     lines += ["", f"fits in {plan.gpu_memory_gib:g} GiB: {', '.join(fitting) or 'none'}", FOOTNOTE]
+    if len(sizes.online_teachers) > 1:
+        lines.append(SEVERAL_TEACHERS)
     return "\n".join(lines)
 
 
