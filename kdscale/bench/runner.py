@@ -8,12 +8,15 @@ ratios are exact (one value). Goals are judged on the median."""
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import os
 import platform
 import sys
 
 import torch
+
+from kdscale.errors import KdscaleError
 
 SECTIONS = ("compute", "teachers2", "compile", "data", "imagenet_data", "decode", "writer", "memory", "crd", "scaling")
 GOALS = {  # ratio -> (goal, description)
@@ -44,6 +47,21 @@ GOALS = {  # ratio -> (goal, description)
 }
 AT_MOST = {"zero1_optimizer_state_vs_ddp", "zero2_optimizer_state_vs_ddp", "zero3_optimizer_state_vs_ddp", "zero3_parameters_vs_ddp",
            "crd_bank_bytes_2_vs_1_rank"}
+
+
+def parse_sections(text: str) -> tuple[str, ...]:
+    """``--sections``: ``all`` or a comma list of SECTIONS; an unknown name is an error before any work."""
+    if text.strip() == "all":
+        return SECTIONS
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise KdscaleError(f"--sections: no section given; valid sections: all, {', '.join(SECTIONS)}")
+    for name in names:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise KdscaleError(f"--sections: unknown section {name!r}; {hint}valid sections: all, {', '.join(SECTIONS)}")
+    return names
 
 
 def machine() -> dict:
@@ -158,12 +176,12 @@ def run_bench(args) -> dict:
     from kdscale.bench.data_bench import bench_data
     from kdscale.bench.distributed import bench_memory, bench_scaling
 
+    sections = parse_sections(args.sections)  # before any work: a misspelled name is not silently skipped
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) else (
         "cpu" if args.device == "auto" else args.device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join("runs", "bench", stamp)
     os.makedirs(out, exist_ok=True)
-    sections = SECTIONS if args.sections == "all" else tuple(args.sections.split(","))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "kdscale bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
               "machine": machine(), "settings": {"student": args.student, "teacher": args.teacher,

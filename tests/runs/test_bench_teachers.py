@@ -55,3 +55,18 @@ def test_two_teacher_steps_use_both_teachers():
     online, _ = setup.teacher_source("online", ("a", "b"))
     assert torch.allclose(online(setup.images, None).members["b"].float().softmax(1), replayed[:, 1])
     assert measured_bound([2.0], [[2.0], [4.0]]) == [pytest.approx(0.8)]
+
+
+@pytest.mark.parametrize("sections, bad, close", [("teachers2,compte", "compte", "compute"),
+                                                  ("teacher2", "teacher2", "teachers2"),
+                                                  ("zzz", "zzz", None)])
+def test_unknown_section_is_one_line_error_before_any_work(tmp_path, capsys, sections, bad, close):
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", "--quick", "--sections", sections, "--device", "cpu", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kdscale: error: --sections: "), err
+    assert f"unknown section {bad!r}" in err and "valid sections: all, compute, teachers2, compile" in err, err
+    assert (f"did you mean '{close}'?" in err) if close else ("did you mean" not in err), err
+    assert not out.exists()  # nothing was made or measured
