@@ -3,7 +3,7 @@ teacher's own view of the student's crop, no gradient into any teacher, validati
 teacher and the ensemble, and replayed teachers equal to the same teachers online.
 
 The ensemble targets' golden values are in tests/methods/test_ensemble.py; 2 ranks = 1 rank
-with two teachers (one ZeRO-3) in tests/scaleout/test_several_teachers.py."""
+with two teachers (one ZeRO-3) in tests/scaleout/test_two_teachers_ranks.py."""
 
 from __future__ import annotations
 
