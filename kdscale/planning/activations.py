@@ -4,7 +4,10 @@ One forward+backward of the real networks on CPU at two small batches under the 
 autocast, summing the distinct storages saved for backward (``saved_tensors_hooks``; weights
 excluded, their bf16 casts included) and the frozen teachers' outputs alive through the step
 (every teacher's logits, their mean, the feature teacher's features), scaled linearly in batch
-and ``image_size²``. The teachers' output comes from the trainer's own
+and ``image_size²``. A network that accepts only its own input size (a timm ViT's strict
+``patch_embed.img_size``; or one whose probe at the small side fails) is probed at
+``data.image_size`` itself: the per-sample cost still comes from the two batches, and nothing
+is scaled by area. The teachers' output comes from the trainer's own
 :class:`~kdscale.train.teacher_source.TeacherSource`: every online teacher runs (in its own
 view), every replayed one gives the log of random stored probabilities.
 """
@@ -16,10 +19,13 @@ import dataclasses
 import torch
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.errors import KdscaleError
+from kdscale.log import log
 from kdscale.runtime.device import autocast as run_autocast
 
 PROBE_BATCHES = (2, 4)
 PROBE_SIDE = 128  # activations are measured at min(image_size, 128) px and scaled by area
+#                   (a network with a fixed input size: at image_size)
 
 
 @dataclasses.dataclass
@@ -90,8 +96,38 @@ def saved_bytes(distiller, source, cfg: ExperimentConfig, batch: int, side: int,
                for phase in distiller.phases())
 
 
+def fixed_input_sizes(distiller, source) -> dict[str, tuple[int, int]]:
+    """The input sizes the step's networks require, by module name: the trained networks and
+    every online frozen teacher that sees the student's batch as it is (a teacher with its own
+    view gets its own input size). A timm ``PatchEmbed`` with ``strict_img_size`` asserts its
+    ``img_size``."""
+    networks = [("", distiller)] + [(f"teacher {tid}.", frozen.model) for tid, frozen in source.online.items()
+                                    if frozen.view is None or frozen.view.identity]
+    sizes = {}
+    for prefix, network in networks:
+        for name, module in network.named_modules():
+            size = getattr(module, "img_size", None)
+            if getattr(module, "strict_img_size", False) and size is not None:
+                sizes[prefix + name] = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return sizes
+
+
 def measure_activations(distiller, source, cfg: ExperimentConfig, autocast_dtype) -> ActivationEstimate:
-    side = min(cfg.data.image_size, PROBE_SIDE)
-    small, large = (saved_bytes(distiller, source, cfg, b, side, autocast_dtype) for b in PROBE_BATCHES)
+    image_size = cfg.data.image_size
+    fixed = fixed_input_sizes(distiller, source)
+    wrong = {name: size for name, size in fixed.items() if size != (image_size, image_size)}
+    if wrong:
+        name, size = next(iter(wrong.items()))
+        raise KdscaleError(f"data.image_size is {image_size} but {name or 'the student'} accepts only "
+                           f"{size[0]}x{size[1]} px inputs: set data.image_size={size[0]}")
+    side = image_size if fixed else min(image_size, PROBE_SIDE)
+    try:
+        small, large = (saved_bytes(distiller, source, cfg, b, side, autocast_dtype) for b in PROBE_BATCHES)
+    except (AssertionError, RuntimeError, ValueError) as error:
+        if side == image_size:
+            raise
+        log.info(f"plan: activations probed at data.image_size={image_size}px (at {side}px: {error})")
+        side = image_size  # a network that takes only its own input size, found by running it
+        small, large = (saved_bytes(distiller, source, cfg, b, side, autocast_dtype) for b in PROBE_BATCHES)
     per_sample = max(0, (large - small) // (PROBE_BATCHES[1] - PROBE_BATCHES[0]))
     return ActivationEstimate(max(0, small - per_sample * PROBE_BATCHES[0]), per_sample, side)

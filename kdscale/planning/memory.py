@@ -38,7 +38,8 @@ Rows vary the strategy and the frozen teachers' placement: a row's placement (``
 
 Activations are measured (:mod:`kdscale.planning.activations`): one forward+backward of the
 real networks on CPU at two small batches, with every online teacher run, scaled linearly in
-batch and ``image_size²``. Not counted: CUDA context, cuDNN workspace, fragmentation,
+batch and ``image_size²`` (a network that accepts only its own input size, such as a timm ViT,
+is probed at ``data.image_size``). Not counted: CUDA context, cuDNN workspace, fragmentation,
 activation gradients in flight.
 
 Communication per rank and optimizer step (ring collectives: factor (N-1)/N; fp32; A =
