@@ -73,12 +73,19 @@ def check_teacher_placement(cfg: ExperimentConfig, method_name: str, role: str, 
                            f"processes or use distributed.teacher_sharding=replicated")
 
 
-def _output_classes(model: nn.Module, size: tuple[int, int]) -> int:
+def _output_classes(model: nn.Module, size: tuple[int, int], what: str, fix: str) -> int:
+    """The classes ``model`` predicts for one ``size`` image; a network that refuses the size (a
+    ViT built for another resolution) is one line naming ``what`` and the ``fix``."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():  # on the model's device: a ZeRO-3 teacher's shape twin is on ``meta``
-        out = model(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():  # on the model's device: a ZeRO-3 teacher's shape twin is on ``meta``
+            out = model(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise KdscaleError(f"{what} does not accept {size[0]}x{size[1]} px inputs ({reason}); {fix}") from None
+    finally:
+        model.train(was_training)
     return out.shape[-1]
 
 
@@ -87,11 +94,14 @@ def check_same_classes(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Mo
     """Both predict the same classes; each is run at the size it will see (a frozen teacher at
     its own input size: a 384-px ViT accepts nothing else)."""
     size = (cfg.data.image_size, cfg.data.image_size)
-    student_classes = _output_classes(student, size)
-    teacher_size = network_preprocessing(cfg.data, spec, teacher_key(cfg, spec)).input_size if frozen else size
-    teacher_classes = _output_classes(teacher, teacher_size)
+    key = teacher_key(cfg, spec)
+    student_classes = _output_classes(student, size, f"student {cfg.student.name}",
+                                      "set data.image_size to the size it was built for")
+    teacher_size = network_preprocessing(cfg.data, spec, key).input_size if frozen else size
+    teacher_classes = _output_classes(teacher, teacher_size, f"{key} {spec.name}",
+                                      f"set {key}.input_size to the size it was built for" if frozen else
+                                      "set data.image_size to the size it was built for")
     if student_classes != teacher_classes:
-        key = teacher_key(cfg, spec)
         raise KdscaleError(f"{key} {spec.name} predicts {teacher_classes} classes but student {cfg.student.name} "
                            f"predicts {student_classes}; they must match (check {key}.num_classes, "
                            f"student.num_classes and data.num_classes)")

@@ -229,3 +229,14 @@ def test_the_shipped_ensemble_config_runs(synth_data, tmp_path):
     assert summary["completed"] and summary["step"] == 4
     assert {"val/r32x4_top1", "val/wrn40x2_top1", "val/ensemble_top1", "val/agreement_r32x4_top1",
             "val/agreement_wrn40x2_top1"} <= set(summary["metrics"])
+
+
+def test_a_network_refusing_the_input_size_is_one_line():
+    """A fixed-size ViT (timm's test_vit3 takes 160 px) asked for 32 px: one line naming the
+    network and the key to set, not timm's assertion traceback."""
+    with pytest.raises(KdscaleError, match=r"^student timm:test_vit3 does not accept 32x32 px inputs \(.*\); set "
+                                           r"data.image_size to the size it was built for$"):
+        build("method.name=kd", "student.name=timm:test_vit3", "teacher.name=resnet8", "data.image_size=32")
+    with pytest.raises(KdscaleError, match=r"^teachers\[1\] timm:test_vit3 does not accept 32x32 px inputs .*; set "
+                                           r"teachers\[1\].input_size to the size it was built for$"):
+        build(*TWO, "teachers.1.name=timm:test_vit3", "data.image_size=32")
