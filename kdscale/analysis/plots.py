@@ -89,20 +89,35 @@ def _frozen_teacher(run: dict, key: str) -> bool:
         return len(values) == 1
 
 
+def _teachers(run: dict) -> list[tuple[str, str]]:
+    """(id, name) of the run's teachers: its config's ``teachers`` list, else the one teacher
+    of a run recorded before there could be several (``val/teacher_*``); and the ensemble
+    where there are several."""
+    listed = [t for t in (run.get("config") or {}).get("teachers") or [] if isinstance(t, dict)]
+    found = [(t.get("id") or "teacher", t.get("name") or "") for t in listed] or [("teacher", "")]
+    return found + ([("ensemble", "ensemble of " + " + ".join(n for _, n in found))] if len(found) > 1 else [])
+
+
 def teacher_references(runs: list[dict], metric: str) -> list[tuple[str, float]]:
-    """(label, value) of each distinct frozen teacher's accuracy in the runs, for a top-1
-    (top-5) metric of another network."""
-    if metric == "val/agreement_top1" or not metric.startswith("val/") or metric.startswith("val/teacher_"):
+    """(label, value) of each distinct frozen teacher's accuracy in the runs (every teacher of a
+    run with several, ``val/<id>_top1``, and their ensemble), for a top-1 (top-5) metric of
+    another network."""
+    suffix = "_top1" if metric.endswith("_top1") else "_top5" if metric.endswith("_top5") else None
+    if suffix is None or metric.startswith("val/agreement") or not metric.startswith("val/"):
         return []
-    key = "val/teacher_top1" if metric.endswith("_top1") else "val/teacher_top5" if metric.endswith("_top5") else None
     refs: dict[tuple, tuple[str, float]] = {}
     for run in runs:
-        points = metric_points(run, key) if key else []
-        if not points or not _frozen_teacher(run, key):
-            continue
-        teacher, value = run_keys(run)["teacher"], points[-1][1]
-        name = f"teacher {teacher}" if teacher else f"teacher of {run_name(run)}"
-        refs.setdefault((teacher, round(value, 2)), (f"{name}: {value:.2f}%", value))
+        several = len(_teachers(run)) > 1
+        for tid, name in _teachers(run):
+            key = f"val/{tid}{suffix}"
+            points = metric_points(run, key) if key != metric else []
+            if not points or not _frozen_teacher(run, key):
+                continue
+            value = points[-1][1]
+            teacher = name if several else run_keys(run)["teacher"]
+            label = (f"teacher {teacher}" if tid != "ensemble" else teacher) if teacher else \
+                f"teacher of {run_name(run)}"
+            refs.setdefault((teacher, round(value, 2)), (f"{label}: {value:.2f}%", value))
     return list(refs.values())
 
 

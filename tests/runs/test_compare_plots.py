@@ -314,3 +314,15 @@ def test_real_tiny_runs_over_two_seeds(synth_data, tmp_path, capsys):
     for name in ("vanilla-s0", "vanilla-s1"):
         assert summary[name]["images/s"] == compare[name]["images/s"] != "-"
         assert not math.isnan(float(compare[name]["images/s"]))
+
+
+def test_plot_draws_every_teacher_and_the_ensemble_of_a_run_with_several(tmp_path):
+    two = "teachers=[{id: r32, name: resnet32x4}, {id: wrn, name: wrn_40_2}]"
+    run = fake_run(str(tmp_path), "kd-ensemble", teacher=None, extra=(two,))
+    with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
+        fh.write(json.dumps({"step": 30, "val/r32_top1": 75.0, "val/wrn_top1": 73.0, "val/ensemble_top1": 77.0,
+                             "epoch": 3}) + "\n")
+    fig = plot(runs_from_dirs([run]), "val/student_top1", str(tmp_path / "top1.png"))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["kd-ensemble (kd)", "teacher resnet32x4: 75.00%", "teacher wrn_40_2: 73.00%",
+                      "ensemble of resnet32x4 + wrn_40_2: 77.00%"]
