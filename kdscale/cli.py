@@ -30,19 +30,23 @@ def cmd_shards_from_folder(args) -> None:
     from kdscale.data.folder_shards import collect_items
     from kdscale.data.shard_writer import write_folder_shards
 
-    items, classes = collect_items(args.src, args.file_list, args.labels, args.out)
+    items, classes = collect_items(args.src, args.file_list, args.labels, args.out, unlabelled=args.unlabelled)
     index = write_folder_shards(items, classes, args.out, args.split, max_count=args.max_count,
                                 max_bytes=int(args.max_size_mb * 2**20), workers=args.workers,
                                 progress=not args.quiet)
     entry = index["splits"][args.split]
-    print(f"wrote {entry['samples']} samples in {len(entry['shards'])} shards ({index['num_classes']} classes): "
+    what = f"{index['num_classes']} classes" if entry["labelled"] else "unlabelled"
+    print(f"wrote {entry['samples']} samples in {len(entry['shards'])} shards ({what}): "
           f"{os.path.join(args.out, entry['pattern'])}")
 
 
 def _print_splits(index: dict, out: str) -> None:
     splits = index["splits"]
+    unlabelled = [name for name, e in splits.items() if not e.get("labelled", True)]
+    what = ([f"{index['num_classes']} classes"] if len(unlabelled) < len(splits) else []) + \
+        ([f"unlabelled: {', '.join(unlabelled)}"] if unlabelled else [])
     print(f"wrote {' / '.join(str(e['samples']) + ' ' + name for name, e in splits.items())} samples "
-          f"({index['num_classes']} classes) to {out}: {', '.join(e['pattern'] for e in splits.values())}")
+          f"({'; '.join(what)}) to {out}: {', '.join(e['pattern'] for e in splits.values())}")
 
 
 def cmd_shards_from_torchvision(args) -> None:
@@ -58,7 +62,7 @@ def cmd_shards_from_hf(args) -> None:
 
     _print_splits(import_hf(args.path, args.out, args.image_column, args.label_column, args.split,
                             max_count=args.max_count, max_bytes=int(args.max_size_mb * 2**20), workers=args.workers,
-                            progress=not args.quiet), args.out)
+                            progress=not args.quiet, unlabelled=args.unlabelled), args.out)
 
 
 def cmd_shards_verify(args) -> None:
@@ -199,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--quiet", action="store_true")
     folder.add_argument("--labels", help="labels of a flat image folder SRC (ImageNet val): '<filename> <class>' "
                         "lines, LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    folder.add_argument("--unlabelled", action="store_true", help="every image under SRC (any layout), written "
+                        "without labels (no .cls); index.json marks the split unlabelled (data.labels=none)")
     folder.set_defaults(func=cmd_shards_from_folder)
     tv = shards.add_parser("from-torchvision", help="CIFAR10/100, SVHN, MNIST, FashionMNIST, STL10 as torchvision "
                            "stores them -> train/val JPEG shards + index.json")
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--label-column", help="default: 'label', or the only ClassLabel column")
     hf.add_argument("--split", action="append", help="NAME or NAME=OUT, repeatable (default: all labelled "
                     "splits; validation, or test without one, becomes val)")
+    hf.add_argument("--unlabelled", action="store_true", help="write the splits without labels (no .cls), as "
+                    "when the data has no label column; index.json marks them unlabelled (data.labels=none)")
     for importer in (tv, hf):
         importer.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
         importer.add_argument("--max-size-mb", type=float, default=1024, help="shard size at most")

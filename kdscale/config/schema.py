@@ -75,6 +75,12 @@ class DataSection:
     """Brace pattern or glob of training tar shards, e.g. ``data/train-{000000..000099}.tar``."""
     val_shards: str = ""
     num_classes: int = ranged(10, "the number of classes", ge=1)
+    labels: Literal["required", "none"] = "required"
+    """``required``: every training sample carries a class label (``.cls``); one without is a
+    bad sample. ``none``: training samples without ``.cls`` are valid (target -1; those with
+    one keep it), for methods whose terms all work without labels (unlabelled shards:
+    ``from-folder --unlabelled``, ``from-hf`` without a label column). Validation shards
+    always need labels. Refused with a method that needs labels, and with Mixup/CutMix."""
     train_samples: Optional[int] = ranged(None, "samples per epoch; null reads index.json", ge=1)
     """Samples per epoch; defaults to the count in ``index.json`` beside the shards."""
     image_size: int = ranged(32, "the side of the square input images, in pixels", ge=1)

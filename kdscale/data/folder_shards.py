@@ -3,7 +3,9 @@ file list with labels, or of a flat folder with a label file (ImageNet's val set
 :mod:`kdscale.data.imagenet_labels`), for :func:`kdscale.data.shard_writer.write_folder_shards`.
 
 Keys are ``<class folder>/<file stem>`` (dots replaced), stable across runs, which is
-what teacher-output shards are keyed by.
+what teacher-output shards are keyed by. With ``--unlabelled`` every image under the folder
+(any depth, any layout) is an item without a label, keyed by its path below the folder
+without the extension.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def items_from_folder(src: str) -> tuple[list[Item], list[str]]:
                     path = os.path.join(root, file)
                     items.append(Item(path, label, _key(os.path.relpath(path, src)), os.path.getsize(path)))
     return items, classes
+
+
+def unlabelled_items(src: str) -> list[Item]:
+    """Every image under ``src`` (recursively), without labels, in sorted path order."""
+    if not os.path.isdir(src):
+        raise KdscaleError(f"source folder not found: {src}")
+    items = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for file in sorted(files):
+            if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
+                path = os.path.join(root, file)
+                items.append(Item(path, None, _key(os.path.relpath(path, src)), os.path.getsize(path)))
+    return items
 
 
 def items_from_list(list_file: str, root: str | None, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
@@ -81,13 +97,19 @@ def items_from_rows(rows: list[tuple[str, str, str]], base: str,
 
 
 def collect_items(src: str | None, file_list: str | None, labels: str | None,
-                  out: str) -> tuple[list[Item], list[str]]:
+                  out: str, unlabelled: bool = False) -> tuple[list[Item], list[str]]:
     """The items of a ``from-folder`` command: a class-folder tree, a file list, or a flat
-    folder with a label file (ImageNet's val set, see :func:`imagenet_labels.val_label_rows`).
+    folder with a label file (ImageNet's val set, see :func:`imagenet_labels.val_label_rows`),
+    or with ``unlabelled`` every image under ``src`` without labels (no classes).
     Labels are indices into the classes of the index.json already in ``out`` when there is
     one (the split written first), so a split lacking some classes keeps the same indices."""
     known = existing_classes(out)
-    if labels:
+    if unlabelled:
+        if labels or file_list or not src:
+            raise KdscaleError("--unlabelled takes the images' folder (positional SRC) alone, without "
+                               "--labels or --file-list")
+        items, classes = unlabelled_items(src), []
+    elif labels:
         if not src:
             raise KdscaleError("--labels needs the folder of the images (positional SRC)")
         items, classes = items_from_rows(val_label_rows(labels), src, known)

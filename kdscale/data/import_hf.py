@@ -1,34 +1,28 @@
 """``kdscale shards from-hf``: a Hugging Face ``datasets`` image-classification set saved
 on disk to tar shards with ``index.json`` (the layout of ``from-folder``, written by its
-writer), read with pyarrow alone (the ``datasets`` package is not needed).
+writer). The files are found and read by :mod:`kdscale.data.hf_files` (pyarrow alone: the
+Hub's parquet layout or ``save_to_disk`` output).
 
-Two on-disk forms are read:
-
-- the Hub's parquet layout: ``*.parquet`` anywhere under the folder, the split taken from
-  the file name (``data/train-00000-of-00002.parquet``) or else its folder
-  (``train/0000.parquet``, ``default/validation/0000.parquet``);
-- ``save_to_disk`` output: ``state.json``, ``dataset_info.json`` and ``data-*.arrow``
-  (Arrow IPC streams), one folder per split below a ``dataset_dict.json``.
-
-The image column is an ``Image`` feature, a struct ``{bytes, path}`` (a ``path`` alone is
-read relative to the dataset folder), or plain binary; its bytes are stored as they are
-(JPEG, PNG, WebP; other formats are re-encoded as PNG). Class names come from the label's
-``ClassLabel`` feature in the schema's ``huggingface`` metadata (or ``dataset_info.json``);
-string labels become sorted class names. Split names map to ``train``/``val``
-(``validation``, ``valid``; ``test`` when there is no validation split), other names are
-kept. Images are read lazily by the writer processes, by parquet row group or from the
-memory-mapped Arrow file, so a set larger than memory converts.
+Class names come from the label's ``ClassLabel`` feature in the schema's ``huggingface``
+metadata (or ``dataset_info.json``); string labels become sorted class names. Without a
+label column (no ``label`` and no ``ClassLabel`` column), or with ``unlabelled``, the
+splits are written without labels (``"labelled": false`` in index.json). Split names map
+to ``train``/``val`` (``validation``, ``valid``; ``test`` when there is no validation
+split), other names are kept.
 """
 
 from __future__ import annotations
 
-import bisect
-import io
-import json
 import os
-import re
-from dataclasses import dataclass
 
+from kdscale.data.hf_files import (
+    TableImages,
+    column_of,
+    features_of,
+    find_splits,
+    row_sizes,
+    schema_of,
+)
 from kdscale.data.shard_writer import (
     Item,
     align_classes,
@@ -39,101 +33,16 @@ from kdscale.errors import KdscaleError
 
 GENERATOR = "kdscale from-hf"
 OUT_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
-MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
 
 
-def _arrow_table(file: str):
+def pick_columns(file: str, features: dict, image: str | None, label: str | None,
+                 unlabelled: bool = False) -> tuple[str, str | None]:
+    """The image column and the label column; the label column is None (unlabelled data)
+    with ``unlabelled``, or when none is named and the data has neither a ``label`` nor a
+    ``ClassLabel`` column."""
     import pyarrow as pa
 
-    source = pa.memory_map(file)
-    try:
-        return pa.ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(source).read_all()
-
-
-def _schema(file: str):
-    import pyarrow.parquet as pq
-
-    return pq.read_schema(file) if file.endswith(".parquet") else _arrow_table(file).schema
-
-
-def _column(file: str, column: str):
-    import pyarrow.parquet as pq
-
-    if file.endswith(".parquet"):
-        return pq.read_table(file, columns=[column]).column(column)
-    return _arrow_table(file).column(column)
-
-
-def find_splits(path: str) -> dict[str, list[str]]:
-    """Split name -> its data files (sorted), for a parquet tree or save_to_disk output."""
-    if os.path.isfile(path) and path.endswith((".parquet", ".arrow")):
-        return {_parquet_split(os.path.basename(path)): [os.path.abspath(path)]}
-    if not os.path.isdir(path):
-        raise KdscaleError(f"Hugging Face dataset folder not found: {path}")
-    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        with open(os.path.join(path, "dataset_dict.json")) as fh:
-            names = json.load(fh).get("splits", [])
-        return {name: _state_files(os.path.join(path, name)) for name in names}
-    if os.path.isfile(os.path.join(path, "state.json")):
-        with open(os.path.join(path, "state.json")) as fh:
-            name = json.load(fh).get("_split") or "train"
-        return {name: _state_files(path)}
-    splits: dict[str, list[str]] = {}
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for file in sorted(files):
-            if file.endswith(".parquet"):
-                rel = os.path.relpath(os.path.join(root, file), path)
-                splits.setdefault(_parquet_split(rel), []).append(os.path.join(root, file))
-    if not splits:
-        raise KdscaleError(f"{path}: no Hugging Face dataset found (no *.parquet files, no state.json or "
-                           f"dataset_dict.json of save_to_disk); fix: point --path at the dataset's folder")
-    return {name: sorted(files) for name, files in splits.items()}
-
-
-def _parquet_split(rel: str) -> str:
-    stem = os.path.splitext(os.path.basename(rel))[0]
-    match = re.match(r"^(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?$", stem)
-    if match:
-        return match.group(1)
-    return os.path.basename(os.path.dirname(rel)) or "train"
-
-
-def _state_files(folder: str) -> list[str]:
-    state = os.path.join(folder, "state.json")
-    if not os.path.isfile(state):
-        raise KdscaleError(f"{folder}: no state.json (expected save_to_disk output: state.json, "
-                           f"dataset_info.json, data-*.arrow)")
-    with open(state) as fh:
-        files = [os.path.join(folder, f["filename"]) for f in json.load(fh).get("_data_files", [])]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing or not files:
-        raise KdscaleError(f"{folder}: state.json lists missing data files: {', '.join(missing) or 'none listed'}")
-    return files
-
-
-def features_of(file: str) -> dict:
-    """The ``datasets`` features (JSON) of a data file: its schema's ``huggingface``
-    metadata, else the ``dataset_info.json`` beside it."""
-    meta = _schema(file).metadata or {}
-    if b"huggingface" in meta:
-        info = json.loads(meta[b"huggingface"])
-        features = info.get("info", {}).get("features") or info.get("features")
-        if features:
-            return features
-    info_path = os.path.join(os.path.dirname(file), "dataset_info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as fh:
-            return json.load(fh).get("features") or {}
-    return {}
-
-
-def pick_columns(file: str, features: dict, image: str | None, label: str | None) -> tuple[str, str]:
-    import pyarrow as pa
-
-    schema = _schema(file)
+    schema = schema_of(file)
     names = schema.names
 
     def image_like(name: str) -> bool:
@@ -150,91 +59,14 @@ def pick_columns(file: str, features: dict, image: str | None, label: str | None
         return given
 
     image = choose(image, "image", [n for n in names if image_like(n)], "image", "--image-column")
+    if unlabelled:
+        if label is not None:
+            raise KdscaleError("--unlabelled writes no labels: drop --label-column, or drop --unlabelled")
+        return image, None
     class_labels = [n for n in names if (features.get(n) or {}).get("_type") == "ClassLabel"]
+    if label is None and "label" not in names and not class_labels:
+        return image, None
     return image, choose(label, "label", class_labels, "label", "--label-column")
-
-
-def _row_sizes(file: str, column: str) -> list[int]:
-    """Image bytes per row, for planning shard sizes: exact from an Arrow file's offsets,
-    estimated per row group from parquet metadata."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    if not file.endswith(".parquet"):
-        sizes = []
-        for chunk in _arrow_table(file).column(column).chunks:
-            values = chunk.field("bytes") if hasattr(chunk, "field") else chunk
-            sizes.extend(pc.fill_null(pc.binary_length(values), 0).to_pylist())
-        return sizes
-    meta = pq.ParquetFile(file).metadata
-    sizes = []
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        total = sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
-                    if group.column(c).path_in_schema.split(".")[0] == column)
-        sizes.extend([total // max(1, group.num_rows)] * group.num_rows)
-    return sizes
-
-
-@dataclass
-class TableImages:
-    """Picklable reader for the shard writer: the image bytes of items (``path`` a data
-    file, ``row`` the row in it), reading only the row groups a shard needs."""
-
-    column: str
-    base: str
-
-    def __call__(self, items: list[Item]):
-        start = 0
-        while start < len(items):
-            end = start
-            while end < len(items) and items[end].path == items[start].path:
-                end += 1
-            values = self._rows(items[start].path, [item.row for item in items[start:end]])
-            for item, value in zip(items[start:end], values, strict=True):
-                yield self._image(item, value)
-            start = end
-
-    def _rows(self, file: str, rows: list[int]) -> list:
-        import pyarrow.parquet as pq
-
-        if not file.endswith(".parquet"):
-            return _arrow_table(file).column(self.column).take(rows).to_pylist()
-        handle = pq.ParquetFile(file)
-        starts = [0]
-        for g in range(handle.metadata.num_row_groups):
-            starts.append(starts[-1] + handle.metadata.row_group(g).num_rows)
-        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
-        before, offset = {}, 0
-        for g in groups:
-            before[g], offset = offset, offset + starts[g + 1] - starts[g]
-        table = handle.read_row_groups(groups, columns=[self.column])
-        positions = [before[g] + r - starts[g] for r in rows for g in [bisect.bisect_right(starts, r) - 1]]
-        return table.column(self.column).take(positions).to_pylist()
-
-    def _image(self, item: Item, value) -> tuple[str, bytes]:
-        data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-        if data is None and path:
-            full = path if os.path.isabs(path) else os.path.join(self.base, path)
-            if os.path.isfile(full):
-                with open(full, "rb") as fh:
-                    data = fh.read()
-        if data is None:
-            raise KdscaleError(f"{item.path} row {item.row}: no image bytes (path {path!r} not found)")
-        for magic, ext in MAGIC:
-            if data.startswith(magic):
-                return ext, data
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return "webp", data
-        from PIL import Image
-
-        try:  # BMP, GIF, TIFF...: the loader reads JPEG, PNG and WebP, so re-encode losslessly
-            with Image.open(io.BytesIO(data)) as image:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                return "png", buffer.getvalue()
-        except OSError:
-            return "jpg", data  # undecodable: kept as is, `kdscale shards verify` names it by key
 
 
 def output_splits(found: list[str], wanted: list[str] | None) -> dict[str, str]:
@@ -262,23 +94,65 @@ def output_splits(found: list[str], wanted: list[str] | None) -> dict[str, str]:
 
 def import_hf(path: str, out: str, image_column: str | None = None, label_column: str | None = None,
               splits: list[str] | None = None, max_count: int = 1000, max_bytes: int = 1 << 30,
-              workers: int = 2, progress: bool = True, log=print) -> dict:
-    """Write shards of a Hugging Face dataset on disk; returns the index."""
-    import pyarrow as pa
-
+              workers: int = 2, progress: bool = True, log=print, unlabelled: bool = False) -> dict:
+    """Write shards of a Hugging Face dataset on disk; returns the index. Without a label
+    column (or with ``unlabelled``) every split is written without labels."""
     found = find_splits(path)
     mapping = output_splits(list(found), splits)
     first = found[next(iter(mapping))][0]
     features = features_of(first)
-    image_column, label_column = pick_columns(first, features, image_column, label_column)
+    image_column, label_column = pick_columns(first, features, image_column, label_column, unlabelled)
+    if label_column is None and not unlabelled:
+        columns = ", ".join(schema_of(first).names)
+        log(f"{first}: no label column ('label' or a ClassLabel column; columns: {columns}): writing the splits "
+            f"without labels (pass --label-column NAME if one holds them)")
+    values, classes = _split_labels(found, mapping, features, label_column, first)
+    base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    index: dict = {}
+    for name, out_split in mapping.items():
+        if label_column is not None and any(v < 0 for v in values[name]):
+            missing = sum(v < 0 for v in values[name])
+            if splits:
+                raise KdscaleError(f"split {name}: {missing} of {len(values[name])} rows have no label (-1 or "
+                                   f"missing); it cannot be converted with labels (fix: --unlabelled writes it "
+                                   f"without them)")
+            log(f"skipping split {name}: {missing} of {len(values[name])} rows have no label (-1 or missing)")
+            continue
+        items, position = [], 0
+        for file in found[name]:
+            for row, size in enumerate(row_sizes(file, image_column)):
+                label = values[name][position] if label_column is not None else None
+                items.append(Item(file, label, f"{out_split}/{position:08d}", max(1, size), row=row))
+                position += 1
+        shard_classes = align_classes(items, classes, existing_classes(out), path)[1] if label_column else []
+        index = write_folder_shards(items, shard_classes, out, out_split, max_count=max_count,
+                                    max_bytes=max_bytes, workers=workers, progress=progress,
+                                    reader=TableImages(image_column, base), generator=GENERATOR,
+                                    extra={"source": {"huggingface": os.path.abspath(path), "image_column":
+                                                      image_column, "label_column": label_column}})
+        log(f"{name} -> {out_split}: {index['splits'][out_split]['samples']} samples"
+            f"{'' if label_column else ' (unlabelled)'}")
+    if not index:
+        raise KdscaleError(f"{path}: no labelled split to convert (fix: --unlabelled writes them without labels)")
+    return index
+
+
+def _split_labels(found: dict[str, list[str]], mapping: dict[str, str], features: dict, label_column: str | None,
+                  first: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Each split's labels as class indices (-1: none) and the class names; nothing without
+    a label column."""
+    import pyarrow as pa
+
+    if label_column is None:
+        return {name: [] for name in mapping}, []
     labels: dict[str, list] = {}
     for name in mapping:
         labels[name] = []
         for file in found[name]:
-            if label_column not in _schema(file).names:
+            if label_column not in schema_of(file).names:
                 raise KdscaleError(f"{file}: no column {label_column!r}; fix: pass --label-column NAME")
-            labels[name].extend(_column(file, label_column).to_pylist())
-    label_type = _schema(first).field(label_column).type
+            labels[name].extend(column_of(file, label_column).to_pylist())
+    label_type = schema_of(first).field(label_column).type
     classes = list((features.get(label_column) or {}).get("names") or [])
     if not classes and (pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
         classes = sorted({v for values in labels.values() for v in values if v is not None})
@@ -286,29 +160,5 @@ def import_hf(path: str, out: str, image_column: str | None = None, label_column
         top = max((v for values in labels.values() for v in values if v is not None), default=-1)
         classes = [str(i) for i in range(top + 1)]
     lookup = {name: i for i, name in enumerate(classes)}
-    base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    index: dict = {}
-    for name, out_split in mapping.items():
-        values = [lookup.get(v, -1) if isinstance(v, str) else (-1 if v is None else int(v)) for v in labels[name]]
-        if any(v < 0 for v in values):
-            unlabelled = sum(v < 0 for v in values)
-            if splits:
-                raise KdscaleError(f"split {name}: {unlabelled} of {len(values)} rows have no label (-1 or "
-                                   f"missing); it cannot be converted for training")
-            log(f"skipping split {name}: {unlabelled} of {len(values)} rows have no label (-1 or missing)")
-            continue
-        items, position = [], 0
-        for file in found[name]:
-            for row, size in enumerate(_row_sizes(file, image_column)):
-                items.append(Item(file, values[position], f"{out_split}/{position:08d}", max(1, size), row=row))
-                position += 1
-        shard_classes = align_classes(items, classes, existing_classes(out), path)[1]
-        index = write_folder_shards(items, shard_classes, out, out_split, max_count=max_count,
-                                    max_bytes=max_bytes, workers=workers, progress=progress,
-                                    reader=TableImages(image_column, base), generator=GENERATOR,
-                                    extra={"source": {"huggingface": os.path.abspath(path), "image_column":
-                                                      image_column, "label_column": label_column}})
-        log(f"{name} -> {out_split}: {index['splits'][out_split]['samples']} samples")
-    if not index:
-        raise KdscaleError(f"{path}: no labelled split to convert")
-    return index
+    return {name: [lookup.get(v, -1) if isinstance(v, str) else (-1 if v is None else int(v)) for v in values]
+            for name, values in labels.items()}, classes

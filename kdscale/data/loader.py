@@ -73,14 +73,17 @@ def _samples_of(urls: list[str], bad: BadSampleLog | None = None) -> Iterator[di
             bad.skip(f"the rest of shard {url}: {type(err).__name__}: {err}")
 
 
-def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
-    """(key, image bytes, label); raises :class:`BadSample` naming the key and shard."""
+def parse_sample(sample: dict, num_classes: int, labels_required: bool = True) -> tuple[str, bytes, int]:
+    """(key, image bytes, label); raises :class:`BadSample` naming the key and shard. Without
+    ``labels_required`` (``data.labels=none``) a sample without ``.cls`` has label -1."""
     key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
     image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image is None:
         raise BadSample(f"sample {key} in {shard}: no image (.jpg/.png/.webp); fields: "
                         f"{', '.join(k for k in sample if not k.startswith('__'))}")
     if "cls" not in sample:
+        if not labels_required:
+            return key, image, -1
         raise BadSample(f"sample {key} in {shard}: no label (.cls)")
     try:
         label = int(sample["cls"].decode().strip() if isinstance(sample["cls"], bytes) else sample["cls"])
@@ -91,12 +94,14 @@ def parse_sample(sample: dict, num_classes: int) -> tuple[str, bytes, int]:
     return key, image, label
 
 
-def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog) -> Iterator[tuple]:
+def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog,
+                  labels_required: bool = True) -> Iterator[tuple]:
     """(key, image bytes, label, shard, teacher record or None, dataset index or -1) of the
     usable samples; the others are logged."""
     for sample in samples:
         try:
-            yield (*parse_sample(sample, num_classes), sample.get("__url__", "?"), sample.get("__teacher__"),
+            yield (*parse_sample(sample, num_classes, labels_required), sample.get("__url__", "?"),
+                   sample.get("__teacher__"),
                    sample.get("__index__", -1))
         except BadSample as err:
             bad.skip(str(err))
@@ -137,7 +142,8 @@ class TrainStream(IterableDataset):
             order = list(shards)
             self._rng(epoch, stream_id, "cycle", cycle).shuffle(order)
             seen = 0
-            for item in valid_samples(self._raw(order, bad), self.data.num_classes, bad):
+            for item in valid_samples(self._raw(order, bad), self.data.num_classes, bad,
+                                      labels_required=self.data.labels == "required"):
                 seen += 1
                 yield item
             if seen == 0:

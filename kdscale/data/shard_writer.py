@@ -3,8 +3,14 @@ items to webdataset tar shards, in parallel, resumable, with a JSON index.
 
 Layout written: ``<out>/<split>-NNNNNN.tar`` holding ``<key>.<ext>`` (the original image
 bytes, not re-encoded) and ``<key>.cls`` (the class index), and ``<out>/index.json`` with
-the class names, and per split the sample count, shard list and per-shard records
-(samples, bytes, sha256; see :mod:`kdscale.data.shards`).
+the class names, and per split the sample count, shard list, per-shard records
+(samples, bytes, sha256; see :mod:`kdscale.data.shards`) and ``labelled``.
+
+An unlabelled split (``from-folder --unlabelled``, ``from-hf`` without a label column) has
+items whose ``label`` is None: its samples carry no ``.cls`` member, the split records
+``"labelled": false``, and the index keeps the class list of the labelled splits beside it
+(none when there are none: ``classes`` empty, ``num_classes`` 0). Index files without the
+key (older ones, ``synth``) are labelled.
 
 Shards are planned up front (sorted input, at most ``max_count`` samples and
 ``max_bytes`` bytes each), each is written to ``.tmp`` and renamed when complete, and a
@@ -36,7 +42,8 @@ class Item:
     within ``path`` for readers of table files (``import_hf``). ``size`` plans shards."""
 
     path: str
-    label: int
+    label: int | None
+    """The class index; None for an unlabelled sample (no ``.cls`` member)."""
     key: str
     size: int
     data: bytes | None = None
@@ -105,7 +112,10 @@ def write_shard(path: str, items: list[Item], reader=read_images) -> dict:
     tmp = path + ".tmp"
     with wds.TarWriter(tmp) as sink:
         for item, (ext, data) in zip(items, reader(items), strict=True):
-            sink.write({"__key__": item.key, ext: data, "cls": str(item.label)})
+            sample = {"__key__": item.key, ext: data}
+            if item.label is not None:
+                sample["cls"] = str(item.label)
+            sink.write(sample)
     record = shard_record(tmp, len(items)) | {"name": os.path.basename(path)}
     with open(path + ".json.tmp", "w") as fh:
         json.dump(record, fh)
@@ -145,12 +155,17 @@ def write_folder_shards(items: list[Item], classes: list[str], out: str, split: 
     bar.close()
     index["generator"] = generator
     index.update(extra or {})  # e.g. where an importer read the data from
-    index["classes"] = classes
-    index["num_classes"] = len(classes) if classes else max(i.label for i in items) + 1
+    labelled = any(item.label is not None for item in items)
+    if labelled:
+        index["classes"] = classes
+        index["num_classes"] = len(classes) if classes else max(i.label for i in items if i.label is not None) + 1
+    else:  # the labelled splits beside it (if any) keep their class list
+        index.setdefault("classes", [])
+        index.setdefault("num_classes", 0)
     ordered = [records[p] for p in paths]
     index["splits"][split] = {"samples": sum(r["samples"] for r in ordered),
                               "shards": [r["name"] for r in ordered], "records": ordered,
-                              "pattern": f"{split}-{{000000..{len(paths) - 1:06d}}}.tar"}
+                              "pattern": f"{split}-{{000000..{len(paths) - 1:06d}}}.tar", "labelled": labelled}
     with open(index_path + ".tmp", "w") as fh:
         json.dump(index, fh, indent=2)
     os.replace(index_path + ".tmp", index_path)

@@ -162,6 +162,10 @@ class Distiller(nn.Module):
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     teacher_role: ClassVar[Literal["none", "frozen", "trainable"]] = "none"
+    needs_labels: ClassVar[bool] = True
+    """Whether a loss term reads the class labels (``targets``). A method whose terms all work
+    without labels sets it False: only such a method trains with ``data.labels=none``
+    (unlabelled shards, targets -1); :func:`kdscale.train.setup.plan_data` refuses the others."""
     needs_sample_indices: ClassVar[bool] = False
     """Whether :meth:`forward_train` takes ``sample_indices``: the training images' dataset
     indices (int64, ``(B,)``), numbered from the shards' ``index.json``."""

@@ -47,6 +47,7 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
     data = cfg.data
     train = expand_shards(data.train_shards, "data.train_shards")
     val = expand_shards(data.val_shards, "data.val_shards")
+    check_labels(cfg, train)
     check_shard_count(train, "data.train_shards", world_size, data.num_workers)
     if replayed_specs(cfg):
         check_teacher_shards_usable(cfg, train)
@@ -68,6 +69,42 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
     if get_method_class(cfg.method.name).needs_sample_indices:
         plan.sample_offsets, plan.dataset_size = sample_offsets(train, "data.train_shards")
     return plan
+
+
+def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
+    """``data.labels`` against the method, mixing and the shards, in one line each:
+    ``none`` needs a method whose terms need no labels (``Distiller.needs_labels`` False) and
+    no Mixup/CutMix (they build soft targets from labels); ``required`` refuses training
+    shards whose ``index.json`` records their split as unlabelled (``"labelled": false``)."""
+    import json
+    import os
+
+    from kdscale.data.shards import INDEX_FILE
+
+    data, method_cls = cfg.data, get_method_class(cfg.method.name)
+    if data.labels == "none":
+        if method_cls.needs_labels:
+            raise KdscaleError(f"data.labels=none trains on images without labels, but method {method_cls.name!r} "
+                               f"needs labels; use a method that needs none, or labelled shards with "
+                               f"data.labels=required")
+        if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
+            raise KdscaleError(f"data.labels=none with Mixup/CutMix (data.mixup_alpha={data.mixup_alpha}, "
+                               f"data.cutmix_alpha={data.cutmix_alpha}): mixing builds soft targets from labels; "
+                               f"set both to 0")
+        return
+    folder = os.path.dirname(train_shards[0])
+    index_path = os.path.join(folder, INDEX_FILE)
+    if "://" in train_shards[0] or train_shards[0].startswith("pipe:") or not os.path.isfile(index_path):
+        return
+    with open(index_path) as fh:
+        splits = json.load(fh).get("splits", {})
+    names = {os.path.basename(s) for s in train_shards}
+    unlabelled = [name for name, entry in splits.items()
+                  if entry.get("labelled") is False and names & set(entry.get("shards", []))]
+    if unlabelled:
+        raise KdscaleError(f"data.train_shards: the shards in {folder or '.'} are unlabelled (index.json: split "
+                           f"{unlabelled[0]!r}) and data.labels=required; use data.labels=none with a method that "
+                           f"needs no labels, or labelled shards")
 
 
 def training_labels(plan: DataPlan, ctx, on_shard=None) -> torch.Tensor | None:
