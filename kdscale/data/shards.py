@@ -89,6 +89,14 @@ def index_records(index: dict) -> dict[str, dict]:
             if isinstance(r, dict) and "name" in r}
 
 
+def unlabelled_splits(index: dict, shard_names) -> list[str]:
+    """The splits of ``index`` recorded as unlabelled (``"labelled": false``) that hold any of
+    ``shard_names`` (file names); a split without the key (older files) is labelled."""
+    names = set(shard_names)
+    return [name for name, entry in index.get("splits", {}).items()
+            if entry.get("labelled") is False and names & set(entry.get("shards", []))]
+
+
 def rewrite_hint(index: dict | None) -> str:
     """How to get a sound copy of a damaged shard, for the generator that wrote ``index``.
 

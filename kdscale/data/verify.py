@@ -27,12 +27,15 @@ from kdscale.data.shards import (
     index_records,
     read_index,
     rewrite_hint,
+    unlabelled_splits,
 )
 from kdscale.progress import progress_bar
 
 
-def verify_shard(path: str, num_classes: int) -> dict:
-    """Decode one local shard: its problems (damage lines have no fix yet), keys, sizes."""
+def verify_shard(path: str, num_classes: int, labels_required: bool = True) -> dict:
+    """Decode one local shard: its problems (damage lines have no fix yet), keys, sizes.
+    ``labels_required``: False for a shard of a split ``index.json`` records as unlabelled
+    (a sample without ``.cls`` is then sound)."""
     from PIL import Image
 
     from kdscale.data.tar_reader import iter_samples, tar_layout_problem
@@ -51,7 +54,7 @@ def verify_shard(path: str, num_classes: int) -> dict:
         key = sample.get("__key__", "?")
         keys.append(key)
         try:
-            _key, data, _label = parse_sample(sample, num_classes)
+            _key, data, _label = parse_sample(sample, num_classes, labels_required=labels_required)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
         except BadSample as err:
@@ -67,6 +70,12 @@ def _index_beside(path: str, cache: dict) -> tuple[str, dict | None]:
     if index_path not in cache:
         cache[index_path] = read_index(index_path) if os.path.isfile(index_path) else None
     return index_path, cache[index_path]
+
+
+def _labels_required(path: str, indexes: dict) -> bool:
+    """Whether the shard's samples need a ``.cls``: not where ``index.json`` records its split as unlabelled."""
+    index = _index_beside(path, indexes)[1]
+    return not index or not unlabelled_splits(index, [os.path.basename(path)])
 
 
 def index_problems(result: dict, index_path: str, record: dict) -> list[str]:
@@ -89,12 +98,15 @@ def verify_shards(paths: list[str], num_classes: int, workers: int = 2, progress
 
     With ``workers <= 1`` the shards are verified in this process (no pool to start).
     """
+    indexes: dict[str, dict | None] = {}
+    required = [_labels_required(p, indexes) for p in paths]
     if workers <= 1:
-        results = [verify_shard(p, num_classes) for p in progress_bar(paths, total=len(paths), desc="verify",
-                                                                     unit="shard", disable=not progress)]
+        results = [verify_shard(p, num_classes, r) for p, r in progress_bar(zip(paths, required), total=len(paths),
+                                                                            desc="verify", unit="shard",
+                                                                            disable=not progress)]
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(progress_bar(pool.map(verify_shard, paths, [num_classes] * len(paths)),
+            results = list(progress_bar(pool.map(verify_shard, paths, [num_classes] * len(paths), required),
                                         total=len(paths), desc="verify", unit="shard", disable=not progress))
     problems = [p for r in results for p in r["problems"]]
     owner: dict[str, str] = {}
@@ -103,7 +115,6 @@ def verify_shards(paths: list[str], num_classes: int, workers: int = 2, progress
             if key in owner:
                 problems.append(f"{result['path']}: sample {key} duplicates the one in {owner[key]}")
             owner[key] = result["path"]
-    indexes: dict[str, dict | None] = {}
     for result in results:
         index_path, index = _index_beside(result["path"], indexes)
         fix = rewrite_hint(index)

@@ -14,7 +14,7 @@ from torch import nn
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import check_shard_count
 from kdscale.data.sample_index import sample_offsets, scan_labels
-from kdscale.data.shards import expand_shards, samples_from_index
+from kdscale.data.shards import expand_shards, samples_from_index, unlabelled_splits
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
@@ -97,10 +97,7 @@ def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
     if "://" in train_shards[0] or train_shards[0].startswith("pipe:") or not os.path.isfile(index_path):
         return
     with open(index_path) as fh:
-        splits = json.load(fh).get("splits", {})
-    names = {os.path.basename(s) for s in train_shards}
-    unlabelled = [name for name, entry in splits.items()
-                  if entry.get("labelled") is False and names & set(entry.get("shards", []))]
+        unlabelled = unlabelled_splits(json.load(fh), [os.path.basename(s) for s in train_shards])
     if unlabelled:
         raise KdscaleError(f"data.train_shards: the shards in {folder or '.'} are unlabelled (index.json: split "
                            f"{unlabelled[0]!r}) and data.labels=required; use data.labels=none with a method that "

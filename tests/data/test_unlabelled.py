@@ -253,3 +253,20 @@ def test_every_registered_method_needs_labels():
     from kdscale.methods import METHODS
 
     assert METHODS and all(cls.needs_labels for cls in METHODS.values())
+
+
+def test_verify_accepts_unlabelled_shards_and_still_flags_unlabelled_samples_of_labelled_ones(tmp_path, capsys):
+    from kdscale.data.verify import verify_shards
+
+    rng = np.random.default_rng(2)
+    write_tree(tmp_path / "raw", rng)
+    out = tmp_path / "o"
+    cli(["shards", "from-folder", str(tmp_path / "raw"), "--unlabelled", "--out", str(out), "--split", "train",
+         "--max-count", "2", "--workers", "1", "--quiet"])
+    shards = expand_shards(str(out / "train-*.tar"), "k")
+    assert verify_shards(shards, 10, workers=1, progress=False) == []
+    index = json.load(open(out / "index.json"))
+    index["splits"]["train"]["labelled"] = True  # the same shards recorded as labelled: every sample lacks its label
+    json.dump(index, open(out / "index.json", "w"))
+    problems = verify_shards(shards, 10, workers=2, progress=False)
+    assert len(problems) == 5 and all("no label (.cls)" in p for p in problems)
