@@ -53,11 +53,21 @@ for teacher in configs/vanilla_cifar100_r32x4.yaml configs/vanilla_cifar100_wrn4
 done
 for config in configs/*_cifar100.yaml; do  # every method's CIFAR-100 config
   case $config in configs/vanilla_*) continue ;; esac
-  extra=()
-  weights=$(sed -n 's/^teacher:.*weights: *\([^,}]*\).*/\1/p' "$config")
-  if [ -n "$weights" ]; then  # the teacher trained above, in this output folder
-    extra=(teacher.weights="$out/${weights#runs/}")
-  fi
+  # Each teacher trained above, in this output folder: teacher.weights, or teachers.<i>.weights of a list.
+  mapfile -t extra < <(.venv/bin/python - "$config" "$out" <<'EOF'
+import sys
+
+import yaml
+
+config, out = yaml.safe_load(open(sys.argv[1])), sys.argv[2]
+single = config.get("teacher") if isinstance(config.get("teacher"), dict) else None
+for key, spec in ([("teacher", single)] if single else []) + [(f"teachers.{i}", t) for i, t in
+                                                             enumerate(config.get("teachers") or [])]:
+    weights = str(spec.get("weights") or "")
+    if weights.startswith("runs/"):
+        print(f"{key}.weights={out}/{weights[len('runs/'):]}")
+EOF
+)
   echo "reproduce: $config over seeds $seeds"
   "${kdscale[@]}" sweep --config "$config" --seeds "$seeds" "${common[@]}" "${extra[@]}"
 done

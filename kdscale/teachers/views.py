@@ -79,5 +79,5 @@ class TeacherView:
 
 
 def teacher_view(data, spec) -> TeacherView:
-    """The view of the frozen teacher ``spec`` (``cfg.teacher``) for the loader's ``data``."""
+    """The view of the frozen teacher ``spec`` (an entry of ``cfg.teachers``) for the loader's ``data``."""
     return TeacherView(data_preprocessing(data), network_preprocessing(data, spec, "teacher"))

@@ -30,6 +30,7 @@ from kdscale.config.teachers import feature_teacher_id
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log
 from kdscale.methods import TeacherOutput
+from kdscale.methods.ensemble import mean_of_logits
 from kdscale.teachers.frozen import FrozenTeacher
 from kdscale.teachers.views import teacher_view
 
@@ -84,12 +85,10 @@ class TeacherSource:
             total = sum(weights.values())
             weights = {k: w / total for k, w in weights.items()}
         members = {tid: outputs[tid].logits for tid in weights}
-        if len(members) == 1:
-            logits = next(iter(members.values()))
-        else:
-            logits = sum(w * members[tid].float() for tid, w in weights.items())
         features = outputs[self.feature_id].features if self.feature_id in outputs else {}
-        return TeacherOutput(logits, features, members, weights)
+        combined = TeacherOutput(next(iter(members.values())), features, members, weights)
+        combined.logits = mean_of_logits(combined)  # one teacher: its logits, the same tensor
+        return combined
 
     def evaluation_outputs(self, images: torch.Tensor) -> TeacherOutput | None:
         """The online teachers' output on validation images (replayed teachers have none there)."""
