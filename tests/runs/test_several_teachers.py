@@ -152,7 +152,8 @@ def test_each_teacher_sees_its_own_view_and_learns_nothing(synth_data, teacher_f
 def test_replaying_two_teachers_gives_the_online_losses(synth_data, tmp_path):
     """Both teachers' outputs written by kdscale.teach (top-k = all 10 classes, so nothing is
     truncated), replayed together: on every step's images (the one stored crop both replay),
-    each member equals its teacher run online within fp16 storage, and so do the KD terms."""
+    each member equals its teacher run online within fp16 storage, and so do the KD terms.
+    Then one teacher online beside the other replayed: it runs on the replayed crop."""
     from kdscale.teach.__main__ import main as teach_main
     from kdscale.teachers.frozen import FrozenTeacher
     from kdscale.train.loop import Trainer
@@ -200,6 +201,22 @@ def test_replaying_two_teachers_gives_the_online_losses(synth_data, tmp_path):
     for replayed_kd, live_kd in compared:
         assert replayed_kd == pytest.approx(live_kd, rel=2e-3, abs=1e-4)
     assert json.load(open(os.path.join(outputs["a"], "teacher_outputs.json")))["seed"] == 0
+    # Mixed sources: teacher a online beside b replayed; a runs on the one crop b stored, which
+    # is the student's own view of each step.
+    mixed = make_config(synth_data, str(tmp_path), "method.name=kd", "student.name=resnet8", "data.augment=imagenet",
+                        "data.train_samples=64", "train.epochs=1",
+                        f"teachers=[{{id: a, name: resnet8, weights: {files['a']}}}, "
+                        f"{{id: b, source: shards, outputs: {outputs['b']}}}]", name="mixed")
+    trainer = Trainer(mixed)
+    seen = {"student": [], "a": []}
+    trainer.distiller.student.register_forward_pre_hook(lambda _m, args: seen["student"].append(args[0].clone()))
+    trainer.teacher.online["a"].model.register_forward_pre_hook(lambda _m, args: seen["a"].append(args[0].clone()))
+    try:
+        assert trainer.train()["completed"]
+    finally:
+        trainer.close()
+    assert trainer.teacher.outputs_dirs == [outputs["b"]] and len(seen["a"]) >= 2
+    assert all(torch.equal(a, s) for a, s in zip(seen["a"][:2], seen["student"][:2]))
 
 
 def make_config_overrides(synth_data, tmp_path, name):
