@@ -15,6 +15,7 @@ import torch
 from kdscale.data.loader import Batch
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, TeacherOutput
+from kdscale.methods.ensemble import ensemble_target_logits
 from kdscale.runtime.device import autocast as run_autocast
 
 
@@ -41,9 +42,8 @@ def _teacher_logits(output: TeacherOutput | None) -> dict[str, torch.Tensor]:
     if output is None:
         return {}
     scored = {tid: logits.float() for tid, logits in output.members.items()}
-    if len(scored) > 1:
-        probs = sum(output.weights[tid] * torch.softmax(z, dim=1) for tid, z in scored.items())
-        scored["ensemble"] = probs.clamp_min(1e-30).log()
+    if len(scored) > 1:  # log of the weighted mean of the probabilities: the probs target at T = 1
+        scored["ensemble"] = ensemble_target_logits(output, 1.0, "probs")
     return scored
 
 
