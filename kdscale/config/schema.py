@@ -35,6 +35,9 @@ class ModelSpec:
     ``path.pt#<network>``), a state_dict ``.pt``/``.pth``/``.bin`` or a ``.safetensors`` file."""
     num_classes: Optional[int] = ranged(None, "the number of classes the network predicts", ge=1)
     """Defaults to ``data.num_classes``."""
+    timm_options: Optional[dict[str, Any]] = None
+    """Keyword arguments for ``timm.create_model`` (``timm:`` models only), e.g.
+    ``{img_size: 96}`` for a ViT built at another resolution."""
 
 
 @dataclass
@@ -67,6 +70,17 @@ class TeacherSpec(ModelSpec):
     input_size: Optional[int] = ranged(None, "the side of the frozen teacher's input, in pixels", ge=1)
     """A frozen teacher's input side: the student's crop is resized to it on the device;
     default: its pretrained weights' input size, else ``data.image_size``."""
+    targets: Optional[list[Literal["logits", "summary", "spatial"]]] = None
+    """What a frozen teacher teaches: its ``logits`` (default, every method), and for the
+    ``features`` method its ``summary`` feature (CLS token or pooled features) and ``spatial``
+    map (patch tokens on their grid, or a CNN's last map; :mod:`kdscale.models.feature_targets`).
+    A teacher without ``logits`` needs no matching ``num_classes``."""
+    summary_layer: Optional[str] = None
+    """Module whose *input* is the summary feature (default: timm's ``forward_head(pre_logits)``,
+    else the last ``nn.Linear``)."""
+    spatial_layer: Optional[str] = None
+    """Module whose *output* is the spatial map (default: timm's ``forward_features``, else the
+    input of ``avgpool``)."""
 
 
 @dataclass
@@ -81,6 +95,11 @@ class DataSection:
     one keep it), for methods whose terms all work without labels (unlabelled shards:
     ``from-folder --unlabelled``, ``from-hf`` without a label column). Validation shards
     always need labels. Refused with a method that needs labels, and with Mixup/CutMix."""
+    knn_memory_shards: Optional[str] = None
+    """Labelled shards whose summary features are the k-NN memory of validation (DINO's
+    protocol, :mod:`kdscale.train.knn`); default: the training shards when they are labelled."""
+    knn_memory_samples: int = ranged(10000, "samples of the k-NN memory", ge=1)
+    """The first this many samples of ``knn_memory_shards`` (centre crops) form the memory."""
     train_samples: Optional[int] = ranged(None, "samples per epoch; null reads index.json", ge=1)
     """Samples per epoch; defaults to the count in ``index.json`` beside the shards."""
     image_size: int = ranged(32, "the side of the square input images, in pixels", ge=1)
@@ -163,6 +182,9 @@ class TrainSection:
     partitions (``networks``/``all`` with ``distributed.strategy=zero3``, ``teacher``/``all``
     with ``distributed.teacher_sharding=zero3``): DeepSpeed gathers those parameters in module
     hooks that torch.compile cannot trace."""
+    knn_eval: Literal["auto", "on", "off"] = "auto"
+    """k-NN top-1 of summary features in validation (``val/student_knn_top1``,
+    ``val/<id>_knn_top1``): ``auto`` for methods that distil features, ``on`` for any method."""
     log_every_steps: int = ranged(20, "optimizer steps between log lines", ge=1)
     eval_every_epochs: int = ranged(1, "epochs between validations", ge=1)
     checkpoint_every_steps: int = ranged(0, "optimizer steps between checkpoints; 0: at each epoch's end only", ge=0)

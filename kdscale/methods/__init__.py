@@ -8,6 +8,7 @@ from kdscale.methods import (  # noqa: F401  (registration)  # noqa: F401  (regi
                                   dist,
                                   dkd,
                                   dml,
+                                  features,
                                   ffcl,
                                   fitnet,
                                   kd,

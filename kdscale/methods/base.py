@@ -48,13 +48,18 @@ class TeacherOutput:
     - ``members``: each teacher's logits by its ``id`` (a replayed teacher's: the log of its
       stored probabilities), in config order; one teacher: ``{id: logits}``, empty when the
       output was built by hand;
-    - ``weights``: each teacher's ``weight``, normalised to sum to 1, same keys as ``members``.
+    - ``weights``: each teacher's ``weight``, normalised to sum to 1, same keys as ``members``;
+    - ``member_features``: each teacher's feature targets by id, ``{"summary": (B, D),
+      "spatial": (B, C, H, W)}`` with the kinds its entry's ``targets`` asks for
+      (:mod:`kdscale.models.feature_targets`); only for a method whose needs say ``targets``.
+      A teacher without ``logits`` among its targets is not in ``members``.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     members: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    member_features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def member_items(self) -> list[tuple[str, torch.Tensor, float]]:
         """``(id, logits, weight)`` per teacher; a hand-built output is one teacher of weight 1."""
@@ -70,10 +75,14 @@ class TeacherNeeds:
     logits: bool = False
     features: tuple[str, ...] = ()
     """Module paths of the frozen teacher whose outputs are tapped (forward hooks)."""
+    targets: bool = False
+    """Whether the method reads every teacher's feature targets (``member_features``: the
+    summary and spatial features each teacher entry's ``targets`` names)."""
 
     def describe(self) -> str:
-        """``logits``, ``features``, both, or ``none``."""
-        return ", ".join((["logits"] if self.logits else []) + (["features"] if self.features else [])) or "none"
+        """``logits``, ``features``, ``targets``, several of them, or ``none``."""
+        return ", ".join((["logits"] if self.logits else []) + (["features"] if self.features else [])
+                         + (["targets"] if self.targets else [])) or "none"
 
 
 @dataclass
@@ -123,6 +132,12 @@ class MethodContext:
     """The ``id`` of every frozen teacher of the run, in config order (online or replayed;
     empty without frozen teachers). More than one: the method gets an ensemble
     (:class:`TeacherOutput`'s ``members``) and may refuse in one line if it cannot use one."""
+    teacher_targets: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    """Each frozen teacher's feature targets by id, with each kind's shape per image (from a
+    dry forward at the teacher's input size): ``{"summary": (D,), "spatial": (C, H, W)}``;
+    only the kinds its entry's ``targets`` names beside ``logits``."""
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    """Each frozen teacher's ``weight`` by id, normalised over all of them to sum to 1."""
     build_model: Callable[[str], nn.Module] | None = None
     """Builds another network by model name, with ``num_classes`` outputs (DML peers)."""
     seed: int = 0
@@ -166,6 +181,8 @@ class Distiller(nn.Module):
     """Whether a loss term reads the class labels (``targets``). A method whose terms all work
     without labels sets it False: only such a method trains with ``data.labels=none``
     (unlabelled shards, targets -1); :func:`kdscale.train.setup.plan_data` refuses the others."""
+    distils_features: ClassVar[bool] = False
+    """Whether the method teaches feature targets (``train.knn_eval=auto`` then scores k-NN)."""
     needs_sample_indices: ClassVar[bool] = False
     """Whether :meth:`forward_train` takes ``sample_indices``: the training images' dataset
     indices (int64, ``(B,)``), numbered from the shards' ``index.json``."""
@@ -176,6 +193,12 @@ class Distiller(nn.Module):
         self.params = params
         self.label_smoothing = context.label_smoothing
         self.epoch = 0
+
+    @classmethod
+    def labels_needed(cls, params) -> bool:
+        """Whether a run with these ``params`` reads labels (default: ``needs_labels``); a
+        method whose label terms can be weighted off says so from its params."""
+        return cls.needs_labels
 
     # -- the contract ---------------------------------------------------------------
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor, teacher_output: TeacherOutput | None,
@@ -201,6 +224,21 @@ class Distiller(nn.Module):
         """Logits of every trainable network scored in evaluation (``val/<name>_top1``).
         Called in eval mode without gradients, with the frozen teacher's output if any."""
         return {"student": self.student(images)}
+
+    def evaluation_features(self, images: torch.Tensor, teacher_output: TeacherOutput | None = None):
+        """What validation scores of the features (``train.knn_eval``): a ``(summaries,
+        cosines)`` pair (:class:`kdscale.methods.features.EvaluationFeatures`): summary vectors
+        by network name for k-NN (``val/<name>_knn_top1``) and per-image cosine similarities
+        of adapted student features to each teacher's (``val/cosine_<id>``). Default: the
+        student's input to its classifier, no cosines."""
+        from kdscale.methods.features import EvaluationFeatures
+        from kdscale.models.feature_targets import FeatureTargets
+
+        targets = FeatureTargets(self.student, ["summary"], where="student")
+        try:
+            return EvaluationFeatures({"student": targets(images)[1]["summary"]}, {})
+        finally:
+            targets.remove()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer before each epoch's steps (0-based, also after a resume);

@@ -59,6 +59,8 @@ class FeatureTargets:
             raise KdscaleError(f"{where}.targets: {unknown or 'nothing'} is not a list of {', '.join(TARGETS)}")
         self.model, self.targets, self.where, self.logits = model, tuple(targets), where, logits
         self.timm = _is_timm(model) and spatial_layer is None and summary_layer is None
+        self.call = model
+        """What runs the model (a ZeRO-3 teacher's DeepSpeed engine: set by its owner)."""
         self._seen: dict[str, torch.Tensor] = {}
         self._handles = []
         if self.timm:
@@ -92,7 +94,7 @@ class FeatureTargets:
         if self.timm:
             return self._timm(images)
         self._seen.clear()
-        logits = self.model(images)
+        logits = self.call(images)
         out = {}
         for kind in self.targets:
             if kind not in self._seen:
@@ -102,6 +104,15 @@ class FeatureTargets:
         return (logits if self.logits else None), out
 
     def _timm(self, images: torch.Tensor):
+        # Through the model's own call, its forward swapped for this one call: the hooks on the
+        # model itself run (ZeRO-3 gathers a ViT's own cls_token and pos_embed in them).
+        self.model.forward = self._timm_forward
+        try:
+            return self.call(images)
+        finally:
+            del self.model.forward
+
+    def _timm_forward(self, images: torch.Tensor):
         features = self.model.forward_features(images)
         out = {}
         if "summary" in self.targets:

@@ -35,11 +35,15 @@ def known_model_names() -> list[str]:
     return sorted(CIFAR_MODELS) + [TORCHVISION_PREFIX + n for n in torchvision_classification_models()]
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None, where: str = "student") -> nn.Module:
+def build_model(name: str, num_classes: int, weights: str | None = None, where: str = "student",
+                timm_options: dict | None = None) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs and load ``weights`` (see
-    :func:`kdscale.models.weights.load_weights` for the accepted forms)."""
+    :func:`kdscale.models.weights.load_weights` for the accepted forms); ``timm_options``: more
+    keyword arguments for ``timm.create_model``."""
     if not name:
         raise KdscaleError(f"{where}.name is empty: set it to a model, e.g. resnet8x4 or torchvision:resnet18")
+    if timm_options and not name.startswith(TIMM_PREFIX):
+        raise KdscaleError(f"{where}.timm_options applies to timm: models only; {name!r} is not one (remove it)")
     hub = next((p for p in HUB_PREFIXES if weights and weights.startswith(p)), None)
     family = next((p for p in HUB_PREFIXES if name.startswith(p)), None)
     if hub and hub != family:
@@ -48,7 +52,7 @@ def build_model(name: str, num_classes: int, weights: str | None = None, where: 
     if name.startswith(TORCHVISION_PREFIX):
         model = _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, weights, where)
     elif name.startswith(TIMM_PREFIX):
-        model = build_timm(name[len(TIMM_PREFIX):], num_classes, weights, where)
+        model = build_timm(name[len(TIMM_PREFIX):], num_classes, weights, where, timm_options)
     else:
         bare = name[len("cifar:"):] if name.startswith("cifar:") else name
         if bare not in CIFAR_MODELS:

@@ -79,16 +79,21 @@ def pretrained_variant(name: str, weights_tag: str, where: str) -> str:
     return f"{arch}.{tag}"
 
 
-def build_timm(name: str, num_classes: int, weights: str | None, where: str) -> nn.Module:
-    """``timm.create_model`` for ``timm:<name>``; hub weights when ``weights`` is ``timm:*``
-    (a file is loaded by the caller)."""
+def build_timm(name: str, num_classes: int, weights: str | None, where: str, options: dict | None = None) -> nn.Module:
+    """``timm.create_model`` for ``timm:<name>`` (with ``options``, the entry's ``timm_options``);
+    hub weights when ``weights`` is ``timm:*`` (a file is loaded by the caller). ``num_classes=0``:
+    no classifier (a teacher that teaches features only)."""
     timm = _timm()
     check_name(name, where)
+    options = dict(options or {})
     if not (weights and weights.startswith(PREFIX)):
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+        except TypeError as err:
+            raise KdscaleError(f"{where}.timm_options={options}: timm's {name} refused them ({err})") from None
     variant = pretrained_variant(name, weights[len(PREFIX):], f"{where}.weights")
     classes = timm.models.get_pretrained_cfg(variant).num_classes
-    if classes and classes != num_classes:
+    if classes and num_classes and classes != num_classes:
         message = (f"{where}: weights {PREFIX}{variant} have {classes} classes but {where} is built with "
                    f"{num_classes}")
         if where == "teacher":
@@ -97,7 +102,7 @@ def build_timm(name: str, num_classes: int, weights: str | None, where: str) -> 
         warnings.warn(f"{message}: timm keeps the backbone and initialises a new classifier (fine-tuning)",
                       stacklevel=3)
     try:
-        return timm.create_model(variant, pretrained=True, num_classes=num_classes)
+        return timm.create_model(variant, pretrained=True, num_classes=num_classes, **options)
     except Exception as err:  # noqa: BLE001 - huggingface_hub, urllib and torch raise many types
         raise KdscaleError(
             f"{where}.weights={weights}: timm could not load {variant} ({type(err).__name__}: {_first_line(err)}); "

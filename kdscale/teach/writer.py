@@ -119,7 +119,8 @@ class TeacherOutputWriter:
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
         self.stop = stop
         self.runtime = Runtime.from_config(cfg, ctx.device)
-        model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher")
+        model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher",
+                            timm_options=spec.timm_options)
         self.view = teacher_view(cfg.data, spec)  # the teacher's own mean/std/size, as in training
         self.teacher = FrozenTeacher(model, [], ctx.device, self.runtime.autocast_dtype, self.runtime.channels_last,
                                      view=self.view)

@@ -4,7 +4,9 @@ A frozen teacher is never a child of the Distiller, so no optimizer, DDP bucket 
 partition holds its parameters. It runs in eval mode under ``torch.inference_mode`` (bf16
 autocast on GPU), channels-last where that helps, with ``requires_grad_(False)``; its BN
 statistics therefore never change. Features the method asks for are tapped with forward
-hooks on module paths.
+hooks on module paths; feature targets (a teacher entry's ``targets``: summary and spatial
+features, :mod:`kdscale.models.feature_targets`) come back under ``member_features[""]``, the
+source filing them under the teacher's id.
 
 Each call first maps the batch to the teacher's own view (``view``: its mean, std and input
 size; :mod:`kdscale.teachers.views`), so training, evaluation and ``kdscale.teach`` show it
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from kdscale.methods.base import TeacherOutput
+from kdscale.models.feature_targets import FeatureTargets
 from kdscale.models.features import FeatureTaps
 from kdscale.parallel.context import init_deepspeed_comm
 from kdscale.runtime.device import autocast
@@ -47,8 +50,9 @@ class FrozenTeacher:
 
     def __init__(self, model: nn.Module, feature_layers: list[str], device: torch.device,
                  autocast_dtype: torch.dtype | None, channels_last: bool, sharding: str = "replicated",
-                 micro_batch: int = 1, compile: bool = False, view: TeacherView | None = None):
-        self.view = view
+                 micro_batch: int = 1, compile: bool = False, view: TeacherView | None = None,
+                 targets: FeatureTargets | None = None):
+        self.view, self.targets = view, targets
         self.model = model.eval().requires_grad_(False)
         if is_partitioned(model):  # built under zero.Init (teachers.partitioned): its partitions are placed
             for module in model.modules():
@@ -69,6 +73,8 @@ class FrozenTeacher:
             init_deepspeed_comm(device)
             self.engine, *_ = deepspeed.initialize(model=self.model, config=zero3_teacher_config(micro_batch, autocast_dtype))
             self.engine.eval()
+            if self.targets is not None:
+                self.targets.call = self.engine
 
     def local_parameter_count(self) -> int:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
@@ -83,8 +89,16 @@ class FrozenTeacher:
             if self.view is not None:
                 images = self.view(images)  # float32, outside autocast
             with self._autocast():
-                logits = self.engine(images) if self.engine is not None else self.model(images)
+                targets = {}
+                if self.targets is not None:
+                    logits, targets = self.targets(images)
+                else:
+                    logits = self.engine(images) if self.engine is not None else self.model(images)
                 features = self.taps.pop() if self.taps else {}
         # Inference tensors cannot be saved for backward; plain copies can (cheap: logits
         # and a few feature maps).
-        return TeacherOutput(logits.clone(), {k: v.clone() for k, v in features.items()})
+        output = TeacherOutput(logits.clone() if logits is not None else None,
+                               {k: v.clone() for k, v in features.items()})
+        if targets:
+            output.member_features = {"": {k: v.clone() for k, v in targets.items()}}
+        return output

@@ -37,12 +37,13 @@ def shape_twin(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def host_weights(name: str, num_classes: int, weights: str | None, where: str) -> dict[str, torch.Tensor] | None:
+def host_weights(name: str, num_classes: int, weights: str | None, where: str,
+                 timm_options: dict | None = None) -> dict[str, torch.Tensor] | None:
     """The teacher's weights as a state dict on the host (None: no weights, random init)."""
     if not weights:
         return None
     if weights.startswith(HUB_PREFIXES):
-        return build_model(name, num_classes, weights, where=where).state_dict()
+        return build_model(name, num_classes, weights, where=where, timm_options=timm_options).state_dict()
     return read_state_dict(weights, where=f"{where}.weights")
 
 

@@ -26,7 +26,9 @@ from kdscale.train.teacher_setup import (
     feature_network,
     frozen_teachers,
     replayed_specs,
+    target_shapes,
     teacher_networks,
+    teacher_weights,
 )
 
 
@@ -73,7 +75,7 @@ def plan_data(cfg: ExperimentConfig, world_size: int) -> DataPlan:
 
 def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
     """``data.labels`` against the method, mixing and the shards, in one line each:
-    ``none`` needs a method whose terms need no labels (``Distiller.needs_labels`` False) and
+    ``none`` needs a method whose terms need no labels (``Distiller.labels_needed`` False) and
     no Mixup/CutMix (they build soft targets from labels); ``required`` refuses training
     shards whose ``index.json`` records their split as unlabelled (``"labelled": false``)."""
     import json
@@ -83,7 +85,7 @@ def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
 
     data, method_cls = cfg.data, get_method_class(cfg.method.name)
     if data.labels == "none":
-        if method_cls.needs_labels:
+        if method_cls.labels_needed(cfg.method.params):
             raise KdscaleError(f"data.labels=none trains on images without labels, but method {method_cls.name!r} "
                                f"needs labels; use a method that needs none, or labelled shards with "
                                f"data.labels=required")
@@ -164,7 +166,7 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
     method_cls = get_method_class(cfg.method.name)
     num_classes = cfg.data.num_classes
     student = build_model(cfg.student.name, cfg.student.num_classes or num_classes, cfg.student.weights,
-                          where="student")
+                          where="student", timm_options=cfg.student.timm_options)
     role = method_cls.teacher_role
     builds = teacher_networks(cfg, method_cls, student, world_size)
     network = feature_network(cfg, builds)
@@ -175,6 +177,8 @@ def build_distiller(cfg: ExperimentConfig, runtime: Runtime, world_size: int = 1
                             label_smoothing=cfg.train.label_smoothing, teacher_network=network, teacher_role=role,
                             teacher_pretrained=any(b.network is network and bool(b.spec.weights) for b in builds),
                             teacher_ids=tuple(b.spec.id for b in builds) if role == "frozen" else (),
+                            teacher_targets=target_shapes(cfg, builds) if role == "frozen" else {},
+                            teacher_weights=teacher_weights(cfg) if role == "frozen" else {},
                             build_model=lambda name: build_model(name, num_classes, where="method"),
                             seed=cfg.experiment.seed, train_labels=train_labels)
     distiller = method_cls(student, cfg.method.params, context)

@@ -21,6 +21,7 @@ from kdscale.config.teachers import feature_teacher_id, teacher_key
 from kdscale.errors import KdscaleError
 from kdscale.methods import TeacherNeeds
 from kdscale.models import build_model
+from kdscale.models.feature_targets import FeatureTargets
 from kdscale.models.preprocessing import network_preprocessing
 from kdscale.runtime.compile import compiles_teacher
 from kdscale.runtime.device import Runtime
@@ -126,20 +127,70 @@ def teacher_networks(cfg: ExperimentConfig, method_cls, student: nn.Module, worl
     builds = []
     for spec in cfg.teachers:
         key = teacher_key(cfg, spec)
-        build = TeacherBuild(spec, key, cfg.teacher_sharding(spec), classes=spec.num_classes or cfg.data.num_classes)
+        build = TeacherBuild(spec, key, cfg.teacher_sharding(spec), classes=teacher_classes(cfg, spec))
         builds.append(build)
         if build.replayed:
             continue
         if role == "frozen" and not spec.weights:
             warnings.warn(f"{key}.weights is not set: distilling from a randomly initialised teacher", stacklevel=3)
         if role == "frozen" and build.sharding == "zero3":
-            build.weights = host_weights(spec.name, build.classes, spec.weights, where=key)
-            build.network = shape_twin(lambda: build_model(spec.name, build.classes, where=key))
+            build.weights = host_weights(spec.name, build.classes, spec.weights, where=key,
+                                         timm_options=spec.timm_options)
+            build.network = shape_twin(lambda: build_model(spec.name, build.classes, where=key,
+                                                           timm_options=spec.timm_options))
         else:
-            build.network = build_model(spec.name, build.classes, spec.weights, where=key)
-        if role == "frozen":
+            build.network = build_model(spec.name, build.classes, spec.weights, where=key,
+                                        timm_options=spec.timm_options)
+        if role == "frozen" and "logits" in teacher_kinds(spec):  # a features-only teacher's head is unused
             check_same_classes(cfg, student, build.network, spec, frozen=True)
     return builds
+
+
+def teacher_classes(cfg: ExperimentConfig, spec: TeacherSpec) -> int:
+    """The classes a teacher is built with: its ``num_classes``, else ``data.num_classes``; a
+    timm teacher that teaches features only and loads no file is built without a classifier (0)."""
+    if spec.num_classes:
+        return spec.num_classes
+    no_file = not spec.weights or spec.weights.startswith("timm:")
+    if "logits" not in teacher_kinds(spec) and spec.name.startswith("timm:") and no_file:
+        return 0
+    return cfg.data.num_classes
+
+
+def teacher_weights(cfg: ExperimentConfig) -> dict[str, float]:
+    """Each teacher's ``weight`` by id, normalised to sum to 1."""
+    total = sum(spec.weight for spec in cfg.teachers)
+    return {spec.id: spec.weight / total for spec in cfg.teachers}
+
+
+def teacher_kinds(spec: TeacherSpec) -> tuple[str, ...]:
+    """What a teacher entry teaches: its ``targets``, default its logits."""
+    return tuple(spec.targets) if spec.targets else ("logits",)
+
+
+def feature_kinds(spec: TeacherSpec) -> list[str]:
+    return [kind for kind in teacher_kinds(spec) if kind != "logits"]
+
+
+def feature_targets_of(build: TeacherBuild, network: nn.Module, logits: bool = False) -> FeatureTargets:
+    spec = build.spec
+    return FeatureTargets(network, feature_kinds(spec), where=build.key, spatial_layer=spec.spatial_layer,
+                          summary_layer=spec.summary_layer, logits=logits)
+
+
+def target_shapes(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each online teacher's feature targets with their shapes per image, by id, from a dry
+    forward at the teacher's own input size (a ZeRO-3 teacher's shape twin runs on ``meta``)."""
+    shapes = {}
+    for build in builds:
+        if build.replayed or not feature_kinds(build.spec):
+            continue
+        targets = feature_targets_of(build, build.network)
+        try:
+            shapes[build.spec.id] = targets.shapes(network_preprocessing(cfg.data, build.spec, build.key).input_size)
+        finally:
+            targets.remove()
+    return shapes
 
 
 def feature_network(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> nn.Module | None:
@@ -157,23 +208,35 @@ def frozen_teachers(cfg: ExperimentConfig, builds: list[TeacherBuild], needs: Te
     frozen = {}
     for build in builds:
         taps = list(needs.features) if build.spec.id == feature_id else []
+        kinds = feature_kinds(build.spec)
         if taps and build.replayed:
             raise KdscaleError(f"method {method_name!r} needs features: use {build.key}.source=online (it reads the "
                                f"teacher's {', '.join(needs.features)}; {build.key}.source=shards replays logits only)")
-        if not needs.logits and not taps and len(builds) > 1:
-            raise KdscaleError(f"method {method_name!r} reads only the features of one teacher "
-                               f"(method.feature_teacher={feature_id}); {build.key} ({build.spec.id}) would run for "
-                               f"nothing: remove it from teachers")
+        if kinds and not needs.targets:
+            raise KdscaleError(f"{build.key}.targets={list(teacher_kinds(build.spec))}: method {method_name!r} reads "
+                               f"no summary or spatial features (method features does); set {build.key}.targets="
+                               f"[logits] or remove it")
+        gives_logits = "logits" in teacher_kinds(build.spec)
+        used = taps or (needs.logits and gives_logits) or (needs.targets and kinds)
+        if not used and (len(builds) > 1 or needs.targets):
+            what = f"the features of one teacher (method.feature_teacher={feature_id})" if needs.features else \
+                "teachers' summary or spatial features" if not needs.logits else "teachers' logits"
+            fix = f"set {build.key}.targets (summary, spatial)" if needs.targets else f"remove it from teachers"
+            raise KdscaleError(f"method {method_name!r} reads only {what}; {build.key} ({build.spec.id}) would run for "
+                               f"nothing: {fix}")
         if build.replayed:
             continue
         network = build.network
         if build.sharding == "zero3":
             network = build_partitioned(
-                lambda spec=build.spec, classes=build.classes, key=build.key: build_model(spec.name, classes, where=key),
+                lambda spec=build.spec, classes=build.classes, key=build.key: build_model(
+                    spec.name, classes, where=key, timm_options=spec.timm_options),
                 build.weights, zero3_teacher_config(cfg.data.batch_size, runtime.autocast_dtype),
                 where=f"{build.key}.weights={build.spec.weights}", device=runtime.device)
+        targets = feature_targets_of(build, network, logits=needs.logits and gives_logits) \
+            if needs.targets and kinds else None
         frozen[build.spec.id] = FrozenTeacher(network, taps, runtime.device, runtime.autocast_dtype,
                                               runtime.channels_last, sharding=build.sharding,
                                               micro_batch=cfg.data.batch_size,
-                                              compile=compiles_teacher(cfg.train.compile))
+                                              compile=compiles_teacher(cfg.train.compile), targets=targets)
     return frozen

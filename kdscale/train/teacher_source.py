@@ -80,14 +80,17 @@ class TeacherSource:
         """One output from the members' (all or some of them): each member's logits, the
         weighted mean of the logits as ``logits`` (one member: its logits), the feature
         teacher's features."""
-        weights = {m.id: m.weight for m in self.members if m.id in outputs}
-        if len(weights) < len(self.members):  # validation without the replayed teachers: renormalised
+        weights = {m.id: m.weight for m in self.members if m.id in outputs and outputs[m.id].logits is not None}
+        if len(weights) < len(self.members) and weights:  # without replayed or features-only teachers: renormalised
             total = sum(weights.values())
             weights = {k: w / total for k, w in weights.items()}
         members = {tid: outputs[tid].logits for tid in weights}
         features = outputs[self.feature_id].features if self.feature_id in outputs else {}
-        combined = TeacherOutput(next(iter(members.values())), features, members, weights)
-        combined.logits = mean_of_logits(combined)  # one teacher: its logits, the same tensor
+        combined = TeacherOutput(next(iter(members.values()), None), features, members, weights)
+        combined.member_features = {tid: out.member_features[""] for tid, out in outputs.items()
+                                    if "" in out.member_features}
+        if members:
+            combined.logits = mean_of_logits(combined)  # one teacher: its logits, the same tensor
         return combined
 
     def evaluation_outputs(self, images: torch.Tensor) -> TeacherOutput | None:
