@@ -132,10 +132,10 @@ class Features(Distiller):
             weight = self.feature_weights[tid]
             target = self._teacher_targets(teacher_output, tid, kind)
             if kind == "summary":
-                terms[name] = p.summary_weight * weight * summary_loss(adaptor(student["summary"]), target)
+                terms[f"summary_{tid}"] = p.summary_weight * weight * summary_loss(adaptor(student["summary"]), target)
             else:
-                terms[name] = p.spatial_weight * weight * spatial_loss(adaptor(student["spatial"]), target,
-                                                                       p.cosine_weight, p.smooth_l1_weight)
+                terms[f"spatial_{tid}"] = p.spatial_weight * weight * spatial_loss(
+                    adaptor(student["spatial"]), target, p.cosine_weight, p.smooth_l1_weight)
         return logits, terms
 
     def evaluation_features(self, images, teacher_output=None) -> EvaluationFeatures:

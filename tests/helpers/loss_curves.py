@@ -41,6 +41,9 @@ CASES = {
     "reviewkd-epoch10": ("reviewkd", "resnet20", {}, 10),
     "crd": ("crd", "resnet20", {"feat_dim": 16, "nce_k": 32}, 0),
     "deit-soft": ("deit", "resnet20", {"distillation": "soft", "tau": 3.0}, 0),  # a tiny distilled ViT student
+    # The teacher gives targets: [summary, spatial] (helpers.methods.FEATURE_TARGETS).
+    "features": ("features", "resnet20", {}, 0),
+    "features-inner-ce-kd": ("features", "wrn_16_2", {"inner": 1, "ce_weight": 0.5, "kd_weight": 1.0}, 0),
 }
 
 

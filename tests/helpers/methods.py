@@ -6,6 +6,7 @@ import torch
 
 from kdscale.methods import MethodContext, TeacherOutput, get_method_class
 from kdscale.models import FeatureTaps, build_model
+from kdscale.models.feature_targets import FeatureTargets
 from kdscale.teachers.frozen import FrozenTeacher
 
 NUM_CLASSES = 10
@@ -24,6 +25,23 @@ def tiny_distilled_vit(num_classes: int = NUM_CLASSES):
 
 STUDENTS = {"deit": tiny_distilled_vit}
 """Methods that need a student of their own kind get it here instead of ``student``."""
+FEATURE_TARGETS = {"features": ["summary", "spatial"]}
+"""Methods that distil feature targets: their teacher's entry ``targets`` (with its logits
+too, for the KD term); the teacher gives them under its id ``teacher``, as a run's does."""
+
+
+class FeatureTeacher:
+    """A frozen teacher whose feature targets come filed under its id (``member_features``),
+    as the run's teacher source files them; ``model`` is the frozen network."""
+
+    def __init__(self, frozen: FrozenTeacher, teacher_id: str = "teacher"):
+        self.frozen, self.model, self.teacher_id = frozen, frozen.model, teacher_id
+
+    def __call__(self, images):
+        output = self.frozen(images)
+        output.member_features = {self.teacher_id: output.member_features[""]}
+        output.members, output.weights = {self.teacher_id: output.logits}, {self.teacher_id: 1.0}
+        return output
 
 
 def build_method(name: str, student: str = "resnet8", teacher: str | None = None, **params):
@@ -31,16 +49,22 @@ def build_method(name: str, student: str = "resnet8", teacher: str | None = None
     torch.manual_seed(0)
     cls = get_method_class(name)
     teacher_model = build_model(teacher, NUM_CLASSES) if teacher else None
+    targets = FeatureTargets(teacher_model, FEATURE_TARGETS[name], where="teacher", logits=True) \
+        if name in FEATURE_TARGETS else None
     context = MethodContext(num_classes=NUM_CLASSES, image_size=32, method_name=name, student_name=student,
                         teacher_name=teacher or "", teacher_network=teacher_model, teacher_role=cls.teacher_role,
                         teacher_pretrained=bool(teacher),
+                        teacher_targets={"teacher": targets.shapes((32, 32))} if targets else {},
+                        teacher_weights={"teacher": 1.0} if targets else {},
                         build_model=lambda n: build_model(n, NUM_CLASSES),
                         train_labels=torch.arange(TRAIN_SAMPLES) % NUM_CLASSES)
     student_model = STUDENTS[name]() if name in STUDENTS else build_model(student, NUM_CLASSES)
     method = cls(student_model, cls.Params(**params), context).train()
     frozen = None
     if cls.teacher_role == "frozen":
-        frozen = FrozenTeacher(teacher_model, list(method.teacher_needs().features), torch.device("cpu"), None, False)
+        frozen = FrozenTeacher(teacher_model, list(method.teacher_needs().features), torch.device("cpu"), None, False,
+                               targets=targets)
+        frozen = FeatureTeacher(frozen) if targets else frozen
     return method, frozen
 
 
@@ -82,5 +106,6 @@ def has_grad_from(loss, module) -> bool:
     return any(g is not None and g.abs().sum() > 0 for g in grads(loss, module))
 
 
-__all__ = ["STUDENTS", "TINY_DEIT", "TeacherOutput", "batch", "build_method", "grads", "has_grad_from", "no_grad_from",
-           "rows", "run_forward", "sample_indices", "tap", "tiny_distilled_vit"]
+__all__ = ["FEATURE_TARGETS", "STUDENTS", "TINY_DEIT", "FeatureTeacher", "TeacherOutput", "batch", "build_method",
+           "grads", "has_grad_from", "no_grad_from", "rows", "run_forward", "sample_indices", "tap",
+           "tiny_distilled_vit"]

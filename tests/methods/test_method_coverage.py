@@ -39,6 +39,7 @@ GOLDEN = {
     "crd": "test_crd.py::test_loss_and_banks_match_the_reference_over_two_steps",
     "reviewkd": "test_reviewkd.py::test_terms_against_reference",
     "deit": "test_deit.py::test_deit_terms_match_reference",
+    "features": "test_features_method.py::test_features_terms_match_reference",
 }
 
 # Published CIFAR-100 top-1 in kdscale.analysis.references: the pair to find, or why there is none.
@@ -54,6 +55,8 @@ PUBLISHED_CIFAR100 = {
     "sokd": "not read back from a README or a shipped config yet",
     "dml": "the paper's CIFAR-100 pairs are not the RepDistiller pairs; not read back yet",
     "deit": "a distilled ViT student; published on ImageNet (and transfer), not on the CIFAR-100 pairs",
+    "features": "AM-RADIO distils foundation models' features at ImageNet scale and reports k-NN, zero-shot and "
+                "dense-task figures, none on the CIFAR-100 pairs",
 }
 
 

@@ -42,11 +42,17 @@ EXPECTED = {
     "reviewkd": ({"ce", "review"}, {"student", "teacher"}),
     "crd": ({"ce", "crd"}, {"student", "teacher"}),
     "deit": ({"ce", "dist"}, {"student", "class_head", "dist_head", "teacher"}),
+    # A features-only teacher (no logits among its targets) has no top-1 of its own; the k-NN
+    # top-1 of the summaries (train.knn_eval=auto: on for a method that distils features) is
+    # logged as val/<name>_knn_top1.
+    "features": ({"summary_teacher", "spatial_teacher"}, {"student", "student_knn", "teacher_knn"}),
 }
 TEACHERS = {"kd": "resnet20", "at": "resnet20", "ctkd": "resnet20", "prokt": "resnet20", "ffcl": "resnet20",
             "sokd": "wrn_16_2", "dkd": "resnet20", "dist": "resnet20"}
 TEACHERS.update({"fitnet": "resnet20", "rkd": "resnet20", "pkt": "resnet20", "sp": "wrn_16_2"})
-TEACHERS.update({"reviewkd": "resnet20", "crd": "resnet20", "deit": "resnet20"})
+TEACHERS.update({"reviewkd": "resnet20", "crd": "resnet20", "deit": "resnet20", "features": "resnet20"})
+TARGETS = {"features": "[summary,spatial]"}
+"""A teacher's ``targets`` for methods that distil features (the default, its logits, for the others)."""
 STUDENTS = {"deit": "timm:deit_tiny_distilled_patch16_224"}
 """Methods that need a student of their own kind; timm students are shrunk by :func:`small_timm`."""
 
@@ -67,6 +73,8 @@ def method_overrides(method: str, teacher_files) -> list[str]:
              "train.epochs=1"]
     if method in TEACHERS:
         extra += [f"teacher.name={TEACHERS[method]}", f"teacher.weights={teacher_files[TEACHERS[method]]}"]
+    if method in TARGETS:
+        extra += [f"teacher.targets={TARGETS[method]}"]
     if method == "crd":  # 16384 negatives of 1600 samples would only repeat rows; 256 keep the run quick
         extra += ["method.nce_k=256"]
     return extra
@@ -150,6 +158,9 @@ def test_every_shipped_config_builds_its_method(tmp_path):
         raw = yaml.safe_load(open(path))
         overrides = ["teacher.weights=null"] if "teacher" in raw else \
             [f"teachers.{i}.weights=null" for i in range(len(raw.get("teachers", [])))]
+        # One process: a ZeRO-3 teacher (features_imagenet.yaml's ViT-L) is built replicated here.
+        overrides += [f"teachers.{i}.sharding=replicated" for i, t in enumerate(raw.get("teachers", []))
+                      if t.get("sharding") == "zero3"]
         cfg = load_config(path, overrides)
         labels = torch.arange(64) % cfg.data.num_classes  # CRD's bank rows (the shards are not there)
         distiller, _ = build_distiller(cfg, Runtime(torch.device("cpu"), None, False), train_labels=labels)

@@ -54,6 +54,10 @@ CASES = [
      {"student", "embed_student", "embed_teacher"}, set()),
     ("deit", "resnet20", {}, {"student"}, set()),  # student: helpers.methods.STUDENTS (a tiny distilled ViT)
     ("deit", "resnet20", {"distillation": "soft", "tau": 3.0, "soft_normalization": "batch"}, {"student"}, set()),
+    # The teacher's entry has targets: [summary, spatial] (helpers.methods.FEATURE_TARGETS).
+    ("features", "resnet20", {}, {"student", "adaptors"}, set()),
+    ("features", "wrn_16_2", {"hidden": 16, "inner": 1, "ce_weight": 0.5, "kd_weight": 1.0},
+     {"student", "adaptors"}, set()),
 ]
 
 
