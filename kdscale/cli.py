@@ -150,7 +150,9 @@ def cmd_methods(_args) -> None:
         context = MethodContext(num_classes=10, image_size=32, method_name=name, student_name=student,
                             teacher_name="resnet20", teacher_network=build_model("resnet20", 10),
                             teacher_role=cls.teacher_role, build_model=lambda model: build_model(model, 10),
-                            train_labels=torch.arange(20) % 10)
+                            train_labels=torch.arange(20) % 10,
+                            teacher_targets={"teacher": {"summary": (64,), "spatial": (64, 8, 8)}},  # resnet20's
+                            teacher_weights={"teacher": 1.0})
         with warnings.catch_warnings():  # untrained probe networks
             warnings.simplefilter("ignore")
             method = cls(build_model(student, 10), cls.Params(), context)

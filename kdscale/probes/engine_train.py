@@ -25,6 +25,7 @@ from kdscale.probes.networks import (
     global_batches,
 )
 from kdscale.models.preprocessing import Preprocessing
+from kdscale.models.feature_targets import FeatureTargets
 from kdscale.teachers.frozen import FrozenTeacher, zero3_teacher_config
 from kdscale.teachers.partitioned import build_partitioned
 from kdscale.teachers.views import TeacherView
@@ -65,9 +66,16 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
                          teacher_pretrained=True, build_model=lambda _name: PlainNet(24),
                          teacher_ids=("a", "b") if teachers == 2 else ("teacher",),
                          train_labels=torch.arange(SAMPLES) % CLASSES)
+    targets = None
+    if method_name == "features":  # the plain nets' maps are layer2's outputs (no avgpool module)
+        params.setdefault("student_spatial_layer", "layer2")
+        targets = FeatureTargets(teacher, ["summary", "spatial"], where="teacher", spatial_layer="layer2")
+        mctx.teacher_targets, mctx.teacher_weights = {"teacher": targets.shapes((16, 16))}, {"teacher": 1.0}
     distiller = cls(student, cls.Params(**params), mctx).train().to(ctx.device)
-    frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False) \
-        if cls.teacher_role == "frozen" else None
+    frozen = FrozenTeacher(teacher, list(distiller.teacher_needs().features), ctx.device, None, False,
+                           targets=targets) if cls.teacher_role == "frozen" else None
+    if targets is not None:
+        frozen = TeacherSource([Member("teacher", 1.0, frozen)], None)
     if teachers == 2:
         frozen = two_teachers(frozen, ctx, per_rank)
     engine = make_engine(strategy, distiller, cfg, ctx)
@@ -75,7 +83,8 @@ def run_train(strategy: str, method_name: str, ctx: DistContext, params: dict | 
     for images, targets, indices in global_batches():
         mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
         images, targets, indices = (t[mine].to(ctx.device) for t in (images, targets, indices))
-        teacher_output = (frozen(images, None) if teachers == 2 else frozen(images)) if frozen else None
+        teacher_output = (frozen(images, None) if isinstance(frozen, TeacherSource) else frozen(images)) \
+            if frozen else None
         step_total = 0.0
         for phase in distiller.phases():
             terms, _ = engine.micro_step(phase, images, targets, teacher_output, True, 0.01, contextlib.nullcontext,

@@ -17,6 +17,7 @@ from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, TeacherOutput
 from kdscale.methods.ensemble import ensemble_target_logits
 from kdscale.runtime.device import autocast as run_autocast
+from kdscale.train.knn_eval import KnnScores
 
 
 def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,10 +50,13 @@ def _teacher_logits(output: TeacherOutput | None) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(distiller: Distiller, teachers, loader, ctx, autocast_dtype: torch.dtype | None,
-             channels_last: bool, image_size: int, lockstep: bool = False) -> dict[str, float]:
+             channels_last: bool, image_size: int, lockstep: bool = False, knn: KnnScores | None = None
+             ) -> dict[str, float]:
     """Scores every network of ``distiller.evaluation_logits`` (in eval mode) and the online
     teachers of ``teachers`` (a :class:`~kdscale.train.teacher_source.TeacherSource`, or None).
-    ``lockstep``: some parameters are ZeRO-3 partitioned, so ranks advance together."""
+    ``lockstep``: some parameters are ZeRO-3 partitioned, so ranks advance together.
+    ``knn``: also the k-NN top-1 of summary features and the cosines (:mod:`kdscale.train.knn_eval`),
+    from the same pass."""
     device = ctx.device
     autocast = run_autocast(device, autocast_dtype)
     teacher = teachers.evaluation_outputs if teachers is not None and teachers.online else None
@@ -64,6 +68,8 @@ def evaluate(distiller: Distiller, teachers, loader, ctx, autocast_dtype: torch.
         teacher_probe = teacher(dummy) if teacher is not None else None
         with autocast:  # as every evaluation call below: a trained module fed bf16 teacher features needs it
             probe = distiller.evaluation_logits(dummy, teacher_probe)
+            if knn is not None:
+                knn.names(distiller, dummy, teacher_probe)
         teacher_names = list(_teacher_logits(teacher_probe))
         clash = sorted(set(probe) & set(teacher_names))
         if clash:
@@ -94,6 +100,8 @@ def evaluate(distiller: Distiller, teachers, loader, ctx, autocast_dtype: torch.
             with autocast:
                 outputs = {name: logits.float()
                            for name, logits in distiller.evaluation_logits(images, teacher_output).items()}
+                if knn is not None:
+                    knn.observe(distiller, images, targets, teacher_output, real)
             outputs.update(_teacher_logits(teacher_output))
             if not real:
                 continue
@@ -105,6 +113,12 @@ def evaluate(distiller: Distiller, teachers, loader, ctx, autocast_dtype: torch.
                 counts[2 * len(names) + j] += (student == outputs[name].argmax(1)).sum()
             counts[-2] += targets.numel()
         counts[-1] = skipped
+        if knn is not None:
+            memory = knn.memory_batches()
+            with autocast:
+                knn_metrics = knn.metrics(distiller, teacher, _lockstep(memory, ctx, dummy) if lockstep else
+                                          ((b, True) for b in memory),
+                                          float(ctx.all_reduce(counts[-2:-1].clone(), "sum")))
     finally:
         distiller.train(was_training)
     ctx.all_reduce(counts, "sum")
@@ -116,4 +130,6 @@ def evaluate(distiller: Distiller, teachers, loader, ctx, autocast_dtype: torch.
     for j, name in enumerate(agreements):
         key = "val/agreement_top1" if j == 0 else f"val/agreement_{name}_top1"
         metrics[key] = 100.0 * counts[2 * len(names) + j].item() / total
+    if knn is not None:
+        metrics.update(knn_metrics)
     return metrics

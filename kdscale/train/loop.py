@@ -33,6 +33,7 @@ from kdscale.runtime.tracking import Tracker
 from kdscale.train.agreement import StepAgreement, Verdict
 from kdscale.train.evaluate import evaluate
 from kdscale.train.inputs import TrainerInputs
+from kdscale.train.knn_eval import KnnScores, knn_memory_shards
 from kdscale.train.setup import (
     build_distiller,
     check_compile_fits,
@@ -82,6 +83,7 @@ class Trainer:
         labels = training_labels(self.plan, self.ctx, self.watchdog.progress)  # a long scan is no stall
         self.distiller, frozen = build_distiller(cfg, self.runtime, self.world, labels)
         self.teacher = teacher_source(cfg, frozen, self.watchdog, self.distiller.teacher_role == "frozen")
+        self.knn_memory = knn_memory_shards(cfg, type(self.distiller))  # None: no k-NN in validation
         self.inputs = TrainerInputs(cfg, self.plan, self.runtime, self.rank, self.world, self.watchdog,
                                     self.teacher.outputs_dirs)
         self.phase_names = tuple(self.distiller.phases())
@@ -270,8 +272,10 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.sync_buffers()
         lockstep = self.engine.shards_parameters or self.teacher.lockstep
+        knn = KnnScores(self.knn_memory, self.cfg, self.ctx, self.runtime.device.type == "cuda",
+                        self.runtime.channels_last) if self.knn_memory else None
         return evaluate(self.distiller, self.teacher, self.inputs.val_loader(), self.ctx, self.runtime.autocast_dtype,
-                        self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep)
+                        self.runtime.channels_last, self.cfg.data.image_size, lockstep=lockstep, knn=knn)
 
     @staticmethod
     def _format_metrics(metrics: dict[str, float]) -> str:
