@@ -3,7 +3,8 @@
 One forward+backward of the real networks on CPU at two small batches under the config's
 autocast, summing the distinct storages saved for backward (``saved_tensors_hooks``; weights
 excluded, their bf16 casts included) and the frozen teachers' outputs alive through the step
-(every teacher's logits, their mean, the feature teacher's features), scaled linearly in batch
+(every teacher's logits, their mean, the feature teacher's features, every teacher's summary
+and spatial targets), scaled linearly in batch
 and ``image_size²``. A network that accepts only its own input size (a timm ViT's strict
 ``patch_embed.img_size``; or one whose probe at the small side fails) is probed at
 ``data.image_size`` itself: the per-sample cost still comes from the two batches, and nothing
@@ -90,7 +91,9 @@ def saved_bytes(distiller, source, cfg: ExperimentConfig, batch: int, side: int,
     probs = torch.randn(batch, replayed, cfg.data.num_classes).softmax(-1) if replayed else None
     teacher_output = source(images, probs)
     kept = [] if teacher_output is None else [teacher_output.logits, *teacher_output.members.values(),
-                                              *teacher_output.features.values()]
+                                              *teacher_output.features.values(),
+                                              *(t for f in teacher_output.member_features.values() for t in f.values())]
+    kept = [tensor for tensor in kept if tensor is not None]  # a features-only teacher gives no logits
     autocast = run_autocast("cpu", autocast_dtype)
     return max(_saved_in_phase(distiller, phase, (images, targets, teacher_output), kept, autocast)
                for phase in distiller.phases())

@@ -54,14 +54,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
-import torch
 from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.errors import KdscaleError
-from kdscale.planning.activations import PROBE_BATCHES, ActivationEstimate, measure_activations, step_source
+from kdscale.planning.activations import ActivationEstimate, measure_activations, step_source
+from kdscale.planning.features import FeaturePlan, feature_plan
+from kdscale.planning.networks import build_networks, planned_precision, training_samples
 
 GIB = 2**30
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py) for keys a DeepSpeed JSON leaves out.
@@ -158,10 +158,6 @@ class RankPlan:
                                                     "master_weights", "buffers", "teacher", "activations"))
 
 
-def planned_precision(cfg: ExperimentConfig) -> str:
-    return "fp32" if cfg.train.precision in ("fp32", "tf32") else "bf16"  # auto: bf16 on a GPU
-
-
 def optimizer_states_per_parameter(cfg: ExperimentConfig) -> int:
     return 2 if cfg.optim.name == "adamw" else int(cfg.optim.momentum > 0)  # exp_avg + exp_avg_sq; momentum_buffer
 
@@ -214,26 +210,6 @@ def network_sizes(distiller: nn.Module, teachers: list[TeacherSizes], persistenc
                         trained_persistent=sum(p.numel() for p in trained if p.numel() <= persistence_threshold),
                         trained_buffer_bytes=_buffer_bytes(distiller), phases=len(distiller.phases()),
                         teachers=teachers)
-
-
-def build_networks(cfg: ExperimentConfig):
-    """The Distiller and the online frozen teachers (by id) as the trainer builds them (on CPU,
-    each replicated; random weights, same sizes)."""
-    from kdscale.runtime.device import Runtime
-    from kdscale.train.setup import build_distiller
-
-    spec = dataclasses.replace
-    cfg = spec(cfg, student=spec(cfg.student, weights=None),
-               teachers=[spec(t, weights=None, sharding="replicated") for t in cfg.teachers],
-               distributed=spec(cfg.distributed, teacher_sharding="replicated"))
-    autocast_dtype = torch.bfloat16 if planned_precision(cfg) == "bf16" else None
-    torch.manual_seed(cfg.experiment.seed)
-    with warnings.catch_warnings():  # "teachers[i].weights is not set": dropped on purpose
-        warnings.simplefilter("ignore")
-        labels = torch.arange(PROBE_BATCHES[-1]) % cfg.data.num_classes  # per-sample state (CRD) at probe size
-        distiller, frozen = build_distiller(cfg, Runtime(torch.device("cpu"), autocast_dtype, False), world_size=1,
-                                            train_labels=labels)
-    return distiller.train(), frozen, autocast_dtype
 
 
 def teacher_bytes(placement: str, sizes: NetworkSizes, gpus: int, accum: int) -> tuple[int, int]:
@@ -293,6 +269,7 @@ class Plan:
     gpus: int
     gpu_memory_gib: float
     link_gbps: float
+    features: FeaturePlan | None = None  # method features: adaptor heads, stored feature targets
 
     def fits(self, row: RankPlan) -> bool:
         return row.total <= self.gpu_memory_gib * GIB
@@ -312,25 +289,14 @@ def plan_networks(distiller, frozen, cfg: ExperimentConfig, gpus: int, gpu_memor
     activations = estimate.at(cfg.data.batch_size, cfg.data.image_size)
     rows = [rank_plan(s, t, sizes, activations, cfg, gpus, link_gbps) for s in ("ddp", "zero1", "zero2", "zero3")
             for t in sizes.placements(gpus)]
-    return Plan(rows, sizes, estimate, planned_precision(cfg), gpus, gpu_memory_gib, link_gbps)
+    return Plan(rows, sizes, estimate, planned_precision(cfg), gpus, gpu_memory_gib, link_gbps,
+                feature_plan(cfg, distiller, frozen))
 
 
 def plan_config(cfg: ExperimentConfig, gpus: int, gpu_memory_gib: float = 80.0, link_gbps: float = 100.0) -> Plan:
     check_plan_arguments(gpus, gpu_memory_gib, link_gbps)
     distiller, frozen, autocast_dtype = build_networks(cfg)
     return plan_networks(distiller, frozen, cfg, gpus, gpu_memory_gib, link_gbps, autocast_dtype)
-
-
-def training_samples(cfg: ExperimentConfig) -> int:
-    """``data.train_samples``, else the count in the shards' ``index.json``."""
-    from kdscale.data.shards import expand_shards, samples_from_index
-
-    if cfg.data.train_samples:
-        return cfg.data.train_samples
-    count = samples_from_index(expand_shards(cfg.data.train_shards, "data.train_shards"), "train")
-    if not count:
-        raise KdscaleError(f"method {cfg.method.name!r} keeps state per training sample: set data.train_samples")
-    return count
 
 
 def check_plan_arguments(gpus: int, gpu_memory_gib: float, link_gbps: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.planning.activations import PROBE_BATCHES
+from kdscale.planning.features import features_text
 from kdscale.planning.memory import (
     GIB,
     NetworkSizes,
@@ -62,7 +63,8 @@ def format_plan(plan: Plan, cfg: ExperimentConfig, config_path: str | None) -> s
         f"DeepSpeed ZeRO settings: {_config_path(cfg) or 'DeepSpeed defaults (no distributed.deepspeed_config)'}\n"
         + (f"per-sample state: {sizes.state_bytes_per_sample} bytes x {sizes.dataset_size} samples, sharded: "
            f"{sizes.rank_state_bytes(plan.gpus) / GIB:.2f} GiB per rank (in buffers)\n"
-           if sizes.state_bytes_per_sample else ""))
+           if sizes.state_bytes_per_sample else "")
+        + features_text(plan.features))
     lines = [header, f"{'per rank, GiB':18s} " + " ".join(f"{name:>{w}s}" for name, w in COLUMNS)
              + f"  {'comm/step':>10s} {'time':>9s}  fits"]
     configured = {(resolve_strategy(cfg), t) for t in (configured_placement(cfg), "none")}
