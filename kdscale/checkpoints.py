@@ -124,11 +124,13 @@ def load_latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
-def consolidate_student(run_dir: str) -> str:
+def consolidate_student(run_dir: str, network: str = "student") -> str:
     """The student of the run's newest checkpoint as one safetensors file, whatever wrote it:
     ZeRO shards of any number of processes are gathered offline (DeepSpeed's fp32
     reconstruction from the shards, plus the buffers kdscale keeps beside them). Written to
-    ``<run>/export/step-<N>-student.safetensors``; loads as ``student.weights``."""
+    ``<run>/export/step-<N>-student.safetensors``; loads as ``student.weights``. ``network``:
+    another trained network of the method instead (``adaptors``: the ``features`` method's
+    adaptor heads), written as ``step-<N>-<network>.safetensors``."""
     from safetensors.torch import save_file
 
     found = load_latest_checkpoint(run_dir)
@@ -144,11 +146,13 @@ def consolidate_student(run_dir: str) -> str:
             model.update(get_fp32_state_dict_from_zero_checkpoint(path, tag=tag))
     else:
         model = state["model"]
-    student = {k.removeprefix("student."): v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in model.items() if k.startswith("student.")}
+    prefix = f"{network}."
+    student = {k.removeprefix(prefix): v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in model.items() if k.startswith(prefix)}
     if not student:
-        raise KdscaleError(f"checkpoint {path} holds no student network")
-    out = os.path.join(run_dir, "export", f"step-{state['step']:08d}-student.safetensors")
+        held = sorted({k.split(".", 1)[0] for k in model})
+        raise KdscaleError(f"checkpoint {path} holds no {network} network (it holds: {', '.join(held) or 'none'})")
+    out = os.path.join(run_dir, "export", f"step-{state['step']:08d}-{network}.safetensors")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     save_file(student, f"{out}.tmp-{os.getpid()}")
     os.replace(f"{out}.tmp-{os.getpid()}", out)

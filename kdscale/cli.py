@@ -170,7 +170,10 @@ def cmd_summary(args) -> None:
 def cmd_checkpoint_consolidate(args) -> None:
     from kdscale.checkpoints import consolidate_student
 
-    path = consolidate_student(args.run_dir)
+    path = consolidate_student(args.run_dir, args.network)
+    if args.network != "student":
+        print(f"{args.network} of the newest checkpoint: {path}")
+        return
     print(f"student of the newest checkpoint: {path}\n"
           f"continue in a new run (any number of processes) with: student.weights={path}")
 
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate = checkpoint.add_parser("consolidate", help="the newest checkpoint's student as one safetensors "
                                         "file, gathered from ZeRO shards of any number of processes")
     consolidate.add_argument("run_dir")
+    consolidate.add_argument("--network", default="student", help="another trained network of the method, e.g. "
+                             "adaptors (the features method's adaptor heads); default: student")
     consolidate.set_defaults(func=cmd_checkpoint_consolidate)
     summary = sub.add_parser("summary", help="results table of finished runs (same images/s as compare)")
     summary.add_argument("run_dirs", nargs="+")

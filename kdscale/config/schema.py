@@ -182,9 +182,9 @@ class TrainSection:
     partitions (``networks``/``all`` with ``distributed.strategy=zero3``, ``teacher``/``all``
     with ``distributed.teacher_sharding=zero3``): DeepSpeed gathers those parameters in module
     hooks that torch.compile cannot trace."""
-    knn_eval: Literal["auto", "on", "off"] = "auto"
+    knn_eval: Literal["auto", "always", "never"] = "auto"
     """k-NN top-1 of summary features in validation (``val/student_knn_top1``,
-    ``val/<id>_knn_top1``): ``auto`` for methods that distil features, ``on`` for any method."""
+    ``val/<id>_knn_top1``): ``auto`` for methods that distil features, ``always`` for any method, ``never``."""
     log_every_steps: int = ranged(20, "optimizer steps between log lines", ge=1)
     eval_every_epochs: int = ranged(1, "epochs between validations", ge=1)
     checkpoint_every_steps: int = ranged(0, "optimizer steps between checkpoints; 0: at each epoch's end only", ge=0)

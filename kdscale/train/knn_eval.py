@@ -16,7 +16,7 @@ and each online teacher that gives a summary target is scored: ``val/<name>_knn_
 ``_knn_top5``. The method's cosines (the ``features`` method: its adapted student features
 against each teacher's) are averaged over the validation images: ``val/cosine_<id>``.
 ``train.knn_eval``: ``auto`` scores methods that distil features (``distils_features``),
-``on`` any method, ``off`` none.
+``always`` any method, ``never`` none.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def knn_memory_shards(cfg: ExperimentConfig, method_cls) -> list[str] | None:
     """The shards of the k-NN memory, or None when ``train.knn_eval`` leaves k-NN off (or no
     labelled shards are named: a warning says which key to set)."""
     mode = cfg.train.knn_eval
-    if mode == "off" or (mode == "auto" and not method_cls.distils_features):
+    if mode == "never" or (mode == "auto" and not method_cls.distils_features):
         return None
     if cfg.data.knn_memory_shards:
         return expand_shards(cfg.data.knn_memory_shards, "data.knn_memory_shards")

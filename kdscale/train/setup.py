@@ -26,6 +26,7 @@ from kdscale.train.teacher_setup import (
     feature_network,
     frozen_teachers,
     replayed_specs,
+    replayed_target_shapes,
     target_shapes,
     teacher_networks,
     teacher_weights,
@@ -86,8 +87,10 @@ def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
     data, method_cls = cfg.data, get_method_class(cfg.method.name)
     if data.labels == "none":
         if method_cls.labels_needed(cfg.method.params):
+            which = "" if method_cls.needs_labels else " for a term its settings turn on (set that term's weight, " \
+                "e.g. method.ce_weight, to 0)"
             raise KdscaleError(f"data.labels=none trains on images without labels, but method {method_cls.name!r} "
-                               f"needs labels; use a method that needs none, or labelled shards with "
+                               f"needs labels{which}; use a method that needs none, or labelled shards with "
                                f"data.labels=required")
         if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
             raise KdscaleError(f"data.labels=none with Mixup/CutMix (data.mixup_alpha={data.mixup_alpha}, "
@@ -119,9 +122,12 @@ def training_labels(plan: DataPlan, ctx, on_shard=None) -> torch.Tensor | None:
 
 
 def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) -> None:
-    """Every replayed teacher (``source: shards``): the method takes a frozen teacher's logits,
-    its outputs cover the shards, and several replayed teachers stored the same crops."""
+    """Every replayed teacher (``source: shards``): the method takes a frozen teacher's outputs,
+    its outputs cover the shards and store the targets its entry asks for (feature targets
+    never mixed: Mixup/CutMix has no rule for them), and several replayed teachers stored the
+    same crops."""
     from kdscale.config.teachers import teacher_key
+    from kdscale.data.mixing import mixing_enabled
     from kdscale.data.teacher_outputs import check_same_crops, check_teacher_outputs
 
     method_cls = get_method_class(cfg.method.name)
@@ -141,6 +147,10 @@ def check_teacher_shards_usable(cfg: ExperimentConfig, train_shards: list[str]) 
             raise KdscaleError(f"{key}.source=shards replays stored random-resized crops; set data.augment=imagenet "
                                f"(the crops kdscale.teach stored)")
         metas[spec.outputs] = check_teacher_outputs(train_shards, spec.outputs, cfg.data.num_classes)
+        if replayed_target_shapes(cfg, spec, metas[spec.outputs]) and mixing_enabled(cfg.data):
+            raise KdscaleError(f"{key}.source=shards replays feature targets, which Mixup/CutMix cannot mix "
+                               f"(data.mixup_alpha={cfg.data.mixup_alpha}, data.cutmix_alpha={cfg.data.cutmix_alpha}); "
+                               f"set both to 0, or use {key}.source=online")
     if len(metas) > 1:
         check_same_crops(metas)
 
