@@ -51,6 +51,9 @@ class Batch(NamedTuple):
     """Soft labels replayed from teacher-output shards, (B, replayed teachers, classes)."""
     indices: torch.Tensor | None = None
     """Each sample's dataset index (:mod:`kdscale.data.sample_index`), when the stream numbers them."""
+    teacher_features: dict[int, dict[str, torch.Tensor]] | None = None
+    """Feature targets replayed from teacher-output shards, by replayed teacher and kind:
+    float16 ``(B, *shape)`` (summary ``(B, D)``, spatial ``(B, C, H, W)``)."""
 
 
 def _worker() -> tuple[int, int]:
@@ -108,11 +111,14 @@ def valid_samples(samples: Iterator[dict], num_classes: int, bad: BadSampleLog,
 
 
 def decode_or_skip(decoder, item: tuple, rng, bad: BadSampleLog, num_classes: int = 0):
-    """The decoded image, or (image, soft label) when the sample carries teacher outputs;
-    None for an undecodable image (logged)."""
+    """The decoded image, or (image, soft labels, features) when the sample carries teacher
+    outputs (:func:`kdscale.data.teacher_outputs.replay_sample`); None for an undecodable
+    image (logged)."""
+    from kdscale.data.teacher_outputs import replay_sample
+
     key, jpeg, _label, shard, record, _index = item
     try:
-        return decoder(jpeg, rng) if record is None else decoder.replay(jpeg, record, rng, num_classes)
+        return decoder(jpeg, rng) if record is None else replay_sample(decoder, jpeg, record, rng, num_classes)
     except DECODE_ERRORS as err:
         bad.skip(f"sample {key} in {shard}: cannot decode the image ({type(err).__name__}: {err})")
         return None
@@ -220,13 +226,22 @@ class TrainStream(IterableDataset):
                     slots[i] = self._decode(raw[j], self._rng(epoch, stream_id, "sample", b * size + i, "again"),
                                             bad)
             images = [s[0] if raw[i][4] is not None else s for i, s in enumerate(slots)]
-            soft = [s[1] for i, s in enumerate(slots) if raw[i][4] is not None]
+            replayed = [s for i, s in enumerate(slots) if raw[i][4] is not None]
             indices = torch.tensor([item[5] for item in raw]) if self.sample_offsets is not None else None
             yield Batch(stack_views(images), torch.tensor([item[2] for item in raw]), [item[0] for item in raw],
-                        bad.take(), torch.stack(soft) if soft else None, indices)
+                        bad.take(), torch.stack([s[1] for s in replayed]) if replayed else None, indices,
+                        _stacked_features([s[2] for s in replayed]))
 
     def _decode(self, item: tuple, rng: random.Random, bad: BadSampleLog):
         return decode_or_skip(self.decoder, item, rng, bad, self.data.num_classes)
+
+
+def _stacked_features(per_sample: list[dict]) -> dict[int, dict[str, torch.Tensor]] | None:
+    """The samples' replayed features, ``{slot: {kind: (B, *shape)}}``; None without any."""
+    if not per_sample or not per_sample[0]:
+        return None
+    return {slot: {kind: torch.stack([s[slot][kind] for s in per_sample]) for kind in kinds}
+            for slot, kinds in per_sample[0].items()}
 
 
 class ValStream(IterableDataset):

@@ -12,6 +12,14 @@ The record is a fixed little-endian layout: magic ``KDTO``, version, R, k (int32
 then the four arrays back to back. One member per sample keeps the companion cheap to
 stream (tar members, not bytes, are what costs in Python).
 
+A teacher whose entry's ``targets`` name ``summary`` and/or ``spatial`` features (the
+``features`` method; :mod:`kdscale.models.feature_targets`) also stores each crop's features
+as float16: version 2 adds, after k, the number of feature kinds F, and per kind its code
+(0 summary, 1 spatial), its number of dimensions and its per-crop shape (int32 each); the
+features, ``(R, *shape)`` per kind, follow the classes. Without ``logits`` among the targets
+no probabilities are stored (k = 0). ``teacher_outputs.json`` records ``targets`` and
+``target_shapes`` (per crop). :func:`record_bytes` gives what a sample costs on disk.
+
 Training with ``teacher.source: shards`` replays one stored crop per sample (chosen by the
 per-sample generator) and uses its soft label, so no teacher runs. The soft label is the
 top-k probabilities with the remaining mass spread evenly over the other classes; its log
@@ -27,6 +35,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,37 +72,79 @@ def replay_crop(image: Image.Image, box, flip: bool, size: int) -> torch.Tensor:
 
 
 _MAGIC, _VERSION = b"KDTO", 1
+_VERSION_FEATURES = 2
 FIELD = "teacher"
+FEATURE_KINDS = ("summary", "spatial")
+"""Feature kinds a record can hold, in their stored order; a kind's code is its index."""
 
 
-def encode_record(crops, flips, probs, classes) -> dict[str, bytes]:
+def encode_record(crops, flips, probs, classes, features: dict | None = None) -> dict[str, bytes]:
+    """One sample's record; ``features``: kind -> float16 ``(R, *shape)`` (version 2), else version 1."""
     crops = np.ascontiguousarray(crops, dtype="<f4").reshape(-1, 4)
     count = crops.shape[0]
     probs = np.ascontiguousarray(probs, dtype="<f2")
     probs = probs.reshape(count, probs.shape[-1] if probs.ndim == 2 else -1)  # (0, k) for a sample without crops
     top_k = probs.shape[1]
-    header = _MAGIC + np.asarray([_VERSION, count, top_k], dtype="<i4").tobytes()
-    body = b"".join([crops.tobytes(), np.ascontiguousarray(flips, dtype="u1").reshape(count).tobytes(),
-                     probs.tobytes(), np.ascontiguousarray(classes, dtype="<i4").reshape(count, top_k).tobytes()])
-    return {FIELD: header + body}
+    kinds = [kind for kind in FEATURE_KINDS if kind in (features or {})]
+    if kinds:
+        head = [_VERSION_FEATURES, count, top_k, len(kinds)]
+        for kind in kinds:
+            shape = np.shape(features[kind])[1:]
+            head += [FEATURE_KINDS.index(kind), len(shape), *shape]
+        header = _MAGIC + np.asarray(head, dtype="<i4").tobytes()
+    else:
+        header = _MAGIC + np.asarray([_VERSION, count, top_k], dtype="<i4").tobytes()
+    body = [crops.tobytes(), np.ascontiguousarray(flips, dtype="u1").reshape(count).tobytes(),
+            probs.tobytes(), np.ascontiguousarray(classes, dtype="<i4").reshape(count, top_k).tobytes()]
+    body += [np.ascontiguousarray(features[kind], dtype="<f2").tobytes() for kind in kinds]
+    return {FIELD: header + b"".join(body)}
 
 
-def decode_record(sample: dict) -> dict[str, np.ndarray]:
+def decode_record(sample: dict) -> dict:
+    """``crops``, ``flips``, ``probs``, ``classes`` and ``features`` (kind -> ``(R, *shape)``
+    float16; empty in a version-1 record)."""
     data = sample.get(FIELD)
     if data is None or data[:4] != _MAGIC or len(data) < 16:
         raise KdscaleError(f"teacher-output sample {sample.get('__key__')} in {sample.get('__url__')} is malformed "
                            f"(no '{FIELD}' record); regenerate it with kdscale.teach")
-    version, count, top_k = np.frombuffer(data, dtype="<i4", count=3, offset=4)
-    if version != _VERSION:
+    version, count, top_k = (int(v) for v in np.frombuffer(data, dtype="<i4", count=3, offset=4))
+    if version not in (_VERSION, _VERSION_FEATURES):
         raise KdscaleError(f"teacher-output record version {version} in {sample.get('__url__')} is not supported "
-                           f"(expected {_VERSION}); regenerate with this kdscale")
-    offset, arrays = 16, {}
-    for name, dtype, shape in (("crops", "<f4", (count, 4)), ("flips", "u1", (count,)),
-                               ("probs", "<f2", (count, top_k)), ("classes", "<i4", (count, top_k))):
+                           f"(expected {_VERSION} or {_VERSION_FEATURES}); regenerate with this kdscale")
+    offset, shapes = 16, []
+    if version == _VERSION_FEATURES:
+        kinds = int(np.frombuffer(data, dtype="<i4", count=1, offset=offset)[0])
+        offset += 4
+        for _ in range(kinds):
+            code, ndim = (int(v) for v in np.frombuffer(data, dtype="<i4", count=2, offset=offset))
+            shape = tuple(int(v) for v in np.frombuffer(data, dtype="<i4", count=ndim, offset=offset + 8))
+            shapes.append((FEATURE_KINDS[code], shape))
+            offset += 8 + 4 * ndim
+    arrays = {}
+    layout = [("crops", "<f4", (count, 4)), ("flips", "u1", (count,)), ("probs", "<f2", (count, top_k)),
+              ("classes", "<i4", (count, top_k))] + [(kind, "<f2", (count, *shape)) for kind, shape in shapes]
+    for name, dtype, shape in layout:
         size = int(np.prod(shape))
         arrays[name] = np.frombuffer(data, dtype=dtype, count=size, offset=offset).reshape(shape)
         offset += size * np.dtype(dtype).itemsize
+    arrays["features"] = {kind: arrays.pop(kind) for kind, _ in shapes}
     return arrays
+
+
+def record_bytes(crops: int, top_k: int, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes one sample takes in a companion tar: its member's 512-byte header and the record,
+    padded to 512 bytes. ``shapes``: the stored feature kinds' per-crop shapes."""
+    header = 16 + (4 + sum(8 + 4 * len(shape) for shape in shapes.values()) if shapes else 0)
+    per_crop = 16 + 1 + top_k * (2 + 4) + sum(2 * int(np.prod(shape)) for shape in shapes.values())
+    return 512 + -(-(header + crops * per_crop) // 512) * 512
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
 
 
 def dense_soft_label(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -198,3 +249,31 @@ def same_crop(first: dict, other: dict, r: int, record: dict) -> None:
                                                         and other["flips"][r] == first["flips"][r]):
         raise KdscaleError(f"teacher outputs for sample {record.get('__key__')} in {record.get('__url__')} store "
                            f"another crop than the first replayed teacher's; regenerate them with kdscale.teach")
+
+
+def replay_sample(decoder, jpeg: bytes, records: list[dict], rng: random.Random, num_classes: int):
+    """A stored teacher crop (one of R, chosen by ``rng``; :meth:`SampleDecoder.replay`'s draw)
+    as the decoder's normalised view, each replayed teacher's soft label for it ``(teachers,
+    classes)`` (uniform for a teacher that stored no probabilities) and their stored features
+    for it, ``{teacher slot: {kind: float16 tensor}}``; the records must store the same crops."""
+    import io
+
+    arrays = [decode_record(record) for record in records]
+    r = rng.randrange(len(arrays[0]["crops"]))
+    for other, record in zip(arrays[1:], records[1:]):
+        same_crop(arrays[0], other, r, record)
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    view = replay_crop(image, arrays[0]["crops"][r], bool(arrays[0]["flips"][r]), decoder.size)
+    soft = torch.stack([dense_soft_label(a["probs"][r], a["classes"][r], num_classes) for a in arrays])
+    features = {slot: {kind: torch.from_numpy(np.array(stored[r])) for kind, stored in a["features"].items()}
+                for slot, a in enumerate(arrays) if a["features"]}
+    return TF.normalize(view.float().div_(255), decoder.mean, decoder.std), soft, features
+
+
+class Replayed(NamedTuple):
+    """A micro-batch's replayed teacher outputs on the device (what the trainer hands its
+    teacher source): ``probs`` ``(B, replayed teachers, classes)``; ``features`` by teacher
+    slot and kind, ``(B, *shape)`` float32 (stored as float16)."""
+
+    probs: torch.Tensor | None
+    features: dict[int, dict[str, torch.Tensor]]

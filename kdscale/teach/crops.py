@@ -6,8 +6,9 @@ shards one after the other and yields, per shard, chunks of ``images_per_chunk``
 consecutive samples counted from the shard's start (so a chunk's samples never depend on
 the rank, the worker or where an earlier run stopped), then an end marker. Every sample
 gets ``crops`` random-resized views seeded by (seed, key) (:func:`crop_boxes`), as uint8;
-the rank normalises them on its device. A sample that cannot be used (no image, no label,
-undecodable) gets no crops, and an empty record keeps the keys aligned.
+the rank normalises them on its device. A sample that cannot be used (no image, no label
+under ``data.labels=required``, undecodable) gets no crops, and an empty record keeps the
+keys aligned.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class CropStream(IterableDataset):
     """``work``: (image shard, samples already written) per shard of this rank."""
 
     def __init__(self, work: list[tuple[str, int]], *, num_classes: int, image_size: int, crops: int, seed: int,
-                 images_per_chunk: int):
+                 images_per_chunk: int, labels_required: bool = True):
+        """``labels_required``: False under ``data.labels=none`` (a sample without ``.cls`` is used)."""
         self.work, self.num_classes, self.image_size = list(work), num_classes, image_size
+        self.labels_required = labels_required
         self.crops, self.seed, self.images_per_chunk = crops, seed, max(1, images_per_chunk)
 
     def __iter__(self) -> Iterator[CropChunk]:
@@ -84,7 +87,7 @@ class CropStream(IterableDataset):
     def _views(self, sample: dict):
         from PIL import Image
 
-        key, jpeg, _label = parse_sample(sample, self.num_classes)
+        key, jpeg, _label = parse_sample(sample, self.num_classes, self.labels_required)
         image = Image.open(io.BytesIO(jpeg)).convert("RGB")
         boxes, flips = crop_boxes(key, image.width, image.height, self.crops, self.seed)
         views = [replay_crop(image, box, bool(flip), self.image_size) for box, flip in zip(boxes, flips)]

@@ -6,9 +6,11 @@ shard. Images are decoded and cropped in DataLoader workers (:mod:`kdscale.teach
 which split the rank's shards; the rank runs the teacher on chunks of
 ``ceil(data.batch_size / R)`` images, i.e. at least ``data.batch_size`` crops per forward
 (autocast and channels-last on GPU, as :class:`Runtime` decides), one chunk in flight
-while the previous one's records are written. Crops are seeded by (experiment.seed, sample
-key) and chunks are counted from each shard's start, so the records do not depend on the
-rank, the worker or an earlier interruption.
+while the previous one's records are written. A teacher whose ``targets`` name summary or
+spatial features stores them too (float16; probabilities only with ``logits`` among its
+targets), and the bytes per image and for the training set are logged before any work.
+Crops are seeded by (experiment.seed, sample key) and chunks are counted from each shard's
+start, so the records do not depend on the rank, the worker or an earlier interruption.
 
 A companion is written under ``.tmp`` and renamed when complete; a rerun skips finished
 companions. On SIGINT, SIGTERM, SIGUSR1 or the preemption file (``train.preempt_file`` or
@@ -32,11 +34,12 @@ import torch
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.shards import expand_shards, samples_from_index
 from kdscale.data.teacher_outputs import (
-    FIELD,
     META_FILE,
     check_same_settings,
     companion_path,
     encode_record,
+    human_bytes,
+    record_bytes,
 )
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.job import JobStop
@@ -47,56 +50,22 @@ from kdscale.parallel.context import DistContext
 from kdscale.progress import progress_bar
 from kdscale.runtime.device import Runtime
 from kdscale.teach.crops import CropChunk, CropStream
+from kdscale.teach.sink import PARTIAL, TMP, CompanionSink, count_records
 from kdscale.teachers.frozen import FrozenTeacher
 from kdscale.teachers.views import teacher_view
 
-PARTIAL, TMP = ".partial", ".tmp"
-MEMBER_MTIME = 0  # fixed, so that a resumed companion is byte-identical to an uninterrupted one
 
-
-def _count_records(path: str) -> int:
-    from kdscale.data.tar_reader import iter_samples
-
-    return sum(1 for _ in iter_samples(path))
-
-
-class CompanionSink:
-    """One companion being written: ``<target>.tmp``, starting with the records of its
-    partial (if any), renamed to ``target`` when complete or to the partial when stopped."""
-
-    def __init__(self, target: str, start: int):
-        import webdataset as wds
-
-        from kdscale.data.tar_reader import iter_samples
-
-        self.target, self.start, self.written, self.last_key = target, start, 0, None
-        self.tar = wds.TarWriter(target + TMP, mtime=MEMBER_MTIME)
-        if start:
-            for record in iter_samples(target + PARTIAL):
-                self.write(record["__key__"], {FIELD: record[FIELD]})
-            if self.written != start:
-                raise KdscaleError(f"{target}{PARTIAL} changed while being resumed; rerun kdscale.teach")
-
-    def write(self, key: str, record: dict) -> None:
-        self.tar.write({"__key__": key, **record})
-        self.written, self.last_key = self.written + 1, key
-
-    def finish(self) -> None:
-        self.tar.close()
-        os.replace(self.target + TMP, self.target)
-        if os.path.exists(self.target + PARTIAL):
-            os.remove(self.target + PARTIAL)
-
-    def keep_partial(self) -> None:
-        self.tar.close()
-        os.replace(self.target + TMP, self.target + PARTIAL)
-
-    def abandon(self) -> None:
-        """After a failure: close the ``.tmp`` file, which the rerun overwrites."""
-        try:
-            self.tar.close()
-        except (OSError, ValueError):
-            pass
+def _indexed_samples(shards: list[str]) -> int | None:
+    """The shards' samples as ``index.json`` beside them counts them (the split's total, or
+    the sum of its per-shard records for a subset); None when it does not."""
+    total = samples_from_index(shards, "train")
+    path = os.path.join(os.path.dirname(shards[0]), "index.json")
+    if total is not None or not os.path.isfile(path):
+        return total
+    with open(path) as fh:
+        records = {r["name"]: r["samples"] for r in json.load(fh).get("splits", {}).get("train", {}).get("records", [])}
+    names = [os.path.basename(s) for s in shards]
+    return sum(records[n] for n in names) if all(n in records for n in names) else None
 
 
 def check_teach_config(cfg: ExperimentConfig) -> None:
@@ -119,11 +88,21 @@ class TeacherOutputWriter:
         self.watchdog = watchdog or Watchdog(cfg.train.stall_timeout_s, ctx.rank)  # not started: no thread
         self.stop = stop
         self.runtime = Runtime.from_config(cfg, ctx.device)
-        model = build_model(spec.name, spec.num_classes or cfg.data.num_classes, spec.weights, where="teacher",
+        from kdscale.models.feature_targets import FeatureTargets
+        from kdscale.train.teacher_setup import feature_kinds, teacher_classes, teacher_kinds
+
+        self.classes = teacher_classes(cfg, spec)
+        model = build_model(spec.name, self.classes, spec.weights, where="teacher",
                             timm_options=spec.timm_options)
         self.view = teacher_view(cfg.data, spec)  # the teacher's own mean/std/size, as in training
+        self.logits, kinds = "logits" in teacher_kinds(spec), feature_kinds(spec)
+        targets = FeatureTargets(model, kinds, where="teacher", spatial_layer=spec.spatial_layer,
+                                 summary_layer=spec.summary_layer, logits=self.logits) if kinds else None
+        self.shapes = targets.shapes(self.view.target.input_size) if targets else {}
+        """Each stored feature kind's shape per crop."""
+        self.top_k = spec.top_k if self.logits else 0  # features only: no probabilities stored
         self.teacher = FrozenTeacher(model, [], ctx.device, self.runtime.autocast_dtype, self.runtime.channels_last,
-                                     view=self.view)
+                                     view=self.view, targets=targets)
         self.shards = expand_shards(cfg.data.train_shards, "data.train_shards")
         self.images_per_chunk = math.ceil(cfg.data.batch_size / spec.crops_per_image)
         self._mean, self._std = (torch.as_tensor(v, dtype=torch.float32, device=ctx.device).view(-1, 1, 1)
@@ -146,20 +125,27 @@ class TeacherOutputWriter:
 
     # -- the teacher -------------------------------------------------------------------
     def _launch(self, chunk: CropChunk):
-        """Start the teacher on a chunk's views; returns its top-k (on the CPU once ready)."""
+        """Start the teacher on a chunk's views; returns its top-k and its feature targets as
+        float16 (on the CPU once ready) and the event that says so (None off CUDA)."""
         views = chunk.views.to(self.ctx.device, non_blocking=True).float().div_(255)
         views = views.sub_(self._mean).div_(self._std)  # torchvision's normalize, its constants made once
         if self.runtime.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        probs = torch.softmax(self.teacher(views).logits.float(), dim=1)
-        top = probs.topk(min(self.spec.top_k, probs.shape[1]), dim=1)
-        values, indices = top.values.half(), top.indices.int()
+        output = self.teacher(views)
+        if self.logits:
+            probs = torch.softmax(output.logits.float(), dim=1)
+            top = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+            values, indices = top.values.half(), top.indices.int()
+        else:
+            values = indices = torch.zeros(len(views), 0, device=views.device)
+        features = {kind: value.half() for kind, value in output.member_features.get("", {}).items()}
         if self.ctx.device.type != "cuda":
-            return values, indices, None
+            return values, indices, features, None
         values, indices = values.to("cpu", non_blocking=True), indices.to("cpu", non_blocking=True)
+        features = {kind: value.to("cpu", non_blocking=True) for kind, value in features.items()}
         event = torch.cuda.Event()
         event.record()
-        return values, indices, event
+        return values, indices, features, event
 
     def _drain(self) -> None:
         """Write the records of the chunk in flight."""
@@ -167,20 +153,28 @@ class TeacherOutputWriter:
 
         if self._pending is None:
             return
-        chunk, (values, indices, event) = self._pending
+        chunk, (values, indices, features, event) = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
         probs, classes = values.numpy(), indices.numpy()
+        features = {kind: value.numpy() for kind, value in features.items()}
+        for kind, value in features.items():
+            if not np.isfinite(value).all():
+                raise KdscaleError(f"teacher {self.spec.name}: its {kind} features on a crop of shard "
+                                   f"{self.work[chunk.shard][0]} are not finite in float16 (beyond its range of "
+                                   f"65504, or NaN); they cannot be stored: use the teacher online")
         crops, flips = chunk.crops.numpy(), chunk.flips.numpy()
-        sink, top_k, at = self._sink(chunk), self.spec.top_k, 0
+        sink, top_k, at = self._sink(chunk), self.top_k, 0
         for key, count in zip(chunk.keys, chunk.counts):
             part = slice(at, at + count)
             if count:
-                record = encode_record(crops[part], flips[part], probs[part], classes[part])
+                record = encode_record(crops[part], flips[part], probs[part], classes[part],
+                                       {kind: value[part] for kind, value in features.items()})
             else:  # the loader will skip this sample; the record keeps the keys aligned
                 record = encode_record(np.zeros((0, 4), np.float32), np.zeros(0, np.uint8),
-                                       np.zeros((0, top_k), np.float16), np.zeros((0, top_k), np.int32))
+                                       np.zeros((0, top_k), np.float16), np.zeros((0, top_k), np.int32),
+                                       {kind: np.zeros((0, *shape), np.float16) for kind, shape in self.shapes.items()})
             sink.write(key, record)
             at += count
         self.produced += len(chunk.keys)
@@ -219,7 +213,7 @@ class TeacherOutputWriter:
                 if os.path.exists(target + PARTIAL):  # finished, but stopped before the partial went
                     os.remove(target + PARTIAL)
                 continue
-            work.append((shard, _count_records(target + PARTIAL) if os.path.isfile(target + PARTIAL) else 0))
+            work.append((shard, count_records(target + PARTIAL) if os.path.isfile(target + PARTIAL) else 0))
         return work
 
     def _loader(self):
@@ -228,17 +222,33 @@ class TeacherOutputWriter:
         data = self.cfg.data
         stream = CropStream(self.work, num_classes=data.num_classes, image_size=data.image_size,
                             crops=self.spec.crops_per_image, seed=self.cfg.experiment.seed,
-                            images_per_chunk=self.images_per_chunk)
+                            images_per_chunk=self.images_per_chunk, labels_required=data.labels == "required")
         workers = min(data.num_workers, len(self.work))
         return make_loader(stream, dataclasses.replace(data, num_workers=workers),
                            pin_memory=self.ctx.device.type == "cuda")
 
     def _meta(self) -> dict:
         return {"teacher": self.spec.name, "weights": self.spec.weights, "crops_per_image": self.spec.crops_per_image,
-                "top_k": self.spec.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
+                "top_k": self.top_k, "image_size": self.cfg.data.image_size, "seed": self.cfg.experiment.seed,
                 "num_classes": self.cfg.data.num_classes, "softmax_temperature": 1.0,
                 "teacher_preprocessing": self.view.target.as_meta(),
+                "targets": ["logits"] * self.logits + list(self.shapes),
+                "target_shapes": {kind: list(shape) for kind, shape in self.shapes.items()},
+                "feature_dtype": "float16",
                 "image_shards": [os.path.basename(s) for s in self.shards]}
+
+    def storage(self) -> tuple[int, int | None]:
+        """(bytes per sample in a companion, bytes for the training set or None when no
+        index.json counts it), printed before any work: stored spatial maps can reach terabytes."""
+        per_sample = record_bytes(self.spec.crops_per_image, min(self.top_k, self.classes), self.shapes)
+        samples = _indexed_samples(self.shards)
+        parts = ([f"top-{self.top_k} probabilities"] if self.top_k else []) + \
+            [f"{kind} {'x'.join(map(str, shape))} float16" for kind, shape in self.shapes.items()]
+        total = f"{human_bytes(per_sample * samples)} for the {samples} training images" if samples else \
+            "no index.json counts the training images: multiply by their number"
+        log.info(f"teacher outputs: {per_sample} bytes ({human_bytes(per_sample)}) per image "
+                 f"({self.spec.crops_per_image} crops x ({', '.join(parts)}) + crop boxes); {total}")
+        return per_sample, per_sample * samples if samples else None
 
     def _write_meta(self) -> None:
         meta = self._meta()
@@ -272,6 +282,7 @@ class TeacherOutputWriter:
             del iterator  # ends the loader workers
 
     def run(self) -> dict:
+        per_sample, dataset_bytes = self.storage()
         os.makedirs(self.spec.outputs, exist_ok=True)
         check_same_settings(self.spec.outputs, self._meta())
         if self.ctx.is_main:
@@ -306,4 +317,5 @@ class TeacherOutputWriter:
             self.ctx.barrier()
         return {"samples_written": int(counts[0]), "shards_written": int(counts[1]), "shards_reused": int(counts[2]),
                 "shards_partial": int(counts[3]), "samples_without_crops": int(counts[4]),
-                "ranks_stopped": int(counts[5]), "outputs": self.spec.outputs}
+                "ranks_stopped": int(counts[5]), "outputs": self.spec.outputs, "bytes_per_sample": per_sample,
+                "dataset_bytes": dataset_bytes}

@@ -56,18 +56,29 @@ class TrainerInputs:
 
     def on_device(self, batch, epoch: int, batches_done: int):
         """The micro-batch on the device, mixed (Mixup/CutMix) before any network sees it:
-        (images, targets, replayed teacher probabilities or None, dataset indices or None)."""
+        (images, targets, the replayed teachers' outputs or None, dataset indices or None).
+        Replayed outputs are a :class:`~kdscale.data.teacher_outputs.Replayed`: their
+        probabilities are mixed with the images; their features (float32 on the device) never
+        are (setup refuses replayed features with mixing)."""
+        from kdscale.data.teacher_outputs import Replayed
+
         device = self.runtime.device
         images = batch.images.to(device, non_blocking=True)
         if self.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = batch.targets.to(device, non_blocking=True)
         probs = batch.teacher_probs.to(device, non_blocking=True) if batch.teacher_probs is not None else None
+        features = {slot: {kind: value.to(device, non_blocking=True).float() for kind, value in kinds.items()}
+                    for slot, kinds in (batch.teacher_features or {}).items()}
         if mixing_enabled(self.cfg.data):
+            if features:
+                raise KdscaleError("replayed feature targets cannot be mixed (Mixup/CutMix); set data.mixup_alpha=0 "
+                                   "and data.cutmix_alpha=0")
             gen = batch_generator(self.cfg.experiment.seed, self.rank, epoch, batches_done)
             images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
         indices = batch.indices.to(device, non_blocking=True) if batch.indices is not None else None
-        return images, targets, probs, indices
+        replayed = Replayed(probs, features) if probs is not None or features else None
+        return images, targets, replayed, indices
 
     def _decoded_on_device(self, batch):
         """The batch with its images decoded on the device; an image the device cannot decode

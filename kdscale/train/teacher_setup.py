@@ -179,11 +179,15 @@ def feature_targets_of(build: TeacherBuild, network: nn.Module, logits: bool = F
 
 
 def target_shapes(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Each online teacher's feature targets with their shapes per image, by id, from a dry
-    forward at the teacher's own input size (a ZeRO-3 teacher's shape twin runs on ``meta``)."""
+    """Each teacher's feature targets with their shapes per image, by id: an online teacher's
+    from a dry forward at its own input size (a ZeRO-3 teacher's shape twin runs on ``meta``),
+    a replayed one's from its ``teacher_outputs.json`` (:func:`replayed_target_shapes`)."""
     shapes = {}
     for build in builds:
-        if build.replayed or not feature_kinds(build.spec):
+        if not feature_kinds(build.spec):
+            continue
+        if build.replayed:
+            shapes[build.spec.id] = replayed_target_shapes(cfg, build.spec)
             continue
         targets = feature_targets_of(build, build.network)
         try:
@@ -191,6 +195,29 @@ def target_shapes(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> dict[str
         finally:
             targets.remove()
     return shapes
+
+
+def replayed_target_shapes(cfg: ExperimentConfig, spec: TeacherSpec,
+                           meta: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """A replayed teacher's feature targets (the kinds its entry's ``targets`` asks for) and
+    their shapes per image, as its teacher-output store records them; a kind (or ``logits``)
+    the store lacks is one line naming the entry and the fix."""
+    from kdscale.data.teacher_outputs import read_meta
+
+    asked = teacher_kinds(spec)
+    if asked == ("logits",) and meta is None:
+        return {}
+    meta = meta if meta is not None else read_meta(spec.outputs)
+    stored = {kind: tuple(shape) for kind, shape in meta.get("target_shapes", {}).items()}
+    have = [kind for kind in meta.get("targets", ["logits"]) if kind != "logits" or meta.get("top_k", 1) > 0]
+    missing = [kind for kind in asked if kind not in have or (kind != "logits" and kind not in stored)]
+    if missing:
+        key = teacher_key(cfg, spec)
+        raise KdscaleError(f"{key}.targets={list(asked)}, but the teacher outputs in {spec.outputs} store "
+                           f"{', '.join(have) or 'nothing'} (no {', '.join(missing)}); rewrite them with kdscale.teach "
+                           f"and teacher.targets={list(asked)} into another teacher.outputs, or set {key}.targets="
+                           f"{[kind for kind in asked if kind not in missing] or list(have)}")
+    return {kind: stored[kind] for kind in asked if kind != "logits"}
 
 
 def feature_network(cfg: ExperimentConfig, builds: list[TeacherBuild]) -> nn.Module | None:
@@ -211,7 +238,8 @@ def frozen_teachers(cfg: ExperimentConfig, builds: list[TeacherBuild], needs: Te
         kinds = feature_kinds(build.spec)
         if taps and build.replayed:
             raise KdscaleError(f"method {method_name!r} needs features: use {build.key}.source=online (it reads the "
-                               f"teacher's {', '.join(needs.features)}; {build.key}.source=shards replays logits only)")
+                               f"teacher's {', '.join(needs.features)}; {build.key}.source=shards replays stored "
+                               f"logits and summary/spatial targets, no layers)")
         if kinds and not needs.targets:
             raise KdscaleError(f"{build.key}.targets={list(teacher_kinds(build.spec))}: method {method_name!r} reads "
                                f"no summary or spatial features (method features does); set {build.key}.targets="

@@ -6,11 +6,16 @@ Each teacher is a member of :class:`TeacherSource`, in config order:
   metadata, else the data section's; :mod:`kdscale.teachers.views`);
 - replayed: its stored top-k probabilities, read from its teacher-output shards beside the
   image shards and mixed with the images (:mod:`kdscale.data.teacher_outputs`); the method
-  gets their log as logits. The loader reads every replayed teacher's shards and replays the
-  one crop they all stored, so an online teacher beside them sees that crop too.
+  gets their log as logits. A teacher whose store holds feature targets (summary, spatial)
+  gets the stored ones of the replayed crop as its ``member_features`` (float16 on disk);
+  one without ``logits`` among its targets gives no logits. The loader reads every replayed
+  teacher's shards and replays the one crop they all stored, so an online teacher beside
+  them sees that crop too.
 
-The source is called as ``source(images, replayed_probs) -> TeacherOutput | None``
-(``replayed_probs``: ``(B, replayed teachers, classes)``) and says whether every rank must
+The source is called as ``source(images, replayed) -> TeacherOutput | None`` (``replayed``:
+a :class:`~kdscale.data.teacher_outputs.Replayed`, or only the probabilities ``(B, replayed
+teachers, classes)``, where a replayed teacher's features are then zeros of their shapes:
+the planner's dry step) and says whether every rank must
 call it together (``lockstep``: a ZeRO-3 partitioned teacher gathers its parameters in each
 forward). The trainer's validation runs the same online teachers (:meth:`TeacherSource.
 evaluation_outputs`), so training and evaluation agree. One teacher gives exactly what it
@@ -27,6 +32,7 @@ import torch
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.config.teachers import feature_teacher_id
+from kdscale.data.teacher_outputs import Replayed
 from kdscale.lifecycle.watchdog import Watchdog
 from kdscale.log import log
 from kdscale.methods import TeacherOutput
@@ -43,7 +49,11 @@ class Member:
     frozen: FrozenTeacher | None = None
     """Online: the network that runs; replayed: None."""
     replay_slot: int | None = None
-    """Replayed: its index in the batch's ``replayed_probs`` (and in :attr:`TeacherSource.outputs_dirs`)."""
+    """Replayed: its index in the batch's replayed outputs (and in :attr:`TeacherSource.outputs_dirs`)."""
+    replay_logits: bool = True
+    """Replayed: whether it gives logits (``logits`` among its targets)."""
+    replay_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    """Replayed: the feature targets it gives and their shapes per image (its ``teacher_outputs.json``)."""
 
 
 class TeacherSource:
@@ -62,9 +72,11 @@ class TeacherSource:
         """The online frozen teacher of a run that has exactly one teacher (None otherwise)."""
         return self.members[0].frozen if len(self.members) == 1 else None
 
-    def __call__(self, images: torch.Tensor, replayed_probs: torch.Tensor | None) -> TeacherOutput | None:
+    def __call__(self, images: torch.Tensor, replayed: Replayed | torch.Tensor | None) -> TeacherOutput | None:
         if not self.members:
             return None
+        if isinstance(replayed, torch.Tensor):
+            replayed = Replayed(replayed, {})
         outputs = {}
         for member in self.members:
             if member.frozen is not None:
@@ -73,8 +85,19 @@ class TeacherSource:
                 with waiting:
                     outputs[member.id] = member.frozen(images)
             else:
-                outputs[member.id] = TeacherOutput(replayed_probs[:, member.replay_slot].clamp_min(1e-12).log())
+                outputs[member.id] = self._replayed(member, replayed, images)
         return self.combine(outputs)
+
+    @staticmethod
+    def _replayed(member: Member, replayed: Replayed, images: torch.Tensor) -> TeacherOutput:
+        slot = member.replay_slot
+        logits = replayed.probs[:, slot].clamp_min(1e-12).log() if member.replay_logits else None
+        output = TeacherOutput(logits)
+        if member.replay_shapes:
+            stored = replayed.features.get(slot) or {
+                kind: images.new_zeros(len(images), *shape) for kind, shape in member.replay_shapes.items()}
+            output.member_features = {"": {kind: stored[kind] for kind in member.replay_shapes}}
+        return output
 
     def combine(self, outputs: dict[str, TeacherOutput]) -> TeacherOutput:
         """One output from the members' (all or some of them): each member's logits, the
@@ -118,7 +141,11 @@ def teacher_source(cfg: ExperimentConfig, frozen: dict[str, FrozenTeacher], watc
     for spec in cfg.teachers:
         member = Member(spec.id, spec.weight / total)
         if spec.source == "shards":
+            from kdscale.train.teacher_setup import replayed_target_shapes, teacher_kinds
+
             member.replay_slot = len(outputs_dirs)
+            member.replay_logits = "logits" in teacher_kinds(spec)
+            member.replay_shapes = replayed_target_shapes(cfg, spec)
             outputs_dirs.append(spec.outputs)
         else:
             member.frozen = frozen[spec.id]
