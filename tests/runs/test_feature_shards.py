@@ -120,7 +120,7 @@ def test_replayed_features_give_the_online_loss_terms(synth_data, feature_output
     from kdscale.train.teacher_source import TeacherSource
 
     outputs = feature_outputs[0]
-    trainer = Trainer(feature_run(synth_data, str(tmp_path), outputs))
+    trainer = Trainer(feature_run(synth_data, str(tmp_path), outputs, "data.num_workers=1"))
     assert trainer.teacher.online == {} and trainer.teacher.outputs_dirs == [outputs]
     model = build_model("resnet20", 10, teacher_file)
     online = FrozenTeacher(model, [], torch.device("cpu"), None, False,
