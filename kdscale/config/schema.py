@@ -53,8 +53,9 @@ class TeacherSpec(ModelSpec):
     """A frozen teacher's placement; default ``distributed.teacher_sharding``."""
     source: Literal["online", "shards"] = "online"
     """Where a frozen teacher's outputs come from: ``online`` runs it every step; ``shards``
-    replays crops and soft labels stored by ``kdscale.teach`` in ``teacher.outputs`` (no
-    teacher runs; for methods that need only the teacher's logits)."""
+    replays crops and what ``kdscale.teach`` stored of them in ``teacher.outputs`` (no teacher
+    runs): soft labels, and feature targets for ``targets`` beside ``logits``; for methods that
+    read no teacher layers."""
     outputs: Optional[str] = None
     """Directory of teacher-output shards: written by ``kdscale.teach``, read when
     ``source: shards``."""

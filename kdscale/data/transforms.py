@@ -91,25 +91,6 @@ class SampleDecoder:
         """uint8 (C, H, W) -> normalised float."""
         return tensor.float().mul_(self.scale).sub_(self.shift)
 
-    def replay(self, jpeg: bytes, records: list[dict], rng: random.Random, num_classes: int):
-        """A stored teacher crop (one of R, chosen by ``rng``) and each replayed teacher's soft
-        label for it, ``(teachers, classes)``; the teachers' records must store the same crops."""
-        from kdscale.data.teacher_outputs import (
-            decode_record,
-            dense_soft_label,
-            replay_crop,
-            same_crop,
-        )
-
-        arrays = [decode_record(record) for record in records]
-        r = rng.randrange(len(arrays[0]["crops"]))
-        for other, record in zip(arrays[1:], records[1:]):
-            same_crop(arrays[0], other, r, record)
-        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        view = replay_crop(image, arrays[0]["crops"][r], bool(arrays[0]["flips"][r]), self.size)
-        soft = torch.stack([dense_soft_label(a["probs"][r], a["classes"][r], num_classes) for a in arrays])
-        return TF.normalize(view.float().div_(255), self.mean, self.std), soft
-
     def _draft(self, image: Image.Image, box: tuple[int, int, int, int]):
         """Decode a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the crop at
         least ``size`` pixels on its shorter side; the box follows the scale."""

@@ -240,6 +240,16 @@ class Distiller(nn.Module):
         finally:
             targets.remove()
 
+    def feature_statistics(self) -> dict[str, tuple[str, str]]:
+        """Teacher targets whose statistics the method needs before its first step, by name:
+        ``(teacher id, kind)`` (:mod:`kdscale.train.feature_statistics` gathers them and calls
+        :meth:`set_feature_statistics`). Default: none."""
+        return {}
+
+    def set_feature_statistics(self, name: str, count: float, total: torch.Tensor, outer: torch.Tensor) -> None:
+        """The count, sum and sum of outer products (float64, every rank's) of target ``name``."""
+        raise NotImplementedError
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer before each epoch's steps (0-based, also after a resume);
         methods whose weights follow the epoch (FFCL's ramp-up) read ``self.epoch``."""

@@ -20,8 +20,11 @@ Choices (stated; RADIO's repository has no training code, so they follow the pap
 ``../shared/design/methods.md``):
 - ``w_i`` is the teacher entry's ``weight`` normalised over the teachers that give features
   (one teacher: 1); the paper weighs teachers equally;
-- the targets are the teachers' raw features (``standardize`` is not offered yet: PHI-S's
-  statistics are future work, see docs/methods.md);
+- the targets are the teachers' raw features unless ``standardize`` is ``channel`` or ``phi-s``
+  (:mod:`kdscale.methods.feature_standardization`): then each (teacher, kind) target is
+  standardized with statistics of ``standardize_batches`` training batches per rank, gathered
+  before the first step (:mod:`kdscale.train.feature_statistics`), and the adaptor heads
+  predict the standardized targets (the cosines in validation compare those too);
 - the summary is the student's input to its classifier, its spatial map the input of its
   global pool (timm: ``forward_head(pre_logits=True)`` and ``forward_features``);
   ``student_summary_layer`` / ``student_spatial_layer`` name other modules;
@@ -34,7 +37,7 @@ Choices (stated; RADIO's repository has no training code, so they follow the pap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.methods.base import Distiller, TeacherNeeds, register_method
+from kdscale.methods.feature_standardization import TargetStandardizer
 from kdscale.methods.feature_adaptors import MLPAdaptor, SpatialAdaptor, spatial_loss, summary_loss
 from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.feature_targets import FeatureTargets
@@ -82,6 +86,8 @@ class Features(Distiller):
         temperature: float = field(default=4.0, metadata={"gt": 0})
         student_summary_layer: Optional[str] = None
         student_spatial_layer: Optional[str] = None
+        standardize: Literal["none", "channel", "phi-s"] = "none"
+        standardize_batches: int = field(default=200, metadata={"ge": 1})
 
     @classmethod
     def labels_needed(cls, params) -> bool:
@@ -107,15 +113,34 @@ class Features(Distiller):
                 self.adaptors[_adaptor_name(tid, kind)] = (
                     MLPAdaptor(student_shapes["summary"][0], hidden, width, params.inner) if kind == "summary" else
                     SpatialAdaptor(student_shapes["spatial"][0], hidden, width, shape[1:], params.inner))
+        self.standardizers = nn.ModuleDict(
+            {_adaptor_name(tid, kind): TargetStandardizer(shape[0], params.standardize)
+             for tid, target in context.teacher_targets.items() for kind, shape in target.items()}
+        ) if params.standardize != "none" else None
+
+    def feature_statistics(self) -> dict[str, tuple[str, str]]:
+        """With ``standardize``: every (teacher, kind) target whose statistics are not gathered yet
+        (none after a resume: the standardizers' buffers are in the checkpoint)."""
+        if self.standardizers is None:
+            return {}
+        return {name: tuple(name.rsplit("_", 1)) for name, standardizer in self.standardizers.items()
+                if not bool(standardizer.ready)}
+
+    def set_feature_statistics(self, name: str, count: float, total: torch.Tensor, outer: torch.Tensor) -> None:
+        tid, kind = name.rsplit("_", 1)
+        self.standardizers[name].set_statistics(count, total, outer, where=f"teacher {tid!r} {kind} targets")
 
     def teacher_needs(self) -> TeacherNeeds:
         return TeacherNeeds(logits=self.params.kd_weight > 0, targets=True)
+
+    def _standardized(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        return self.standardizers[name](target) if self.standardizers is not None else target
 
     def _teacher_targets(self, teacher_output, tid: str, kind: str) -> torch.Tensor:
         target = teacher_output.member_features.get(tid, {}).get(kind) if teacher_output is not None else None
         if target is None:
             raise KdscaleError(f"method 'features': teacher {tid!r} gave no {kind} features for this batch")
-        return target.detach()
+        return self._standardized(_adaptor_name(tid, kind), target.detach())
 
     def forward_train(self, images, targets, teacher_output, phase="all"):
         p = self.params
@@ -147,6 +172,7 @@ class Features(Distiller):
                 target = teacher_output.member_features.get(tid, {}).get(kind)
                 if target is None:  # a replayed teacher has no validation outputs
                     continue
+                target = self._standardized(name, target)
                 cosine = F.cosine_similarity(adaptor(student[kind]).float(), target.float(), dim=1)
                 cosines[tid if kind == "summary" else f"{tid}_spatial"] = cosine.flatten(1).mean(1) \
                     if cosine.dim() > 1 else cosine

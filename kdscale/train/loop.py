@@ -32,6 +32,7 @@ from kdscale.runtime.optim import lr_at
 from kdscale.runtime.tracking import Tracker
 from kdscale.train.agreement import StepAgreement, Verdict
 from kdscale.train.evaluate import evaluate
+from kdscale.train.feature_statistics import gather_feature_statistics
 from kdscale.train.inputs import TrainerInputs
 from kdscale.train.knn_eval import KnnScores, knn_memory_shards
 from kdscale.train.setup import (
@@ -126,6 +127,8 @@ class Trainer:
         window = self.window  # restored from the checkpoint on a resume
         if self.step == 0 and self.distiller.teacher_role == "trainable" and self.cfg.teachers[0].weights:
             self._record_validation(bar)  # the trained teacher's starting accuracy, at step 0
+        gather_feature_statistics(self.distiller, self.teacher, self.inputs, self.ctx, self.watchdog,
+                                  getattr(self.cfg.method.params, "standardize_batches", 0))  # none after a resume
         loader = iter(self.inputs.train_loader(self.epoch, self.batches_done)) if self._work_left() else None
         self.distiller.set_epoch(self.epoch)  # a resumed epoch keeps its window's counts
         if self.batches_done == 0:

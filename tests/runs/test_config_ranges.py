@@ -52,7 +52,7 @@ RANGES = {
     "features:method.summary_weight": ">=0", "features:method.spatial_weight": ">=0",
     "features:method.cosine_weight": ">=0", "features:method.smooth_l1_weight": ">=0", "features:method.hidden": ">=1",
     "features:method.inner": ">=0", "features:method.ce_weight": ">=0", "features:method.kd_weight": ">=0",
-    "features:method.temperature": ">0",
+    "features:method.temperature": ">0", "features:method.standardize_batches": ">=1",
     "dkd:method.ce_weight": ">=0", "dkd:method.alpha": ">=0", "dkd:method.beta": ">=0",
     "dkd:method.temperature": ">0", "dkd:method.warmup": ">=0",
     "dist:method.ce_weight": ">=0", "dist:method.kd_weight": ">=0", "dist:method.beta": ">=0",
