@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdscale.errors import KdscaleError
+from kdscale.log import log
 from kdscale.methods.base import Distiller, TeacherNeeds, register_method
 from kdscale.methods.feature_standardization import TargetStandardizer
 from kdscale.methods.feature_adaptors import MLPAdaptor, SpatialAdaptor, spatial_loss, summary_loss
@@ -113,10 +114,38 @@ class Features(Distiller):
                 self.adaptors[_adaptor_name(tid, kind)] = (
                     MLPAdaptor(student_shapes["summary"][0], hidden, width, params.inner) if kind == "summary" else
                     SpatialAdaptor(student_shapes["spatial"][0], hidden, width, shape[1:], params.inner))
+        self._freeze_unreached(context.image_size)
         self.standardizers = nn.ModuleDict(
             {_adaptor_name(tid, kind): TargetStandardizer(shape[0], params.standardize)
              for tid, target in context.teacher_targets.items() for kind, shape in target.items()}
         ) if params.standardize != "none" else None
+
+    def _freeze_unreached(self, image_size: int) -> None:
+        """Freezes the student's parameters that no term reaches (found by one backward of a dry
+        batch): its classifier when neither ``ce`` nor ``kd`` is on, what follows the spatial map
+        when only maps are taught. DDP needs every trained parameter in every backward, and an
+        optimizer would only decay them; they stay as built (the export holds them)."""
+        student = self.student
+        was_training = student.training
+        student.eval()
+        try:
+            logits, features = self.student_targets(torch.zeros(2, 3, image_size, image_size))
+            reached = sum(adaptor(features[name.rsplit("_", 1)[1]]).sum() for name, adaptor in self.adaptors.items())
+            if self.params.ce_weight > 0 or self.params.kd_weight > 0:
+                reached = reached + logits.sum()
+            reached.backward()
+        finally:
+            student.train(was_training)
+        unreached = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+        for name, parameter in student.named_parameters():
+            parameter.grad = None
+            if name in unreached:
+                parameter.requires_grad_(False)
+        for parameter in self.adaptors.parameters():
+            parameter.grad = None
+        if unreached:
+            log.info(f"method features: no term reaches the student's {', '.join(unreached)} (method.ce_weight and "
+                     f"kd_weight are 0, or only maps are taught); frozen as built")
 
     def feature_statistics(self) -> dict[str, tuple[str, str]]:
         """With ``standardize``: every (teacher, kind) target whose statistics are not gathered yet
