@@ -59,7 +59,8 @@ class SpatialAdaptor(nn.Module):
         x = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if tuple(x.shape[-2:]) != self.grid:
             shrink = x.shape[-2] > self.grid[0] or x.shape[-1] > self.grid[1]
-            x = F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=shrink)
+            # float32: the antialiased kernel has no bf16 version on the CPU, and the losses are float32 anyway
+            x = F.interpolate(x.float(), size=self.grid, mode="bilinear", align_corners=False, antialias=shrink)
         return x
 
 

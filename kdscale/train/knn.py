@@ -67,7 +67,8 @@ def knn_predict(memory_features: torch.Tensor, memory_labels: torch.Tensor, quer
     scores = torch.zeros(queries.shape[0], num_classes, dtype=dtype, device=memory.device)
     for start in range(0, queries.shape[0], max(1, chunk)):
         part = queries[start:start + chunk]
-        sims, idx = (part @ memory.T).topk(k, dim=1, largest=True, sorted=True)
+        with torch.autocast(memory.device.type, enabled=False):  # in the features' dtype, also inside validation
+            sims, idx = (part @ memory.T).topk(k, dim=1, largest=True, sorted=True)
         scores[start:start + part.shape[0]].scatter_add_(1, labels[idx], (sims / temperature).exp())
     return scores
 

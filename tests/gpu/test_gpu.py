@@ -190,3 +190,31 @@ def test_teach_on_the_device_replays_into_a_run(device, synth_data, tmp_path):
                                  "train.stop_after_steps=4", "train.log_every_steps=1", name="replay")).train()
     losses = _losses(replay["run_dir"])
     assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
+
+
+def test_features_bf16_matches_fp32_on_the_device(device, synth_data, tmp_path):
+    """The ``features`` method on this device: a timm ViT teacher (its own grid and width) and a
+    CNN teacher, PHI-S statistics gathered on the device, k-NN validation; the first 4 steps'
+    losses under bf16 autocast + channels-last within 5% of fp32's, every metric finite."""
+    import math
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10).state_dict(), tmp_path / "cnn.pt")
+    common = ["method.name=features", "student.name=resnet8", "method.standardize=phi-s",
+              "method.standardize_batches=2", "data.train_samples=128", "data.batch_size=32", "train.epochs=1",
+              "train.log_every_steps=1", f"data.knn_memory_shards={synth_data}/train-000000.tar",
+              "data.knn_memory_samples=128",
+              f"teachers=[{{id: cnn, name: resnet20, weights: {tmp_path / 'cnn.pt'}, targets: [summary, spatial]}}, "
+              "{id: vit, name: 'timm:test_vit', timm_options: {img_size: 32, patch_size: 8}, "
+              "targets: [summary, spatial]}]"]
+    fp32 = Trainer(make_config(synth_data, str(tmp_path), *common, "train.precision=fp32",
+                               "train.channels_last=false", name="features-fp32")).train()
+    bf16 = Trainer(make_config(synth_data, str(tmp_path), *common, "train.precision=bf16",
+                               "train.channels_last=true", name="features-bf16")).train()
+    assert fp32["completed"] and bf16["completed"]
+    a, b = _losses(fp32["run_dir"]), _losses(bf16["run_dir"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=0.05), (step, a[step], b[step])
+    for name in ("val/student_knn_top1", "val/cnn_knn_top1", "val/vit_knn_top1", "val/cosine_vit_spatial"):
+        assert math.isfinite(bf16["metrics"][name]), name
