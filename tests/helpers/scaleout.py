@@ -70,3 +70,18 @@ class ProbePool:
             cases = list(_DECLARED[ranks])
             self.done[ranks] = dict(zip(cases, run_probes(self.folder, ranks, *cases), strict=True))
         return self.done[ranks][tuple(case)]
+
+
+def assert_two_ranks_train_as_one(one: dict, two: list[dict]) -> None:
+    """A ``train`` probe on 2 ranks equals it on 1 rank: the same 5 global losses (which fall),
+    the same student on both ranks, and the 1-rank student's weights."""
+    import pytest
+    import torch
+
+    assert len(one["losses"]) == len(two[0]["losses"]) == 5
+    for a, b in zip(one["losses"], two[0]["losses"]):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert one["losses"][-1] < one["losses"][0]  # it trains
+    assert two[0]["student_weights_head"] == two[1]["student_weights_head"]
+    assert torch.allclose(torch.tensor(two[0]["student_weights_head"]), torch.tensor(one["student_weights_head"]),
+                          rtol=1e-4, atol=1e-6)

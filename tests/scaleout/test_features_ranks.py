@@ -5,8 +5,7 @@ the same losses and weights (:func:`kdscale.probes.engine_train.run_train`)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers.scaleout import declare
+from helpers.scaleout import assert_two_ranks_train_as_one, declare
 
 from kdscale.probes.networks import PlainNet
 
@@ -19,12 +18,6 @@ declare((1, 2), *CASES.values())
 @pytest.mark.parametrize("strategy", list(CASES))
 def test_features_on_two_ranks_match_one_rank(probes, strategy):
     one, two = probes(1, *CASES[strategy])[0], probes(2, *CASES[strategy])
-    assert len(one["losses"]) == len(two[0]["losses"]) == 5
-    for a, b in zip(one["losses"], two[0]["losses"]):
-        assert b == pytest.approx(a, rel=1e-5)
-    assert one["losses"][-1] < one["losses"][0]  # it trains
-    assert two[0]["student_weights_head"] == two[1]["student_weights_head"]
-    assert torch.allclose(torch.tensor(two[0]["student_weights_head"]), torch.tensor(one["student_weights_head"]),
-                          rtol=1e-4, atol=1e-6)
+    assert_two_ranks_train_as_one(one, two)
     student_only = sum(p.numel() for p in PlainNet(16).parameters())
     assert one["trainable_parameters"] > student_only  # the adaptor heads train beside the student

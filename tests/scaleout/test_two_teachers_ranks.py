@@ -5,8 +5,7 @@ DDP and ZeRO-2 students (:func:`kdscale.probes.engine_train.two_teachers`)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers.scaleout import declare
+from helpers.scaleout import assert_two_ranks_train_as_one, declare
 
 pytestmark = pytest.mark.slow  # real multi-process runs: the full tier only
 
@@ -17,13 +16,7 @@ declare((1, 2), *CASES.values(), ("train", "ddp", "kd"))
 @pytest.mark.parametrize("strategy", list(CASES))
 def test_two_teachers_on_two_ranks_match_one_rank(probes, strategy):
     one, two = probes(1, *CASES[strategy])[0], probes(2, *CASES[strategy])
-    assert len(one["losses"]) == len(two[0]["losses"]) == 5
-    for a, b in zip(one["losses"], two[0]["losses"]):
-        assert b == pytest.approx(a, rel=1e-5)
-    assert one["losses"][-1] < one["losses"][0]  # it trains
-    assert two[0]["student_weights_head"] == two[1]["student_weights_head"]
-    assert torch.allclose(torch.tensor(two[0]["student_weights_head"]), torch.tensor(one["student_weights_head"]),
-                          rtol=1e-4, atol=1e-6)
+    assert_two_ranks_train_as_one(one, two)
     # The second teacher counts: the same run with the first teacher alone differs.
     alone = probes(1, "train", "ddp", "kd")[0]["losses"]
     assert abs(alone[0] - one["losses"][0]) > 1e-4
