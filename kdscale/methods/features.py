@@ -107,13 +107,15 @@ class Features(Distiller):
         total = sum(context.teacher_weights.get(tid, 1.0) for tid in context.teacher_targets)
         self.feature_weights = {tid: context.teacher_weights.get(tid, 1.0) / total for tid in context.teacher_targets}
         self.adaptors = nn.ModuleDict()
-        for tid, target in context.teacher_targets.items():
-            for kind, shape in target.items():
-                width = shape[0]
-                hidden = params.hidden or width
-                self.adaptors[_adaptor_name(tid, kind)] = (
-                    MLPAdaptor(student_shapes["summary"][0], hidden, width, params.inner) if kind == "summary" else
-                    SpatialAdaptor(student_shapes["spatial"][0], hidden, width, shape[1:], params.inner))
+        with torch.random.fork_rng(devices=[]):  # the same heads whatever the teachers' builds drew before
+            torch.manual_seed(context.seed)
+            for tid, target in context.teacher_targets.items():
+                for kind, shape in target.items():
+                    width = shape[0]
+                    hidden = params.hidden or width
+                    self.adaptors[_adaptor_name(tid, kind)] = (
+                        MLPAdaptor(student_shapes["summary"][0], hidden, width, params.inner) if kind == "summary"
+                        else SpatialAdaptor(student_shapes["spatial"][0], hidden, width, shape[1:], params.inner))
         self._freeze_unreached(context.image_size)
         self.standardizers = nn.ModuleDict(
             {_adaptor_name(tid, kind): TargetStandardizer(shape[0], params.standardize)

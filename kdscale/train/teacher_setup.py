@@ -148,11 +148,11 @@ def teacher_networks(cfg: ExperimentConfig, method_cls, student: nn.Module, worl
 
 def teacher_classes(cfg: ExperimentConfig, spec: TeacherSpec) -> int:
     """The classes a teacher is built with: its ``num_classes``, else ``data.num_classes``; a
-    timm teacher that teaches features only and loads no file is built without a classifier (0)."""
+    timm teacher that teaches features only is built without a classifier (0: a weights file
+    holding one then needs the entry's ``num_classes``, which the load error names)."""
     if spec.num_classes:
         return spec.num_classes
-    no_file = not spec.weights or spec.weights.startswith("timm:")
-    if "logits" not in teacher_kinds(spec) and spec.name.startswith("timm:") and no_file:
+    if "logits" not in teacher_kinds(spec) and spec.name.startswith("timm:"):
         return 0
     return cfg.data.num_classes
 
