@@ -168,6 +168,16 @@ def test_resume_is_exact(feature_data, tmp_path):
     b = torch.load(resumed["checkpoint"], weights_only=True)["model"]
     assert any(k.startswith("adaptors.teacher_spatial") for k in a)  # the heads are saved and resumed
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The adaptor heads exported beside the student (kdscale checkpoint consolidate RUN --network adaptors)
+    from safetensors.torch import load_file
+
+    from kdscale.checkpoints import consolidate_student
+
+    heads = load_file(consolidate_student(resumed["run_dir"], "adaptors"))
+    assert heads.keys() == {k.removeprefix("adaptors.") for k in b if k.startswith("adaptors.")}
+    assert all(torch.equal(v, b[f"adaptors.{k}"]) for k, v in heads.items())
+    with pytest.raises(KdscaleError, match=r"holds no bridge network \(it holds: adaptors, .*student\)"):
+        consolidate_student(resumed["run_dir"], "bridge")
 
 
 def test_knn_needs_a_labelled_memory(feature_data, tmp_path):
