@@ -103,10 +103,13 @@ def taught(feature_data, tmp_path_factory):
     labelled, unlabelled = feature_data
     out = str(tmp_path_factory.mktemp("runs"))
     teacher = train_main(base_overrides(labelled, out, "teacher") + ["method.name=vanilla", "student.name=resnet20",
-                                                                      "train.epochs=6"])
+                                                                      "train.epochs=6", "train.eval_every_epochs=6"])
     assert teacher["completed"]
+    # PHI-S: the CNN teacher's pooled ReLU features share one large mean direction, which raw
+    # cosine targets spend the run on (measured: +6 k-NN points raw against +22 standardized).
     run = train_main(label_free(labelled, unlabelled, out, "student", "student.name=resnet8", "teacher.name=resnet20",
-                                f"teacher.weights={teacher['export']}", "train.epochs=6", "optim.lr=0.1"))
+                                f"teacher.weights={teacher['export']}", "train.epochs=10", "train.eval_every_epochs=10",
+                                "optim.lr=0.2", "method.standardize=phi-s", "method.standardize_batches=20"))
     return teacher["export"], run
 
 
@@ -128,9 +131,10 @@ def test_label_free_run_lifts_the_students_knn_towards_the_teachers(taught, feat
     initial = knn_by_hand(build_model("resnet8", 10), labelled, data)
     print(f"k-NN top-1: initial {initial:.2f}, distilled {metrics['val/student_knn_top1']:.2f}, "
           f"teacher {metrics['val/teacher_knn_top1']:.2f}")
-    assert metrics["val/student_knn_top1"] >= initial + 8
+    # measured on 2 CPU cores: initial 42.5, distilled 64.75, teacher 69.0
+    assert metrics["val/student_knn_top1"] >= initial + 12
     assert metrics["val/student_knn_top1"] >= metrics["val/teacher_knn_top1"] - 8
-    assert metrics["val/cosine_teacher"] > 0.8 and metrics["val/cosine_teacher_spatial"] > 0.5
+    assert metrics["val/cosine_teacher"] > 0.8 and metrics["val/cosine_teacher_spatial"] > 0.6  # standardized
     # Only features were taught: the student's classifier never trained (about chance).
     assert metrics["val/student_top1"] < 25
     assert "val/teacher_top1" not in metrics  # the teacher's head was not run
