@@ -38,6 +38,7 @@ if [ "$tiny" = 1 ]; then
   [ -f "$data/index.json" ] || "${kdscale[@]}" shards synth --out "$data" --classes 100 --train 256 --val 64 \
     --size 32 --per-shard 64 --quiet
   common=(data.train_shards="$data/train-*.tar" data.val_shards="$data/val-*.tar" data.train_samples=64
+          data.knn_memory_shards="$data/train-*.tar" data.knn_memory_samples=64
           data.batch_size=32 data.num_workers=0 train.epochs=1 train.log_every_steps=1 wandb.mode=disabled)
 else
   out=${out:-runs/reproduce-cifar100}

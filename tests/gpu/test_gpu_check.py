@@ -22,7 +22,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert report["dry_run"] and [p["part"] for p in report["parts"]] == ["correctness", "figures"]
     assert all(p["status"] == "passed" for p in report["parts"]), report["parts"]
     log = open(out / "correctness.log").read()
-    assert "7 passed, 1 skipped" in log, log[-2000:]  # the gpu tests ran on the CPU (compile: tests/gpu/test_compile.py)
+    assert "8 passed, 1 skipped" in log, log[-2000:]  # the gpu tests ran on the CPU (compile: tests/gpu/test_compile.py)
     assert report["environment"]["torch"] and "online_kd_vs_student_only" in report["ratios"]
     assert report["ratios"]["decode_gpu_vs_cpu"]["median"] > 0  # data.decode=cpu vs gpu, by training
     markdown = (out / "gpu-check.md").read_text()

@@ -81,7 +81,9 @@ def test_adaptor_heads_are_trained_parameters(planned):
                      "vit96": {"summary": adaptor(256, 96), "spatial": adaptor(256, 96)},
                      "cnn": {"summary": adaptor(256, 256), "spatial": adaptor(256, 256)}}
     assert adaptor(256, 64) == 20_736 and adaptor(256, 96) == 34_176 and adaptor(256, 256) == 132_096
-    student = sum(p.numel() for p in build_model("resnet8x4", 100).parameters())
+    whole = build_model("resnet8x4", 100)
+    # the classifier no term reaches (no ce, no kd) is frozen: not trained
+    student = sum(p.numel() for p in whole.parameters()) - sum(p.numel() for p in whole.fc.parameters())
     assert features.student == student
     # The plan's trained Ψ (gradients, optimizer state, communication) is the student and every head.
     assert plan.sizes.trained == student + 2 * (20_736 + 34_176 + 132_096)
