@@ -31,7 +31,11 @@ Choices (stated; RADIO's repository has no training code, so they follow the pap
 - the adaptor's hidden width is the teacher's feature width unless ``hidden`` is set;
   ``inner`` residual blocks, default 0;
 - the student's classifier is kept (its logits are the method's logits and feed CE/KD when
-  on; the export holds the whole student, adaptor heads apart).
+  on; the export holds the whole student, adaptor heads apart); the student's parameters no
+  term reaches (the classifier without CE/KD, what follows the map when only maps are
+  taught) are frozen as built, found by one dry backward;
+- the adaptor heads are drawn from ``experiment.seed`` (forked RNG), so they are the same
+  whatever the teachers' builds drew (a ZeRO-3 teacher's shape twin draws nothing).
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from torch import nn
 from kdscale.errors import KdscaleError
 from kdscale.log import log
 from kdscale.methods.base import Distiller, TeacherNeeds, register_method
-from kdscale.methods.feature_standardization import TargetStandardizer
 from kdscale.methods.feature_adaptors import MLPAdaptor, SpatialAdaptor, spatial_loss, summary_loss
+from kdscale.methods.feature_standardization import TargetStandardizer
 from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.feature_targets import FeatureTargets
 
