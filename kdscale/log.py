@@ -104,3 +104,13 @@ def one_voice(rank: int | None = None) -> None:
 
 
 setup_logging()  # on import: a rank's records are formatted and filtered even before a trainer exists
+
+
+def human_bytes(count: float, digits: int = 1) -> str:
+    """A byte count for a log line in binary units: ``512 B``, ``17.0 KiB``, ``6.13 TiB``
+    (``digits`` after the point above bytes)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.{digits}f} {unit}"
+        count /= 1024
+    return f"{count:.{digits}f} TiB"

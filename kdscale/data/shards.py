@@ -97,6 +97,16 @@ def unlabelled_splits(index: dict, shard_names) -> list[str]:
             if entry.get("labelled") is False and names & set(entry.get("shards", []))]
 
 
+def recorded_unlabelled(shards: list[str]) -> list[str]:
+    """The splits that ``index.json`` beside local ``shards`` records as unlabelled and that hold
+    any of them (:func:`unlabelled_splits`); none for remote shards or without an index."""
+    index_path = os.path.join(os.path.dirname(shards[0]), INDEX_FILE)
+    if "://" in shards[0] or shards[0].startswith("pipe:") or not os.path.isfile(index_path):
+        return []
+    with open(index_path) as fh:
+        return unlabelled_splits(json.load(fh), [os.path.basename(s) for s in shards])
+
+
 def rewrite_hint(index: dict | None) -> str:
     """How to get a sound copy of a damaged shard, for the generator that wrote ``index``.
 

@@ -139,14 +139,6 @@ def record_bytes(crops: int, top_k: int, shapes: dict[str, tuple[int, ...]]) -> 
     return 512 + -(-(header + crops * per_crop) // 512) * 512
 
 
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""
-
-
 def dense_soft_label(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> torch.Tensor:
     """Top-k probabilities + the remaining mass spread evenly over the other classes."""
     p = torch.from_numpy(probs.astype(np.float32))

@@ -22,7 +22,9 @@ import math
 from torch import nn
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.config.teachers import teacher_key
 from kdscale.errors import KdscaleError
+from kdscale.log import human_bytes
 
 TARGET_BYTES = 2  # fp16 per stored element
 
@@ -82,13 +84,12 @@ def feature_plan(cfg: ExperimentConfig, distiller: nn.Module, frozen: dict) -> F
 
     heads = adaptor_parameters(distiller)
     teachers = []
-    for i, spec in enumerate(cfg.teachers):
+    for spec in cfg.teachers:
         teacher = frozen.get(spec.id)
         targets = getattr(teacher, "targets", None)
         if targets is None:
             continue
-        key = "teacher" if len(cfg.teachers) == 1 else f"teachers[{i}]"
-        size = network_preprocessing(cfg.data, spec, key).input_size
+        size = network_preprocessing(cfg.data, spec, teacher_key(cfg, spec)).input_size
         shapes = targets.shapes(size)
         teachers.append(TeacherTargets(spec.id, spec.name, shapes, {k: heads.get(spec.id, {}).get(k, 0)
                                                                    for k in shapes}, spec.crops_per_image))
@@ -107,14 +108,6 @@ def _samples(cfg: ExperimentConfig) -> int | None:
         return None
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def features_text(plan: FeaturePlan | None) -> str:
     """The report's lines: the adaptor heads per teacher, then each teacher's stored targets."""
     if plan is None:
@@ -127,9 +120,9 @@ def features_text(plan: FeaturePlan | None) -> str:
         kinds = " + ".join(f"{kind} {'x'.join(map(str, shape))} ({t.bytes_per_crop(kind)} B)"
                            for kind, shape in t.shapes.items())
         dataset = plan.dataset_bytes(t)
-        total = (f"x {plan.samples} training samples = {human_bytes(dataset)} ({dataset} B)" if dataset is not None
+        total = (f"x {plan.samples} training samples = {human_bytes(dataset, 2)} ({dataset} B)" if dataset is not None
                  else "whole dataset: set data.train_samples")
         lines.append(f"stored feature targets (kdscale.teach, fp16) of {t.id} ({t.name}): {kinds} = "
                      f"{t.bytes_per_crop()} B per crop x {t.crops_per_image} crops = {t.bytes_per_image} B "
-                     f"({human_bytes(t.bytes_per_image)}) per sample; {total}")
+                     f"({human_bytes(t.bytes_per_image, 2)}) per sample; {total}")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from kdscale.config.schema import ExperimentConfig
+from kdscale.config.teachers import teacher_key
 from kdscale.errors import KdscaleError
 from kdscale.planning.activations import PROBE_BATCHES
 
@@ -38,8 +39,7 @@ def build_networks(cfg: ExperimentConfig):
 
     spec = dataclasses.replace
     cfg = spec(cfg, student=spec(cfg.student, weights=None),
-               teachers=[without_weights(cfg, t, "teacher" if len(cfg.teachers) == 1 else f"teachers[{i}]")
-                         for i, t in enumerate(cfg.teachers)],
+               teachers=[without_weights(cfg, t, teacher_key(cfg, t)) for t in cfg.teachers],
                distributed=spec(cfg.distributed, teacher_sharding="replicated"))
     autocast_dtype = torch.bfloat16 if planned_precision(cfg) == "bf16" else None
     torch.manual_seed(cfg.experiment.seed)

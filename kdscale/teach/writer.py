@@ -38,13 +38,12 @@ from kdscale.data.teacher_outputs import (
     check_same_settings,
     companion_path,
     encode_record,
-    human_bytes,
     record_bytes,
 )
 from kdscale.errors import KdscaleError
 from kdscale.lifecycle.job import JobStop
 from kdscale.lifecycle.watchdog import Watchdog
-from kdscale.log import EVERY_RANK, log
+from kdscale.log import EVERY_RANK, human_bytes, log
 from kdscale.models import build_model
 from kdscale.parallel.context import DistContext
 from kdscale.progress import progress_bar

@@ -70,10 +70,7 @@ class TrainerInputs:
         probs = batch.teacher_probs.to(device, non_blocking=True) if batch.teacher_probs is not None else None
         features = {slot: {kind: value.to(device, non_blocking=True).float() for kind, value in kinds.items()}
                     for slot, kinds in (batch.teacher_features or {}).items()}
-        if mixing_enabled(self.cfg.data):
-            if features:
-                raise KdscaleError("replayed feature targets cannot be mixed (Mixup/CutMix); set data.mixup_alpha=0 "
-                                   "and data.cutmix_alpha=0")
+        if mixing_enabled(self.cfg.data):  # never with replayed features: setup refuses them with mixing
             gen = batch_generator(self.cfg.experiment.seed, self.rank, epoch, batches_done)
             images, targets, probs = mix_batch(images, targets, self.cfg.data, gen, probs)
         indices = batch.indices.to(device, non_blocking=True) if batch.indices is not None else None

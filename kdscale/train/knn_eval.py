@@ -21,16 +21,14 @@ against each teacher's) are averaged over the validation images: ``val/cosine_<i
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 
 import torch
 
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import ValStream, make_loader
-from kdscale.data.shards import INDEX_FILE, expand_shards, unlabelled_splits
+from kdscale.data.shards import expand_shards, recorded_unlabelled
 from kdscale.train.knn import knn_top1_distributed
 
 
@@ -43,20 +41,12 @@ def knn_memory_shards(cfg: ExperimentConfig, method_cls) -> list[str] | None:
     if cfg.data.knn_memory_shards:
         return expand_shards(cfg.data.knn_memory_shards, "data.knn_memory_shards")
     train = expand_shards(cfg.data.train_shards, "data.train_shards")
-    if cfg.data.labels == "none" or _recorded_unlabelled(train):
+    if cfg.data.labels == "none" or recorded_unlabelled(train):
         warnings.warn("k-NN validation is off: the training shards are unlabelled; set data.knn_memory_shards to "
                       "labelled shards (e.g. a labelled subset of the training images) to score val/student_knn_top1",
                       stacklevel=2)
         return None
     return train
-
-
-def _recorded_unlabelled(shards: list[str]) -> bool:
-    index = os.path.join(os.path.dirname(shards[0]), INDEX_FILE)
-    if "://" in shards[0] or not os.path.isfile(index):
-        return False
-    with open(index) as fh:
-        return bool(unlabelled_splits(json.load(fh), [os.path.basename(s) for s in shards]))
 
 
 def _summaries(distiller, images, teacher_output) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ from torch import nn
 from kdscale.config.schema import ExperimentConfig
 from kdscale.data.loader import check_shard_count
 from kdscale.data.sample_index import sample_offsets, scan_labels
-from kdscale.data.shards import expand_shards, samples_from_index, unlabelled_splits
+from kdscale.data.shards import expand_shards, recorded_unlabelled, samples_from_index
 from kdscale.errors import KdscaleError
 from kdscale.methods import Distiller, MethodContext, get_method_class
 from kdscale.models import build_model
@@ -79,10 +79,7 @@ def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
     ``none`` needs a method whose terms need no labels (``Distiller.labels_needed`` False) and
     no Mixup/CutMix (they build soft targets from labels); ``required`` refuses training
     shards whose ``index.json`` records their split as unlabelled (``"labelled": false``)."""
-    import json
     import os
-
-    from kdscale.data.shards import INDEX_FILE
 
     data, method_cls = cfg.data, get_method_class(cfg.method.name)
     if data.labels == "none":
@@ -98,11 +95,7 @@ def check_labels(cfg: ExperimentConfig, train_shards: list[str]) -> None:
                                f"set both to 0")
         return
     folder = os.path.dirname(train_shards[0])
-    index_path = os.path.join(folder, INDEX_FILE)
-    if "://" in train_shards[0] or train_shards[0].startswith("pipe:") or not os.path.isfile(index_path):
-        return
-    with open(index_path) as fh:
-        unlabelled = unlabelled_splits(json.load(fh), [os.path.basename(s) for s in train_shards])
+    unlabelled = recorded_unlabelled(train_shards)
     if unlabelled:
         raise KdscaleError(f"data.train_shards: the shards in {folder or '.'} are unlabelled (index.json: split "
                            f"{unlabelled[0]!r}) and data.labels=required; use data.labels=none with a method that "
