@@ -28,7 +28,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -66,6 +66,15 @@ class TeacherOutput:
         if not self.members:
             return [("teacher", self.logits, 1.0)]
         return [(tid, logits, self.weights.get(tid, 1.0 / len(self.members))) for tid, logits in self.members.items()]
+
+
+class EvaluationFeatures(NamedTuple):
+    """What validation scores of the features: summary vectors for k-NN by network name, and
+    each teacher's per-image cosine similarity to its adapted student features
+    (``<id>`` for the summary, ``<id>_spatial`` for the map, averaged over the grid)."""
+
+    summaries: dict[str, torch.Tensor]
+    cosines: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -227,11 +236,10 @@ class Distiller(nn.Module):
 
     def evaluation_features(self, images: torch.Tensor, teacher_output: TeacherOutput | None = None):
         """What validation scores of the features (``train.knn_eval``): a ``(summaries,
-        cosines)`` pair (:class:`kdscale.methods.features.EvaluationFeatures`): summary vectors
+        cosines)`` pair (:class:`EvaluationFeatures`): summary vectors
         by network name for k-NN (``val/<name>_knn_top1``) and per-image cosine similarities
         of adapted student features to each teacher's (``val/cosine_<id>``). Default: the
         student's input to its classifier, no cosines."""
-        from kdscale.methods.features import EvaluationFeatures
         from kdscale.models.feature_targets import FeatureTargets
 
         targets = FeatureTargets(self.student, ["summary"], where="student")

@@ -41,7 +41,7 @@ Choices (stated; RADIO's repository has no training code, so they follow the pap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +49,11 @@ from torch import nn
 
 from kdscale.errors import KdscaleError
 from kdscale.log import log
-from kdscale.methods.base import Distiller, TeacherNeeds, register_method
+from kdscale.methods.base import Distiller, EvaluationFeatures, TeacherNeeds, register_method
 from kdscale.methods.feature_adaptors import MLPAdaptor, SpatialAdaptor, spatial_loss, summary_loss
 from kdscale.methods.feature_standardization import TargetStandardizer
 from kdscale.methods.losses import cross_entropy, soft_kl
 from kdscale.models.feature_targets import FeatureTargets
-
-
-class EvaluationFeatures(NamedTuple):
-    """What validation scores of the features: summary vectors for k-NN by network name, and
-    each teacher's per-image cosine similarity to its adapted student features
-    (``<id>`` for the summary, ``<id>_spatial`` for the map, averaged over the grid)."""
-
-    summaries: dict[str, torch.Tensor]
-    cosines: dict[str, torch.Tensor]
 
 
 def _adaptor_name(teacher_id: str, kind: str) -> str:
